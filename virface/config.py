@@ -28,7 +28,7 @@ class TrainConfig:
 
     # model
     arch: str | None = None           # None: resnet50 on real data, mobilefacenet on synthetic
-    feat_len: int = 512
+    feat_len: int | None = None       # None: 512, or the upstream checkpoint's
     input_size: int | None = None     # None: 112 on real data, the synthetic image size otherwise
     num_ids: int | None = None        # None: derived from the labeled data
 
@@ -95,11 +95,11 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("optim_mode", self.optim_mode, OPTIM_MODES)
         _choice("amp", self.amp, AMP_MODES)
-        for name in ("feat_len", "label_batch_size", "max_epoch", "loader_workers"):
+        for name in ("label_batch_size", "max_epoch", "loader_workers"):
             _positive_int(name, getattr(self, name), allow_zero=(name == "loader_workers"))
         _positive_int("unlabel_batch_size", self.unlabel_batch_size, allow_zero=not self.uses_unlabeled)
         _positive_int("gen_num", self.gen_num, allow_zero=True)
-        for name in ("steps_per_epoch", "num_ids", "input_size"):
+        for name in ("steps_per_epoch", "num_ids", "input_size", "feat_len"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if self.input_size is not None and self.input_size % 16:

@@ -1,0 +1,70 @@
+"""Checkpoints: atomic writes, strict loading, stage preconditions."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from virface.checkpoint import (check_stage_preconditions, load_checkpoint, load_module_state,
+                                save_checkpoint)
+from virface.errors import CheckpointError, StagePreconditionError
+
+
+def test_round_trip(tmp_path):
+    path = save_checkpoint({"stage": "pretrain", "epoch": 3, "backbone": {"w": torch.ones(2)}},
+                           str(tmp_path / "a.pt"))
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["backbone"]["w"], torch.ones(2))
+
+
+def test_failed_write_leaves_neither_a_partial_file_nor_a_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "epoch_001.pt"
+    save_checkpoint({"epoch": 1}, str(target))
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"epoch": 2}, str(target))
+    monkeypatch.undo()
+    assert load_checkpoint(str(target))["epoch"] == 1          # the old file is intact
+    assert os.listdir(tmp_path) == ["epoch_001.pt"]
+
+
+def test_module_prefix_from_data_parallel_is_accepted():
+    src, dst = nn.Linear(2, 3), nn.Linear(2, 3)
+    wrapped = {"module." + k: v for k, v in src.state_dict().items()}
+    load_module_state(dst, wrapped, "backbone", "x.pt")
+    assert torch.equal(dst.weight, src.weight)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"weight": torch.zeros(3, 2)}, r"missing 1: \['bias'\]"),
+    ({"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "extra": torch.zeros(1)}, r"unexpected 1: \['extra'\]"),
+    ({"weight": torch.zeros(4, 2), "bias": torch.zeros(3)}, r"weight: checkpoint \(4, 2\) vs model \(3, 2\)"),
+])
+def test_loading_fails_loudly_naming_the_keys(state, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_module_state(nn.Linear(2, 3), state, "backbone", "x.pt")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(str(bad))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_stage_preconditions():
+    pretrained = {"stage": "pretrain", "backbone": {}, "head": {}, "generator": None}
+    check_stage_preconditions("pretrain", None, None)
+    check_stage_preconditions("generator", pretrained, "p.pt")
+    check_stage_preconditions("virclass", pretrained, "p.pt")
+    with pytest.raises(StagePreconditionError, match="p.pt: stage virface needs.*no generator.*generator stage first"):
+        check_stage_preconditions("virface", pretrained, "p.pt")
+    with pytest.raises(StagePreconditionError, match="--pretrained_file"):
+        check_stage_preconditions("generator", None, None)

@@ -1,0 +1,58 @@
+"""The generator: layer sizes, sampling layout and the reference's loss terms."""
+import torch
+
+from virface.generator import FeatureVAE, generator_losses
+
+
+def constant_vae(decoded, mu_bias=0.0, logvar_bias=0.0):
+    """A VAE whose encoder outputs constant (mu, logvar) and whose decoder outputs ``decoded``."""
+    g = FeatureVAE(feat_len=2, hidden=3, latent=2)
+    with torch.no_grad():
+        for lin, bias in ((g.to_mu, mu_bias), (g.to_logvar, logvar_bias)):
+            lin.weight.zero_()
+            lin.bias.fill_(bias)
+        g.decoder[-1].weight.zero_()
+        g.decoder[-1].bias.copy_(torch.tensor(decoded))
+    return g
+
+
+def test_reference_layer_sizes():
+    g = FeatureVAE(512)
+    assert g.encoder[0].in_features == 512 and g.encoder[0].out_features == 256
+    assert g.to_mu.out_features == 128 and g.to_logvar.out_features == 128
+    assert g.decoder[0].in_features == 128 and g.decoder[-1].out_features == 512
+
+
+def test_mse_is_elementwise_mean_against_the_class_weight():
+    g = constant_vae([2.0, 0.0])                                  # normalised: (1, 0)
+    mse, kl = generator_losses(g, torch.randn(4, 2), torch.tensor([[0.0, 3.0]]).expand(4, 2))
+    # (1 - 0)^2 + (0 - 1)^2 = 2 per row, mean over D = 2 elements -> 1.0 (= 2(1 - cos)/D)
+    assert torch.isclose(mse, torch.tensor(1.0))
+    assert torch.isclose(kl, torch.tensor(0.0))                   # mu = 0, logvar = 0
+
+
+def test_kl_is_mean_over_elements():
+    g = constant_vae([1.0, 0.0], mu_bias=1.0, logvar_bias=0.0)
+    _, kl = generator_losses(g, torch.randn(3, 2), torch.tensor([[1.0, 0.0]]).expand(3, 2))
+    # -0.5 * (1 + 0 - 1 - 1) = 0.5 for every element; the mean is 0.5 (a sum would be 3.0)
+    assert torch.isclose(kl, torch.tensor(0.5))
+
+
+def test_losses_never_reach_backbone_features_or_class_weights():
+    x = torch.randn(5, 2, requires_grad=True)
+    w = torch.randn(5, 2, requires_grad=True)
+    mse, kl = generator_losses(FeatureVAE(2, 3, 2), x, w)
+    (5e3 * mse + 2.0 * kl).backward()
+    assert x.grad is None and w.grad is None
+
+
+def test_sample_is_sample_major_and_normalised():
+    g = FeatureVAE(4, 8, 3)
+    with torch.no_grad():
+        g.to_logvar.bias.fill_(-30.0)     # sigma ~ 0: every draw decodes mu
+        g.to_logvar.weight.zero_()
+    u = torch.randn(3, 4)
+    out = g.sample(u, gen_num=2)
+    assert out.shape == (6, 4)
+    assert torch.allclose(out.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert torch.allclose(out[:3], out[3:], atol=1e-4)           # draw 1 of all U, then draw 2

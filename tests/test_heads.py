@@ -1,0 +1,78 @@
+"""ArcFace, VirClass and VirInstance logits against values worked out by hand."""
+import math
+
+import torch
+
+from virface.heads import (ArcFaceHead, arcface_margin_logits, overlap_keep_mask, virclass_logits,
+                           virinstance_logits)
+
+
+def test_arcface_adds_the_angular_margin_to_the_target_only():
+    cos = torch.tensor([[0.5, 0.2]])
+    logits = arcface_margin_logits(cos, torch.tensor([0]), s=2.0, m=0.5)
+    # theta = acos(0.5) = pi/3; cos(pi/3 + 0.5) = 0.0235966
+    assert torch.allclose(logits, torch.tensor([[2 * 0.0235966, 0.4]]), atol=1e-6)
+
+
+def test_arcface_falls_back_to_cos_minus_m_sin_m_past_pi():
+    # cos = -0.9 < cos(pi - 0.5) = -0.87758: theta + m > pi, so the target logit is
+    # cos - m*sin(m) = -0.9 - 0.5*0.479426 = -1.139713
+    logits = arcface_margin_logits(torch.tensor([[-0.9, 0.1]]), torch.tensor([0]), s=1.0, m=0.5)
+    assert torch.allclose(logits, torch.tensor([[-1.139713, 0.1]]), atol=1e-6)
+
+
+def test_virclass_appends_each_unlabeled_feature_as_a_negative_class():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[3.0, 0.0]])                    # norm -> (1, 0), label 0
+    u = torch.tensor([[0.0, 2.0], [-5.0, 0.0]])       # norm -> (0, 1), (-1, 0)
+    logits = virclass_logits(x, torch.tensor([0]), weight, u, s=1.0, m=0.0)
+    assert logits.shape == (1, 4)                     # C + U columns
+    assert torch.allclose(logits, torch.tensor([[1.0, 0.0, 0.0, -1.0]]))
+    with_margin = virclass_logits(x, torch.tensor([0]), weight, u, s=1.0, m=0.5)
+    assert torch.allclose(with_margin, torch.tensor([[math.cos(0.5), 0.0, 0.0, -1.0]]), atol=1e-6)
+
+
+def test_virclass_gradient_reaches_the_unlabeled_features():
+    u = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    logits = virclass_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.eye(2), u, 2.0, 0.5)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0])).backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def test_virinstance_targets_are_own_virtual_class_in_sample_major_order():
+    weight = torch.eye(3)[:2]                        # C = 2, D = 3
+    centres = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    instances = torch.cat([centres, centres])         # gen_num = 2: [draw 1 of both; draw 2 of both]
+    logits, target = virinstance_logits(instances, weight, centres, gen_num=2, s=1.0, m=0.0)
+    assert target.tolist() == [2, 3, 2, 3]
+    assert logits.shape == (4, 4)
+    assert torch.allclose(logits[0], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    # Sources taken from the second half of the (all-rank) centres: targets shift by the offset.
+    _, shifted = virinstance_logits(centres[1:], weight, centres, gen_num=1, s=1.0, m=0.0, source_offset=1)
+    assert shifted.tolist() == [3]
+
+
+def test_virinstance_does_not_move_the_virtual_centres():
+    centres = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    logits, target = virinstance_logits(torch.tensor([[0.6, 0.8]]), weight, centres, 1, 4.0, 0.5)
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    assert centres.grad is None and weight.grad is not None
+
+
+def test_overlap_filter_drops_samples_confidently_inside_a_labeled_class():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    u = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # u0: softmax(32*[1, 0]) peaks at ~1.0 -> dropped; u1 sits between classes: p = 0.5 -> kept.
+    assert overlap_keep_mask(u, weight, s=32.0, threshold=0.8).tolist() == [False, True]
+
+
+def test_dropout_applies_to_labeled_features_in_virclass_only():
+    head = ArcFaceHead(2, 4, s=1.0, m=0.0, dropout=0.99).train()
+    x = torch.ones(64, 4)
+    labels = torch.zeros(64, dtype=torch.long)
+    torch.manual_seed(0)
+    plain = head(x, labels)
+    assert torch.allclose(plain, plain[0].expand_as(plain))     # no dropout in plain ArcFace
+    vc = head.virclass(x, labels, torch.ones(1, 4))
+    assert not torch.allclose(vc, vc[0].expand_as(vc))          # rows differ: dropped out
