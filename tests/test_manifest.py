@@ -1,0 +1,262 @@
+"""Stage manifests (best.json) and the plan of which stages a search runs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from virface.errors import CheckpointError, ConfigError, StagePreconditionError
+from virface.search import manifest as manifest_module
+from virface.search.manifest import (
+    ManifestError,
+    StageManifest,
+    manifest_path,
+    plan_chain,
+    read_manifest,
+    stage_chain,
+    upstream_checkpoint,
+    write_manifest,
+)
+
+EXPERIMENT = "exp"
+
+
+def make_checkpoint(tmp_path: Path, name: str = "ckpt.pt") -> str:
+    path = tmp_path / "checkpoints" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    return str(path)
+
+
+def make_manifest(tmp_path: Path, stage: str = "pretrain", **changes) -> StageManifest:
+    values = dict(stage=stage, experiment=EXPERIMENT, trial_id="a1b2", config={"lr": 0.1, "m": 0.5},
+                  metric_name="synth_cfp_fp_acc", metric_value=0.875, metric_mode="max",
+                  checkpoint=make_checkpoint(tmp_path, f"{stage}.pt"), upstream=None,
+                  created="2025-01-02T03:04:05+00:00")
+    values.update(changes)
+    return StageManifest(**values)
+
+
+def finish_stage(storage: Path, stage: str) -> Path:
+    """Write the manifest a finished search of ``stage`` leaves behind."""
+    path = manifest_path(storage, EXPERIMENT, stage)
+    write_manifest(make_manifest(storage, stage), path)
+    return path
+
+
+def write_raw(tmp_path: Path, data) -> Path:
+    path = tmp_path / "best.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain and paths
+
+
+def test_stage_chain_walks_up_to_pretrain():
+    assert stage_chain("pretrain") == ["pretrain"]
+    assert stage_chain("generator") == ["pretrain", "generator"]
+    assert stage_chain("virclass") == ["pretrain", "virclass"]
+    assert stage_chain("virface") == ["pretrain", "generator", "virface"]
+    with pytest.raises(ConfigError, match="stage: 'virfac' is not one of"):
+        stage_chain("virfac")
+
+
+def test_manifest_path_layout(tmp_path):
+    assert manifest_path(tmp_path, "exp", "generator") == tmp_path / "exp" / "generator" / "best.json"
+    assert manifest_path("relative", "exp", "pretrain").is_absolute()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def test_manifest_round_trip(tmp_path):
+    m = make_manifest(tmp_path, "generator", upstream="/somewhere/pretrain/best.json")
+    path = write_manifest(m, tmp_path / "new" / "folders" / "best.json")
+    assert read_manifest(path) == m
+    assert json.loads(path.read_text())["metric_value"] == 0.875
+
+
+def test_created_defaults_to_an_iso_utc_time(tmp_path):
+    values = make_manifest(tmp_path).to_dict()
+    del values["created"]
+    assert StageManifest(**values).created.endswith("+00:00")
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "pretrain" / "best.json"
+    write_manifest(make_manifest(tmp_path, metric_value=0.5), path)
+    write_manifest(make_manifest(tmp_path, metric_value=0.75), path)
+    assert os.listdir(path.parent) == ["best.json"]
+    assert read_manifest(path).metric_value == 0.75
+
+
+def test_failed_write_keeps_the_old_manifest_and_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "pretrain" / "best.json"
+    write_manifest(make_manifest(tmp_path, metric_value=0.5), path)
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(manifest_module.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(make_manifest(tmp_path, metric_value=0.75), path)
+    assert os.listdir(path.parent) == ["best.json"]
+    assert read_manifest(path).metric_value == 0.5
+
+
+def test_write_rejects_a_relative_checkpoint(tmp_path):
+    with pytest.raises(ManifestError, match="checkpoint: 'ckpt.pt' must be an absolute path"):
+        write_manifest(make_manifest(tmp_path, checkpoint="ckpt.pt"), tmp_path / "best.json")
+
+
+def test_relative_checkpoint_in_a_hand_written_manifest_is_next_to_it(tmp_path):
+    (tmp_path / "mine.pt").write_bytes(b"weights")
+    data = make_manifest(tmp_path).to_dict()
+    data["checkpoint"] = "mine.pt"
+    assert read_manifest(write_raw(tmp_path, data)).checkpoint == str(tmp_path / "mine.pt")
+
+
+def test_missing_manifest_names_the_file(tmp_path):
+    with pytest.raises(ManifestError, match=rf"^{tmp_path}/best.json: manifest not found"):
+        read_manifest(tmp_path / "best.json")
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = write_raw(tmp_path, '{\n  "stage": "pretrain",\n  oops\n}\n')
+    with pytest.raises(ManifestError, match=rf"^{path}:3: invalid JSON"):
+        read_manifest(path)
+
+
+def test_non_object_json_is_rejected(tmp_path):
+    path = write_raw(tmp_path, "[1, 2]")
+    with pytest.raises(ManifestError, match=rf"^{path}: expected a JSON object"):
+        read_manifest(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    data = make_manifest(tmp_path).to_dict()
+    del data["checkpoint"], data["trial_id"]
+    path = write_raw(tmp_path, data)
+    with pytest.raises(ManifestError, match=rf"^{path}: missing key\(s\) \['trial_id', 'checkpoint'\]"):
+        read_manifest(path)
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = {**make_manifest(tmp_path).to_dict(), "chekpoint": "x"}
+    path = write_raw(tmp_path, data)
+    with pytest.raises(ManifestError, match=rf"^{path}: unknown key\(s\) \['chekpoint'\]"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("metric_mode", "maximize", "metric_mode: 'maximize' must be one of \\['max', 'min'\\]"),
+    ("metric_value", "0.8", "metric_value: '0.8' must be a finite number"),
+    ("stage", "finetune", "stage: 'finetune' must be one of"),
+    ("config", [1], "config: \\[1\\] must be a JSON object"),
+    ("trial_id", "", "trial_id: '' must be a non-empty string"),
+])
+def test_bad_value_is_named_with_its_key(tmp_path, key, value, expected):
+    data = {**make_manifest(tmp_path).to_dict(), key: value}
+    path = write_raw(tmp_path, data)
+    with pytest.raises(ManifestError, match=rf"^{path}: {expected}"):
+        read_manifest(path)
+
+
+def test_checkpoint_that_does_not_exist_is_named(tmp_path):
+    m = make_manifest(tmp_path)
+    path = write_manifest(m, tmp_path / "best.json")
+    os.remove(m.checkpoint)
+    with pytest.raises(ManifestError, match=rf"^{path}: checkpoint: {m.checkpoint} does not exist"):
+        read_manifest(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning the chain
+
+
+def test_plan_with_nothing_on_disk_runs_the_whole_chain(tmp_path):
+    assert plan_chain("virface", tmp_path, EXPERIMENT, None) == ["pretrain", "generator", "virface"]
+    assert plan_chain("virclass", tmp_path, EXPERIMENT, None) == ["pretrain", "virclass"]
+    assert plan_chain("pretrain", tmp_path, EXPERIMENT, None) == ["pretrain"]
+
+
+def test_plan_reuses_a_finished_pretrain(tmp_path):
+    finish_stage(tmp_path, "pretrain")
+    assert plan_chain("virface", tmp_path, EXPERIMENT, None) == ["generator", "virface"]
+    assert plan_chain("virclass", tmp_path, EXPERIMENT, None) == ["virclass"]
+
+
+def test_plan_stops_at_the_nearest_finished_upstream(tmp_path):
+    finish_stage(tmp_path, "generator")
+    assert plan_chain("virface", tmp_path, EXPERIMENT, None) == ["virface"]
+
+
+def test_plan_always_runs_the_asked_stage_even_if_it_finished_before(tmp_path):
+    finish_stage(tmp_path, "pretrain")
+    assert plan_chain("pretrain", tmp_path, EXPERIMENT, None) == ["pretrain"]
+
+
+def test_plan_with_a_user_checkpoint_runs_only_the_asked_stage(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    assert plan_chain("virface", tmp_path, EXPERIMENT, ckpt) == ["virface"]
+
+
+def test_plan_is_per_experiment(tmp_path):
+    finish_stage(tmp_path, "pretrain")
+    assert plan_chain("generator", tmp_path, "other", None) == ["pretrain", "generator"]
+
+
+def test_plan_fails_early_on_a_broken_upstream_manifest(tmp_path):
+    path = finish_stage(tmp_path, "pretrain")
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match=rf"^{path}:1: invalid JSON"):
+        plan_chain("virface", tmp_path, EXPERIMENT, None)
+
+
+def test_user_checkpoint_must_exist_and_needs_an_upstream(tmp_path):
+    with pytest.raises(CheckpointError, match=r"from_checkpoint: .*missing\.pt does not exist"):
+        plan_chain("virface", tmp_path, EXPERIMENT, str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="stage pretrain has no upstream stage"):
+        plan_chain("pretrain", tmp_path, EXPERIMENT, make_checkpoint(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint a stage starts from
+
+
+def test_pretrain_starts_from_scratch(tmp_path):
+    path, source = upstream_checkpoint("pretrain", tmp_path, EXPERIMENT, None)
+    assert path is None and "scratch" in source
+
+
+def test_stage_starts_from_the_upstream_best_checkpoint(tmp_path):
+    manifest_file = finish_stage(tmp_path, "generator")
+    path, source = upstream_checkpoint("virface", tmp_path, EXPERIMENT, None)
+    assert path == str(tmp_path / "checkpoints" / "generator.pt")
+    assert "a1b2" in source and "synth_cfp_fp_acc=0.875" in source and str(manifest_file) in source
+
+
+def test_user_checkpoint_replaces_the_upstream(tmp_path):
+    finish_stage(tmp_path, "pretrain")
+    ckpt = make_checkpoint(tmp_path, "mine.pt")
+    path, source = upstream_checkpoint("virclass", tmp_path, EXPERIMENT, ckpt)
+    assert path == ckpt and source == f"user checkpoint {ckpt}"
+
+
+def test_missing_upstream_manifest_is_a_precondition_error(tmp_path):
+    with pytest.raises(StagePreconditionError, match=r"stage generator starts from the best "
+                                                     r"pretrain checkpoint, but .*pretrain/best\.json"):
+        upstream_checkpoint("generator", tmp_path, EXPERIMENT, None)
+
+
+def test_manifest_of_the_wrong_stage_is_rejected(tmp_path):
+    path = manifest_path(tmp_path, EXPERIMENT, "generator")
+    write_manifest(make_manifest(tmp_path, "virclass"), path)
+    with pytest.raises(ManifestError, match=rf"^{path}: stage: 'virclass' but the file is where "
+                                            r"stage generator's manifest belongs"):
+        upstream_checkpoint("virface", tmp_path, EXPERIMENT, None)

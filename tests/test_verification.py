@@ -1,0 +1,306 @@
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from virface.errors import PairSetError
+from virface.evaluation.pairs import PairSet
+from virface.evaluation.verification import (evaluate_pair_set, extract_embeddings,
+                                             load_bin, load_cfp_folder, load_lfw_folder,
+                                             open_pair_set, verify_10fold, write_bin)
+
+
+def solid(r, g, b, size=4):
+    image = torch.empty((3, size, size), dtype=torch.uint8)
+    image[0], image[1], image[2] = r, g, b
+    return image
+
+
+def png_bytes(image):
+    return encode_png(image).numpy().tobytes()
+
+
+def save(path, image):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(png_bytes(image))
+
+
+def dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+# ----------------------------------------------------------------------------- .bin
+
+def test_load_bin_accepts_bytes_and_cv2_style_uint8_arrays(tmp_path):
+    a, b = solid(200, 10, 20), solid(5, 6, 7)
+    as_array = np.frombuffer(png_bytes(b), dtype=np.uint8).reshape(-1, 1)  # cv2.imencode shape
+    dump(tmp_path / "t.bin", ([png_bytes(a), as_array, png_bytes(b), png_bytes(a)],
+                              [True, False]))
+    pairs = load_bin(str(tmp_path / "t.bin"))
+    assert pairs.name == "t"
+    assert pairs.images.shape == (4, 3, 4, 4)
+    assert pairs.images[1, :, 0, 0].tolist() == [5, 6, 7]
+    assert pairs.issame.tolist() == [True, False]
+
+
+def test_load_bin_resizes_to_image_size(tmp_path):
+    dump(tmp_path / "t.bin", ([png_bytes(solid(9, 8, 7))] * 2, [True]))
+    pairs = load_bin(str(tmp_path / "t.bin"), image_size=2)
+    assert pairs.images.shape == (2, 3, 2, 2)
+    assert pairs.images[0, :, 1, 1].tolist() == [9, 8, 7]
+
+
+def test_load_bin_with_odd_image_count_names_the_file(tmp_path):
+    dump(tmp_path / "odd.bin", ([png_bytes(solid(1, 2, 3))] * 3, [True]))
+    with pytest.raises(PairSetError, match=r"odd\.bin: odd number of images \(3\)"):
+        load_bin(str(tmp_path / "odd.bin"))
+
+
+def test_load_bin_with_issame_length_mismatch_names_the_file(tmp_path):
+    dump(tmp_path / "mm.bin", ([png_bytes(solid(1, 2, 3))] * 4, [True, False, True]))
+    with pytest.raises(PairSetError, match=r"mm\.bin: 4 images make 2 pairs.*3 entries"):
+        load_bin(str(tmp_path / "mm.bin"))
+
+
+def test_load_bin_corrupt_image_names_file_and_index(tmp_path):
+    dump(tmp_path / "c.bin", ([png_bytes(solid(1, 2, 3)), b"garbage"], [True]))
+    with pytest.raises(PairSetError, match=r"c\.bin image 1"):
+        load_bin(str(tmp_path / "c.bin"))
+
+
+def test_write_bin_round_trips_and_stores_bytes_and_bools(tmp_path):
+    images = torch.stack([solid(1, 2, 3), solid(4, 5, 6), solid(7, 8, 9), solid(0, 0, 0)])
+    path = write_bin(PairSet("x", images, np.array([True, False])), str(tmp_path / "x.bin"))
+    with open(path, "rb") as f:
+        bins, issame = pickle.load(f)
+    assert all(isinstance(b, bytes) for b in bins) and issame == [True, False]
+    back = load_bin(path)
+    assert torch.equal(back.images, images) and back.issame.tolist() == [True, False]
+    assert os.listdir(tmp_path) == ["x.bin"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- LFW and CFP
+
+def make_lfw(root, pairs_text, people):
+    """people: {name: number of images}; image k of a person has red = 10 * k."""
+    for person, count in people.items():
+        for k in range(1, count + 1):
+            save(os.path.join(root, person, f"{person}_{k:04d}.jpg"), solid(10 * k, 0, 0))
+    with open(os.path.join(root, "pairs.txt"), "w") as f:
+        f.write(pairs_text)
+
+
+def test_lfw_folder_reads_same_and_different_pairs_in_file_order(tmp_path):
+    make_lfw(str(tmp_path), "1 1\nAnn 1 2\nAnn 2 Bo 1\n", {"Ann": 2, "Bo": 1})
+    pairs = load_lfw_folder(str(tmp_path))
+    assert pairs.issame.tolist() == [True, False]
+    assert pairs.images[:, 0, 0, 0].tolist() == [10, 20, 20, 10]
+
+
+def test_lfw_folder_without_header_line(tmp_path):
+    make_lfw(str(tmp_path), "Ann 1 2\n", {"Ann": 2})
+    assert load_lfw_folder(str(tmp_path)).issame.tolist() == [True]
+
+
+def test_lfw_missing_image_is_an_error_not_a_shift(tmp_path):
+    # the reference skipped pairs with a missing image, so every later pair moved a fold
+    make_lfw(str(tmp_path), "2 1\nAnn 1 3\nAnn 1 Bo 2\nAnn 1 2\n", {"Ann": 2, "Bo": 1})
+    with pytest.raises(PairSetError) as info:
+        load_lfw_folder(str(tmp_path))
+    message = str(info.value)
+    assert "2 images are missing" in message
+    assert "Ann_0003.jpg" in message and "Bo_0002.jpg" in message
+
+
+def test_lfw_malformed_line_names_file_and_line(tmp_path):
+    make_lfw(str(tmp_path), "10 300\nAnn 1 2\nAnn one 2\n", {"Ann": 2})
+    with pytest.raises(PairSetError, match=r"pairs\.txt:3: .*'Ann one 2'"):
+        load_lfw_folder(str(tmp_path))
+
+
+def make_cfp(root):
+    """Frontal images 1..2 (red 1, 2), profile images 1..2 (red 101, 102); two splits."""
+    proto = os.path.join(root, "Protocol")
+    for k in (1, 2):
+        save(os.path.join(root, "Data", "f", f"{k}.png"), solid(k, 0, 0))
+        save(os.path.join(root, "Data", "p", f"{k}.png"), solid(100 + k, 0, 0))
+    os.makedirs(proto, exist_ok=True)
+    with open(os.path.join(proto, "Pair_list_F.txt"), "w") as f:
+        f.write("1 ../Data/f/1.png\n2 ../Data/f/2.png\n")
+    with open(os.path.join(proto, "Pair_list_P.txt"), "w") as f:
+        f.write("1 ../Data/p/1.png\n2 ../Data/p/2.png\n")
+    lists = {("01", "same"): "1,1\n", ("01", "diff"): "1,2\n",
+             ("02", "same"): "2,2\n", ("02", "diff"): "2,1\n"}
+    for protocol in ("FF", "FP"):
+        for (split, kind), text in lists.items():
+            folder = os.path.join(proto, "Split", protocol, split)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{kind}.txt"), "w") as f:
+                f.write(text)
+
+
+def test_cfp_fp_pairs_frontal_with_profile_split_by_split(tmp_path):
+    make_cfp(str(tmp_path))
+    pairs = load_cfp_folder(str(tmp_path), "FP")
+    assert pairs.name == "cfp_fp"
+    assert pairs.issame.tolist() == [True, False, True, False]
+    assert pairs.images[:, 0, 0, 0].tolist() == [1, 101, 1, 102, 2, 102, 2, 101]
+
+
+def test_cfp_ff_pairs_index_the_frontal_list_twice(tmp_path):
+    make_cfp(str(tmp_path))
+    pairs = load_cfp_folder(str(tmp_path), "FF")
+    assert pairs.images[:, 0, 0, 0].tolist() == [1, 1, 1, 2, 2, 2, 2, 1]
+
+
+def test_open_pair_set_picks_the_format_from_the_path(tmp_path):
+    make_cfp(str(tmp_path / "cfp"))
+    make_lfw(str(tmp_path / "lfw"), "Ann 1 1\n", {"Ann": 1})
+    dump(tmp_path / "agedb_30.bin", ([png_bytes(solid(1, 2, 3))] * 2, [True]))
+    assert open_pair_set("CFP_FP", str(tmp_path / "cfp")).images[1, 0, 0, 0] == 101
+    assert open_pair_set("cfp_ff", str(tmp_path / "cfp")).images[1, 0, 0, 0] == 1
+    assert open_pair_set("lfw", str(tmp_path / "lfw")).issame.tolist() == [True]
+    assert open_pair_set("agedb_30", str(tmp_path / "agedb_30.bin")).name == "agedb_30"
+    assert open_pair_set("cfpfp", str(tmp_path / "cfp")).images[1, 0, 0, 0] == 101
+    with pytest.raises(PairSetError, match=r"cfp_fp="):
+        open_pair_set("cfp", str(tmp_path / "cfp"))
+    with pytest.raises(PairSetError, match=r"\.bin file, an LFW folder.*CFP folder"):
+        open_pair_set("x", str(tmp_path / "nothing_here"))
+
+
+# ----------------------------------------------------------------------------- 10-fold protocol
+
+def pairs_at_distances(distances):
+    """1-D embeddings (0, sqrt(d)) whose squared distance is d."""
+    d = torch.tensor(distances, dtype=torch.float64)
+    return torch.zeros(len(d), 1, dtype=torch.float64), d.sqrt().unsqueeze(1)
+
+
+def test_perfectly_separable_pairs_score_one_in_every_fold():
+    # 10 folds of 2 pairs (one same at 0.305, one different at 2.505)
+    issame = [True, False] * 10
+    result = verify_10fold(pairs_at_distances([0.305, 2.505] * 10), issame, n_folds=10)
+    assert result.acc == 1.0 and result.acc_std == 0.0
+    # the first threshold above 0.305 wins the tie among every threshold in (0.305, 2.505]
+    np.testing.assert_allclose(result.best_thresholds, [0.31] * 10)
+    assert result.n_pairs == 20
+
+
+def test_interleaved_embeddings_give_the_same_result_as_a_pair_tuple():
+    emb1, emb2 = pairs_at_distances([0.305, 2.505] * 10)
+    interleaved = torch.stack([emb1, emb2], dim=1).reshape(40, 1)
+    a = verify_10fold(interleaved, [True, False] * 10)
+    b = verify_10fold((emb1, emb2), [True, False] * 10)
+    assert a.acc == b.acc and np.array_equal(a.best_thresholds, b.best_thresholds)
+
+
+def test_one_impostor_below_all_genuine_pairs_costs_one_pair_in_its_fold():
+    # fold 1: 5 same at 0.205, then one different at 0.105 and 4 at 1.005
+    # fold 2: 5 same at 0.205, 5 different at 1.005
+    distances = [0.205] * 5 + [0.105] + [1.005] * 4 + [0.205] * 5 + [1.005] * 5
+    issame = ([True] * 5 + [False] * 5) * 2
+    result = verify_10fold(pairs_at_distances(distances), issame, n_folds=2, far_target=0.1)
+    # Fold 1 is tested with t=0.21 chosen on fold 2: the impostor is accepted, 9/10 right.
+    # Fold 2 is tested with fold 1's best t: accuracy is 0.5 for t<=0.105, 0.4 up to 0.205,
+    # 0.9 in (0.205, 1.005]; t=0.21 scores fold 2 perfectly.
+    np.testing.assert_allclose(result.best_thresholds, [0.21, 0.21])
+    assert result.acc == pytest.approx(0.95) and result.acc_std == pytest.approx(0.05)
+    # TAR@FAR=0.1. Fold 1: fold 2's FAR is 0 up to t=1.00 and 1 from t=1.01, so t=1.001;
+    # on fold 1 that accepts all 5 same (TAR 1) and the impostor (FAR 1/5).
+    # Fold 2: fold 1's FAR is 0 at t=0.10 and 0.2 at t=0.11, so t=0.105; on fold 2 it accepts
+    # nothing (TAR 0, FAR 0).
+    assert result.tar_at_far == pytest.approx(0.5) and result.tar_at_far_std == pytest.approx(0.5)
+    assert result.far == pytest.approx(0.1)
+
+
+def test_tar_threshold_is_zero_when_training_far_never_reaches_the_target():
+    # every different pair is far beyond the last threshold (3.99), so train FAR stays 0
+    result = verify_10fold(pairs_at_distances([0.5, 5.0] * 4), [True, False] * 4,
+                           n_folds=2, far_target=0.1)
+    assert result.tar_at_far == 0.0 and result.far == 0.0
+
+
+def test_more_folds_than_pairs_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_folds must be between 2 and the number of pairs"):
+        verify_10fold(pairs_at_distances([0.1, 0.2, 0.3]), [True, False, True], n_folds=10)
+
+
+def test_verify_10fold_handles_6000_pairs():
+    rng = np.random.default_rng(0)
+    emb = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(12000, 8))), dim=1)
+    result = verify_10fold(emb, rng.random(6000) < 0.5)
+    assert result.best_thresholds.shape == (10,) and 0.0 <= result.acc <= 1.0
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+class TopLeftPixel(torch.nn.Module):
+    """Embedding = the (3,) colour of pixel (0, 0); records the mode it ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Identity()
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.inner(x[:, :, 0, 0])
+
+
+def flip_test_image():
+    image = torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
+    image[0, :, 0, 0] = torch.tensor([255, 0, 255])  # maps to (1, -1, 1)
+    image[0, :, 0, 1] = torch.tensor([255, 255, 0])  # maps to (1, 1, -1)
+    return image
+
+
+def test_flip_adds_the_embedding_of_the_mirrored_image():
+    # (1, -1, 1) + (1, 1, -1) = (2, 0, 0), normalised (1, 0, 0)
+    emb = extract_embeddings(TopLeftPixel(), flip_test_image(), flip=True)
+    torch.testing.assert_close(emb, torch.tensor([[1.0, 0.0, 0.0]]))
+    emb = extract_embeddings(TopLeftPixel(), flip_test_image(), flip=False)
+    s = 1 / math.sqrt(3)
+    torch.testing.assert_close(emb, torch.tensor([[s, -s, s]]))
+
+
+def test_each_embedding_is_normalised_on_its_own_row_independent_of_the_batch():
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, size=(3, 3, 2, 2), dtype=np.uint8))
+    alone = extract_embeddings(TopLeftPixel(), images[:1], flip=False)
+    in_batch = extract_embeddings(TopLeftPixel(), images, flip=False)
+    torch.testing.assert_close(in_batch[:1], alone)
+    torch.testing.assert_close(in_batch.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(extract_embeddings(TopLeftPixel(), images, batch_size=1,
+                                                  flip=False), in_batch)
+    # the reference's normalisation over dim 0 would make row 0 depend on rows 1 and 2
+    raw = (images[:, :, 0, 0].float() / 255 - 0.5) / 0.5
+    dim0 = torch.nn.functional.normalize(raw, dim=0)
+    assert not torch.allclose(dim0[:1], torch.nn.functional.normalize(raw[:1], dim=0))
+
+
+def test_extraction_runs_in_eval_mode_and_restores_every_module_mode():
+    backbone = TopLeftPixel()
+    backbone.train()
+    backbone.inner.eval()
+    extract_embeddings(backbone, flip_test_image())
+    assert backbone.modes == [False, False]
+    assert backbone.training is True and backbone.inner.training is False
+
+
+def test_evaluate_pair_set_scores_a_colour_matching_backbone_perfectly():
+    red, green = solid(255, 0, 0, size=2), solid(0, 255, 0, size=2)
+    images, issame = [], []
+    for k in range(10):
+        images += [red, red, red, green]
+        issame += [True, False]
+    pairs = PairSet("colours", torch.stack(images), np.array(issame))
+    result = evaluate_pair_set(TopLeftPixel(), pairs, batch_size=7)
+    # same: distance 0; different: (1,-1,-1) vs (-1,1,-1) normalised, 2 - 2 * (-1/3) = 8/3
+    assert result.acc == 1.0 and result.n_pairs == 20
+    np.testing.assert_allclose(result.best_thresholds, [0.01] * 10)

@@ -1,0 +1,239 @@
+"""Stage chaining: which stages a search must run, and the checkpoint each one starts from.
+
+The stages form a tree, pretrain -> generator -> virface and pretrain -> virclass. When a stage's
+search finishes, the runner writes ``<storage>/<experiment>/<stage>/best.json``: a
+:class:`StageManifest` naming the best trial, its config, its metric and the checkpoint of its
+best epoch. A later search of a downstream stage reuses that manifest instead of searching the
+upstream stage again; a user checkpoint (``from_checkpoint``) replaces the upstream stages
+entirely.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from virface.config import METHODS
+from virface.errors import CheckpointError, ConfigError, StagePreconditionError, VirFaceError
+
+# The stage whose best checkpoint each stage starts from.
+STAGE_UPSTREAM: dict[str, str | None] = {
+    "pretrain": None,
+    "generator": "pretrain",
+    "virclass": "pretrain",
+    "virface": "generator",
+}
+
+MANIFEST_NAME = "best.json"
+METRIC_MODES = ("max", "min")
+
+
+class ManifestError(VirFaceError):
+    """A stage manifest is missing, unreadable or malformed; the message names file and key."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StageManifest:
+    """The outcome of one stage's search: its best trial and where that trial's best epoch is."""
+
+    stage: str
+    experiment: str
+    trial_id: str
+    config: dict[str, Any]             # the trial's TrainConfig fields
+    metric_name: str
+    metric_value: float
+    metric_mode: str                   # "max" | "min"
+    checkpoint: str                    # absolute path of the best epoch's checkpoint
+    upstream: str | None = None        # upstream manifest or user checkpoint; None for pretrain
+    created: str = field(default_factory=_now)   # ISO 8601, UTC
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(StageManifest)}
+_REQUIRED = [name for name, f in _FIELDS.items()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def stage_chain(stage: str) -> list[str]:
+    """All stages from pretrain down to ``stage``, in run order: virface -> [pretrain, generator,
+    virface]."""
+    _check_stage(stage)
+    chain = [stage]
+    while STAGE_UPSTREAM[chain[0]] is not None:
+        chain.insert(0, STAGE_UPSTREAM[chain[0]])
+    return chain
+
+
+def manifest_path(storage: str | os.PathLike, experiment: str, stage: str) -> Path:
+    """``<storage>/<experiment>/<stage>/best.json``, absolute."""
+    _check_stage(stage)
+    return Path(os.path.abspath(storage)) / experiment / stage / MANIFEST_NAME
+
+
+def write_manifest(manifest: StageManifest, path: str | os.PathLike) -> Path:
+    """Write ``manifest`` as JSON, atomically: readers see the old file or the new one, never half.
+
+    Creates the folders. The checkpoint path must be absolute, since trials run in another
+    working directory than the one that reads the manifest.
+    """
+    if manifest.stage not in STAGE_UPSTREAM:
+        raise ManifestError(f"{os.fspath(path)}: stage: {manifest.stage!r} is not one of "
+                            f"{list(STAGE_UPSTREAM)}")
+    if not os.path.isabs(manifest.checkpoint):
+        raise ManifestError(f"{os.fspath(path)}: checkpoint: {manifest.checkpoint!r} must be "
+                            "an absolute path")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> StageManifest:
+    """Read and check a manifest. A relative ``checkpoint`` (hand-written manifests) is taken
+    relative to the manifest's folder; the checkpoint must exist."""
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ManifestError(f"{where}: manifest not found") from None
+    except OSError as e:
+        raise ManifestError(f"{where}: cannot read the manifest: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}:{e.lineno}: invalid JSON (column {e.colno}): {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected a JSON object with keys {list(_FIELDS)}, "
+                            f"got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {unknown}; allowed keys: {list(_FIELDS)}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ManifestError(f"{where}: missing key(s) {missing}")
+
+    def bad(key: str, expected: str) -> ManifestError:
+        return ManifestError(f"{where}: {key}: {data[key]!r} must be {expected}")
+
+    for key in ("stage", "experiment", "trial_id", "metric_name", "checkpoint"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise bad(key, "a non-empty string")
+    if data["stage"] not in STAGE_UPSTREAM:
+        raise bad("stage", f"one of {list(STAGE_UPSTREAM)}")
+    if data["metric_mode"] not in METRIC_MODES:
+        raise bad("metric_mode", f"one of {list(METRIC_MODES)}")
+    value = data["metric_value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad("metric_value", "a finite number")
+    if not isinstance(data["config"], dict):
+        raise bad("config", "a JSON object of TrainConfig fields")
+    for key in ("upstream", "created"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise bad(key, "a string or null")
+
+    checkpoint = os.path.join(os.path.dirname(os.path.abspath(where)), data["checkpoint"])
+    checkpoint = os.path.normpath(checkpoint)
+    if not os.path.exists(checkpoint):
+        raise ManifestError(f"{where}: checkpoint: {checkpoint} does not exist (moved or "
+                            f"deleted?); delete the manifest to search stage "
+                            f"{data['stage']} again")
+    return StageManifest(**{**data, "checkpoint": checkpoint, "metric_value": float(value)})
+
+
+def plan_chain(stage: str, storage: str | os.PathLike, experiment: str,
+               from_checkpoint: str | None) -> list[str]:
+    """The stages to search, in order, to get ``stage``'s best checkpoint.
+
+    Walks upstream from ``stage`` and stops at the first stage whose manifest exists (its best
+    checkpoint is reused), or right away when ``from_checkpoint`` is given (the user's checkpoint
+    replaces every upstream stage). ``stage`` itself always runs. An existing upstream manifest
+    is read, so a broken one fails here, before anything runs.
+    """
+    _check_stage(stage)
+    if from_checkpoint is not None:
+        _check_user_checkpoint(stage, from_checkpoint)
+        return [stage]
+    chain = [stage]
+    upstream = STAGE_UPSTREAM[stage]
+    while upstream is not None:
+        path = manifest_path(storage, experiment, upstream)
+        if path.exists():
+            _read_stage_manifest(path, upstream)
+            break
+        chain.insert(0, upstream)
+        upstream = STAGE_UPSTREAM[upstream]
+    return chain
+
+
+def upstream_checkpoint(stage: str, storage: str | os.PathLike, experiment: str,
+                        from_checkpoint: str | None) -> tuple[str | None, str]:
+    """``(checkpoint path, where it came from)`` for the checkpoint ``stage`` starts from.
+
+    ``(None, ...)`` for pretrain; the user's ``from_checkpoint`` when given; otherwise the best
+    checkpoint in the upstream stage's manifest, which must exist by the time this is called
+    (the upstream search ran, or ran in an earlier invocation).
+    """
+    _check_stage(stage)
+    if from_checkpoint is not None:
+        path = _check_user_checkpoint(stage, from_checkpoint)
+        return path, f"user checkpoint {path}"
+    upstream = STAGE_UPSTREAM[stage]
+    if upstream is None:
+        return None, "none: pretrain starts from scratch"
+    path = manifest_path(storage, experiment, upstream)
+    if not path.exists():
+        raise StagePreconditionError(
+            f"stage {stage} starts from the best {upstream} checkpoint, but {path} does not "
+            f"exist; search stage {upstream} first, or give a checkpoint to start from")
+    m = _read_stage_manifest(path, upstream)
+    return m.checkpoint, (f"best {upstream} trial {m.trial_id} "
+                          f"({m.metric_name}={m.metric_value:.6g}) from {path}")
+
+
+def _read_stage_manifest(path: Path, stage: str) -> StageManifest:
+    manifest = read_manifest(path)
+    if manifest.stage != stage:
+        raise ManifestError(f"{path}: stage: {manifest.stage!r} but the file is where stage "
+                            f"{stage}'s manifest belongs")
+    return manifest
+
+
+def _check_user_checkpoint(stage: str, from_checkpoint: str | os.PathLike) -> str:
+    if STAGE_UPSTREAM[stage] is None:
+        raise ConfigError(f"from_checkpoint: stage {stage} has no upstream stage to replace; "
+                          f"it applies to {[s for s, up in STAGE_UPSTREAM.items() if up]}")
+    path = os.path.abspath(from_checkpoint)
+    if not os.path.exists(path):
+        raise CheckpointError(f"from_checkpoint: {path} does not exist")
+    return path
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in METHODS:
+        raise ConfigError(f"stage: {stage!r} is not one of {list(METHODS)}")

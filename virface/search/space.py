@@ -1,0 +1,670 @@
+"""Search spaces: one YAML file per stage, validated on load, turned into an Optuna search.
+
+A file names the metric, the searcher, the scheduler, the budget, the resources per trial, the
+``fixed`` TrainConfig fields every trial shares and the ``parameters`` Optuna samples::
+
+    metric: {name: synth_cfp_fp_acc, mode: max}
+    searcher: {type: tpe, seed: 0, n_startup_trials: 4}
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+    budget: {num_samples: 6, time_budget_s: null, max_concurrent_trials: 1}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+    fixed: {max_epoch: 3}
+    parameters:
+      KL: {type: float, low: 0.1, high: 10.0, log: true, default: 2.0}
+      optim_mode: {type: categorical, choices: [alternate, joint], default: alternate}
+      g_lr: {type: float, low: 1.0e-3, high: 0.3, log: true, default: 0.1,
+             when: {optim_mode: alternate}}
+
+Every mistake is reported before any trial starts, as a :class:`ConfigError` that reads
+``search_spaces/virface.yaml:12: parameters.KL.low: ...`` (file, line, key path, what is allowed).
+
+The search is define-by-run (:meth:`SearchSpace.define_by_run`) because that is the form of
+Ray's ``OptunaSearch`` in which conditional parameters work; the ``fixed`` fields are returned
+from it as constants, which Ray merges into each trial's config.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from virface.config import INHERITED_FIELDS, METHODS, TrainConfig, config_field_names
+from virface.errors import ConfigError
+
+PARAMETER_TYPES = ("float", "int", "categorical")
+SEARCHER_TYPES = ("tpe", "random")
+SCHEDULER_TYPES = ("asha", "none")
+METRIC_MODES = ("max", "min")
+
+_TOP_LEVEL_KEYS = ("metric", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
+_PARAMETER_KEYS = ("type", "low", "high", "log", "step", "choices", "default", "when")
+_RANGE_ONLY_KEYS = ("low", "high", "log", "step")
+# Fields a search space cannot set: the stage decides the method, and the runner sets the
+# per-trial paths (the upstream checkpoint goes in as pretrained_file).
+_RESERVED_FIELDS = {
+    "method": "set by the stage ({stage})",
+    "pretrained_file": "set by the search runner (the upstream checkpoint)",
+    "resume_file": "set by the search runner",
+    "snapshot_prefix": "set by the search runner (each trial has its own folder)",
+}
+
+# A key path such as ("parameters", "KL", "low") or ("parameters", "s", "choices", 2).
+_KeyPath = tuple
+
+
+# ----------------------------------------------------------------------------------------------
+# The parsed form
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    mode: str   # "max" | "min"
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    type: str = "tpe"              # "tpe" | "random"
+    seed: int | None = 0
+    n_startup_trials: int = 10     # TPE only: random trials before the model is used
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    type: str = "asha"             # "asha" | "none"
+    grace_period: int = 1          # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    num_samples: int = 10
+    time_budget_s: float | None = None
+    max_concurrent_trials: int | None = 1   # None: as many as the resources allow
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int = 1               # Ray Train workers per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One searched TrainConfig field.
+
+    ``when`` maps an earlier parameter's name to the values it must take for this one to be
+    sampled (all entries must hold); empty means always sampled.
+    """
+
+    name: str
+    type: str                                   # "float" | "int" | "categorical"
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] | None = None
+    default: Any = None
+    has_default: bool = False                   # a default of None is a real value (a choice)
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        """Whether this parameter is sampled, given the values sampled before it."""
+        return all(name in values and any(_same_value(values[name], v) for v in allowed)
+                   for name, allowed in self.when.items())
+
+    def suggest(self, trial: Any) -> Any:
+        """Ask an ``optuna.Trial`` (or Ray's wrapper around one) for this parameter's value."""
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1,
+                                     log=self.log)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take."""
+        if self.type == "categorical":
+            return any(_same_value(value, c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and not isinstance(value, int):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) < 1e-9
+        return True
+
+    def candidates(self) -> list[tuple[Any, _KeyPath]]:
+        """The extreme values of the range (or every choice), with the key that gave each."""
+        if self.type == "categorical":
+            return [(c, ("choices", i)) for i, c in enumerate(self.choices)]
+        return [(self.low, ("low",)), (self.high, ("high",))]
+
+
+@dataclass
+class SearchSpace:
+    """A validated search for one stage. ``fixed`` holds TrainConfig fields shared by all trials."""
+
+    path: str | None
+    stage: str
+    metric_name: str
+    metric_mode: str
+    searcher: SearcherSpec
+    scheduler: SchedulerSpec
+    budget: BudgetSpec
+    resources: ResourcesSpec
+    fixed: dict[str, Any]
+    parameters: list[ParameterSpec]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs one trial can run (ASHA's ``max_t``)."""
+        for p in self.parameters:
+            if p.name == "max_epoch":
+                return int(max(p.choices) if p.type == "categorical" else p.high)
+        return int(self.fixed.get("max_epoch", TrainConfig.max_epoch))
+
+    def define_by_run(self, trial: Any) -> dict[str, Any]:
+        """Optuna define-by-run function for ``OptunaSearch(space=space.define_by_run)``.
+
+        Suggests each parameter whose ``when`` holds, in file order, and returns the ``fixed``
+        fields, which Ray's OptunaSearch merges into the trial config as constants.
+        """
+        values: dict[str, Any] = {}
+        for p in self.parameters:
+            if p.applies(values):
+                values[p.name] = p.suggest(trial)
+        return copy.deepcopy(self.fixed)
+
+    def points_to_evaluate(self) -> list[dict[str, Any]]:
+        """``[defaults]``: the first trial runs the file's defaults, so the search starts from a
+        known-good configuration. Conditional parameters whose condition fails under the
+        defaults are left out. ``[]`` when a parameter that would be in the point has no default.
+        """
+        point: dict[str, Any] = {}
+        for p in self.parameters:
+            if not p.applies(point):
+                continue
+            if not p.has_default:
+                return []
+            point[p.name] = p.default
+        return [point] if point else []
+
+    def make_sampler(self):
+        """The Optuna sampler the file asks for, seeded. Pass it to ``OptunaSearch(sampler=...)``
+        and leave OptunaSearch's own ``seed`` unset (Ray ignores it next to a sampler)."""
+        import optuna  # deferred: reading and validating a file does not need Optuna
+
+        if self.searcher.type == "random":
+            return optuna.samplers.RandomSampler(seed=self.searcher.seed)
+        return optuna.samplers.TPESampler(seed=self.searcher.seed,
+                                          n_startup_trials=self.searcher.n_startup_trials)
+
+    def trial_config(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The TrainConfig fields of one trial: ``fixed`` overlaid with the sampled ``params``."""
+        return {**copy.deepcopy(self.fixed), **dict(params)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def default_space_path(stage: str) -> Path:
+    """Absolute path of the shipped ``search_spaces/<stage>.yaml`` (at the repository root)."""
+    if stage not in METHODS:
+        raise ConfigError(f"stage: {stage!r} is not one of {list(METHODS)}")
+    return Path(__file__).resolve().parents[2] / "search_spaces" / f"{stage}.yaml"
+
+
+def load_search_space(path: str | os.PathLike, stage: str) -> SearchSpace:
+    """Read and validate a search-space YAML file for ``stage`` (one of METHODS)."""
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: search space file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the search space file: {e}") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    ctx = _Context(where, _KeyLines(node))
+    space = _parse(data, ctx, stage)
+    space.path = os.path.abspath(where)
+    return space
+
+
+def parse_search_space(mapping: Any, where: str, stage: str) -> SearchSpace:
+    """Validate an already-loaded mapping; errors name ``where`` and the key path (no line)."""
+    return _parse(copy.deepcopy(mapping), _Context(where, _KeyLines(None)), stage)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` and ``5e3`` as floats (YAML 1.1 wants ``1.0e-3``),
+    since learning rates are written that way and a string there would be a confusing error."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+class _KeyLines:
+    """1-based line of every key path in a composed YAML document (nothing for plain dicts)."""
+
+    def __init__(self, node: yaml.Node | None):
+        self._lines: dict[_KeyPath, int] = {}
+        self.duplicate: tuple[_KeyPath, int] | None = None
+        if node is not None:
+            self._walk(node, (), node.start_mark.line + 1)
+
+    def _walk(self, node: yaml.Node, path: _KeyPath, line: int) -> None:
+        self._lines[path] = line
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+                key_line = key_node.start_mark.line + 1
+                if path + (key,) in self._lines and self.duplicate is None:
+                    self.duplicate = (path + (key,), key_line)
+                self._walk(value_node, path + (key,), key_line)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, path + (i,), item.start_mark.line + 1)
+
+    def line(self, path: _KeyPath) -> int | None:
+        """The line of ``path``, or of its nearest parent that exists (e.g. for missing keys)."""
+        path = tuple(path)
+        while path not in self._lines and path:
+            path = path[:-1]
+        return self._lines.get(path)
+
+
+class _Context:
+    def __init__(self, where: str, lines: _KeyLines):
+        self.where = where
+        self.lines = lines
+
+    def error(self, path: _KeyPath, message: str) -> ConfigError:
+        line = self.lines.line(path)
+        location = f"{self.where}:{line}" if line is not None else self.where
+        key = _format_path(path)
+        return ConfigError(f"{location}: {key}: {message}" if key else f"{location}: {message}")
+
+
+def _format_path(path: _KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
+    if stage not in METHODS:
+        raise ConfigError(f"{ctx.where}: stage {stage!r} is not one of {list(METHODS)}")
+    if ctx.lines.duplicate is not None:
+        path, _ = ctx.lines.duplicate
+        raise ctx.error(path, "duplicate key; each key may appear once")
+    if data is None:
+        raise ctx.error((), f"the search space is empty; expected a mapping with keys "
+                            f"{list(_TOP_LEVEL_KEYS)} (metric is required)")
+    if not isinstance(data, Mapping):
+        raise ctx.error((), f"expected a mapping with keys {list(_TOP_LEVEL_KEYS)}, "
+                            f"got {type(data).__name__}")
+    _check_keys(ctx, (), data, _TOP_LEVEL_KEYS)
+    if "metric" not in data:
+        raise ctx.error((), "missing key 'metric' ({name: ..., mode: max|min})")
+
+    metric = _parse_metric(ctx, data["metric"])
+    searcher = _parse_searcher(ctx, data.get("searcher"))
+    scheduler = _parse_scheduler(ctx, data.get("scheduler"))
+    budget = _parse_budget(ctx, data.get("budget"))
+    resources = _parse_resources(ctx, data.get("resources"))
+    fixed = _parse_fixed(ctx, data.get("fixed"), stage)
+    parameters = _parse_parameters(ctx, data.get("parameters"), stage, fixed)
+
+    space = SearchSpace(path=None, stage=stage, metric_name=metric.name, metric_mode=metric.mode,
+                        searcher=searcher, scheduler=scheduler, budget=budget,
+                        resources=resources, fixed=fixed, parameters=parameters)
+    _check_train_configs(ctx, space)
+    if scheduler.type == "asha" and scheduler.grace_period > space.max_epochs:
+        raise ctx.error(("scheduler", "grace_period"),
+                        f"{scheduler.grace_period} is more than the {space.max_epochs} epoch(s) "
+                        "a trial runs (max_epoch); it must be <= max_epoch")
+    return space
+
+
+def _check_keys(ctx: _Context, path: _KeyPath, mapping: Mapping, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ctx.error(path + (key,), f"unknown key{did_you_mean}; allowed keys: "
+                                           f"{list(allowed)}")
+
+
+def _section(ctx: _Context, key: str, value: Any, allowed: tuple[str, ...]) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ctx.error((key,), f"expected a mapping with keys {list(allowed)}, "
+                                f"got {type(value).__name__} {value!r}")
+    _check_keys(ctx, (key,), value, allowed)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(ctx: _Context, path: _KeyPath, value: Any, minimum: int, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < minimum:
+        raise ctx.error(path, f"{value!r} must be an integer >= {minimum}"
+                              + (" or null" if allow_none else ""))
+    return value
+
+
+def _number(ctx: _Context, path: _KeyPath, value: Any, minimum: float, strict: bool,
+            allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not _is_number(value) or value < minimum or (strict and value == minimum):
+        raise ctx.error(path, f"{value!r} must be a number {'>' if strict else '>='} {minimum}"
+                              + (" or null" if allow_none else ""))
+    return float(value)
+
+
+def _choice(ctx: _Context, path: _KeyPath, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ctx.error(path, f"{value!r} is not one of {list(allowed)}")
+    return value
+
+
+def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:
+    if not isinstance(value, Mapping):
+        raise ctx.error(("metric",), f"expected a mapping {{name: ..., mode: max|min}}, got {value!r}")
+    section = _section(ctx, "metric", value, ("name", "mode"))
+    for key in ("name", "mode"):
+        if key not in section:
+            raise ctx.error(("metric",), f"missing key {key!r}")
+    name = section["name"]
+    if not isinstance(name, str) or not name:
+        raise ctx.error(("metric", "name"), f"{name!r} must be a non-empty metric name")
+    return MetricSpec(name, _choice(ctx, ("metric", "mode"), section["mode"], METRIC_MODES))
+
+
+def _parse_searcher(ctx: _Context, value: Any) -> SearcherSpec:
+    s = _section(ctx, "searcher", value, ("type", "seed", "n_startup_trials"))
+    d = SearcherSpec()
+    return SearcherSpec(
+        type=_choice(ctx, ("searcher", "type"), s.get("type", d.type), SEARCHER_TYPES),
+        seed=_int(ctx, ("searcher", "seed"), s.get("seed", d.seed), 0, allow_none=True),
+        n_startup_trials=_int(ctx, ("searcher", "n_startup_trials"),
+                              s.get("n_startup_trials", d.n_startup_trials), 0))
+
+
+def _parse_scheduler(ctx: _Context, value: Any) -> SchedulerSpec:
+    s = _section(ctx, "scheduler", value, ("type", "grace_period", "reduction_factor"))
+    d = SchedulerSpec()
+    return SchedulerSpec(
+        type=_choice(ctx, ("scheduler", "type"), s.get("type", d.type), SCHEDULER_TYPES),
+        grace_period=_int(ctx, ("scheduler", "grace_period"),
+                          s.get("grace_period", d.grace_period), 1),
+        reduction_factor=_number(ctx, ("scheduler", "reduction_factor"),
+                                 s.get("reduction_factor", d.reduction_factor), 1.0, strict=True))
+
+
+def _parse_budget(ctx: _Context, value: Any) -> BudgetSpec:
+    s = _section(ctx, "budget", value, ("num_samples", "time_budget_s", "max_concurrent_trials"))
+    d = BudgetSpec()
+    return BudgetSpec(
+        num_samples=_int(ctx, ("budget", "num_samples"), s.get("num_samples", d.num_samples), 1),
+        time_budget_s=_number(ctx, ("budget", "time_budget_s"),
+                              s.get("time_budget_s", d.time_budget_s), 0.0, strict=True,
+                              allow_none=True),
+        max_concurrent_trials=_int(ctx, ("budget", "max_concurrent_trials"),
+                                   s.get("max_concurrent_trials", d.max_concurrent_trials), 1,
+                                   allow_none=True))
+
+
+def _parse_resources(ctx: _Context, value: Any) -> ResourcesSpec:
+    s = _section(ctx, "resources", value, ("workers", "cpus_per_worker", "gpus_per_worker"))
+    d = ResourcesSpec()
+    return ResourcesSpec(
+        workers=_int(ctx, ("resources", "workers"), s.get("workers", d.workers), 1),
+        cpus_per_worker=_number(ctx, ("resources", "cpus_per_worker"),
+                                s.get("cpus_per_worker", d.cpus_per_worker), 0.0, strict=True),
+        gpus_per_worker=_number(ctx, ("resources", "gpus_per_worker"),
+                                s.get("gpus_per_worker", d.gpus_per_worker), 0.0, strict=False))
+
+
+def _check_field_name(ctx: _Context, path: _KeyPath, name: Any, stage: str, verb: str) -> None:
+    fields = config_field_names()
+    if not isinstance(name, str) or name not in fields:
+        close = difflib.get_close_matches(str(name), fields, n=3)
+        hint = f"; close matches: {close}" if close else f"; TrainConfig fields: {fields}"
+        raise ctx.error(path, f"{name!r} is not a TrainConfig field{hint}")
+    if name in _RESERVED_FIELDS:
+        reason = _RESERVED_FIELDS[name].format(stage=stage)
+        raise ctx.error(path, f"{name!r} is {reason}; it cannot be {verb}")
+    if stage != "pretrain" and name in INHERITED_FIELDS:
+        raise ctx.error(path, f"{name!r} is inherited from the upstream checkpoint; it cannot be "
+                              f"{verb} in stage {stage} (inherited fields: {list(INHERITED_FIELDS)})")
+
+
+def _parse_fixed(ctx: _Context, value: Any, stage: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ctx.error(("fixed",), f"expected a mapping of TrainConfig field -> value, "
+                                    f"got {type(value).__name__}")
+    for name in value:
+        _check_field_name(ctx, ("fixed", name), name, stage, "fixed")
+    return dict(value)
+
+
+def _parse_parameters(ctx: _Context, value: Any, stage: str,
+                      fixed: Mapping[str, Any]) -> list[ParameterSpec]:
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        raise ctx.error(("parameters",), f"expected a mapping of TrainConfig field -> "
+                                         f"{{type: {'|'.join(PARAMETER_TYPES)}, ...}}, "
+                                         f"got {type(value).__name__}")
+    parsed: list[ParameterSpec] = []
+    for name, spec in value.items():
+        path = ("parameters", name)
+        _check_field_name(ctx, path, name, stage, "searched")
+        if name in fixed:
+            raise ctx.error(path, f"{name!r} is both fixed and searched; keep it in one of "
+                                  "'fixed' or 'parameters'")
+        parsed.append(_parse_parameter(ctx, path, name, spec, parsed, list(value)))
+    return parsed
+
+
+def _parse_parameter(ctx: _Context, path: _KeyPath, name: str, spec: Any,
+                     earlier: list[ParameterSpec], all_names: list[str]) -> ParameterSpec:
+    if not isinstance(spec, Mapping):
+        raise ctx.error(path, f"expected a mapping {{type: {'|'.join(PARAMETER_TYPES)}, ...}}, "
+                              f"got {spec!r}")
+    _check_keys(ctx, path, spec, _PARAMETER_KEYS)
+    if "type" not in spec:
+        raise ctx.error(path, f"missing key 'type' (one of {list(PARAMETER_TYPES)})")
+    kind = _choice(ctx, path + ("type",), spec["type"], PARAMETER_TYPES)
+    if kind == "categorical":
+        p = _parse_categorical(ctx, path, name, spec)
+    else:
+        p = _parse_range(ctx, path, name, kind, spec)
+    when = _parse_when(ctx, path, spec.get("when"), name, earlier, all_names)
+    if "default" in spec:
+        default = spec["default"]
+        if kind == "float" and _is_number(default):
+            default = float(default)
+        p = dataclasses.replace(p, default=default, has_default=True)
+        if not p.contains(default):
+            raise ctx.error(path + ("default",), f"{default!r} is not a value of {name}: "
+                                                 f"{_describe(p)}")
+    return dataclasses.replace(p, when=when)
+
+
+def _parse_categorical(ctx: _Context, path: _KeyPath, name: str, spec: Mapping) -> ParameterSpec:
+    for key in _RANGE_ONLY_KEYS:
+        if key in spec:
+            raise ctx.error(path + (key,), f"not allowed for a categorical parameter "
+                                           "(it takes 'choices')")
+    if "choices" not in spec:
+        raise ctx.error(path, "missing key 'choices' (a list of at least two values)")
+    choices = spec["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise ctx.error(path + ("choices",), f"{choices!r} must be a list of at least two "
+                                             "values (put a single value in 'fixed')")
+    for i, c in enumerate(choices):
+        if not (c is None or isinstance(c, (str, bool)) or _is_number(c)):
+            raise ctx.error(path + ("choices", i), f"{c!r} is not allowed; choices must be "
+                                                   "strings, numbers, booleans or null")
+        if any(_same_value(c, other) for other in choices[:i]):
+            raise ctx.error(path + ("choices", i), f"{c!r} is listed twice")
+    return ParameterSpec(name=name, type="categorical", choices=tuple(choices))
+
+
+def _parse_range(ctx: _Context, path: _KeyPath, name: str, kind: str,
+                 spec: Mapping) -> ParameterSpec:
+    if "choices" in spec:
+        raise ctx.error(path + ("choices",), f"not allowed for a {kind} parameter (it takes "
+                                             "low/high; use type: categorical for choices)")
+    for key in ("low", "high"):
+        if key not in spec:
+            raise ctx.error(path, f"missing key {key!r} (a {kind} parameter needs low and high)")
+    check = _is_int if kind == "int" else _is_number
+    what = "an integer" if kind == "int" else "a finite number"
+    values = {}
+    for key in ("low", "high", "step"):
+        if key in spec:
+            if not check(spec[key]):
+                raise ctx.error(path + (key,), f"{spec[key]!r} must be {what}")
+            values[key] = float(spec[key]) if kind == "float" else spec[key]
+    low, high, step = values["low"], values["high"], values.get("step")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ctx.error(path + ("log",), f"{log!r} must be true or false")
+    if low >= high:
+        raise ctx.error(path + ("low",), f"{low!r} must be less than high ({high!r})")
+    if step is not None and step <= 0:
+        raise ctx.error(path + ("step",), f"{step!r} must be > 0")
+    if log and step is not None:
+        raise ctx.error(path + ("step",), "log and step are exclusive; drop one of them")
+    if log and low <= 0:
+        raise ctx.error(path + ("low",), f"{low!r} must be > 0 when log is true")
+    return ParameterSpec(name=name, type=kind, low=low, high=high, log=log, step=step)
+
+
+def _parse_when(ctx: _Context, path: _KeyPath, when: Any, name: str,
+                earlier: list[ParameterSpec], all_names: list[str]) -> dict[str, tuple[Any, ...]]:
+    if when is None:
+        return {}
+    path = path + ("when",)
+    if not isinstance(when, Mapping) or not when:
+        raise ctx.error(path, f"{when!r} must be a mapping of earlier parameter -> value "
+                              "or list of values")
+    by_name = {p.name: p for p in earlier}
+    parsed = {}
+    for ref, allowed in when.items():
+        if ref not in by_name:
+            if ref == name:
+                reason = "a parameter cannot depend on itself"
+            else:
+                reason = ("it is defined later; a condition may only use parameters listed "
+                          "before it (so conditions cannot form cycles)"
+                          if ref in all_names else "it is not a searched parameter")
+            raise ctx.error(path + (ref,), f"refers to {ref!r}, but {reason}; parameters "
+                                           f"before {name!r}: {list(by_name)}")
+        values = allowed if isinstance(allowed, list) else [allowed]
+        if not values:
+            raise ctx.error(path + (ref,), "an empty list never holds; give at least one value")
+        for v in values:
+            if not by_name[ref].contains(v):
+                raise ctx.error(path + (ref,), f"{v!r} is not a value of {ref}: "
+                                               f"{_describe(by_name[ref])}")
+        parsed[ref] = tuple(values)
+    return parsed
+
+
+def _describe(p: ParameterSpec) -> str:
+    if p.type == "categorical":
+        return f"one of {list(p.choices)}"
+    extra = f", step {p.step}" if p.step is not None else (", log scale" if p.log else "")
+    return f"{p.type} in [{p.low}, {p.high}]{extra}"
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality that keeps true apart from 1 (YAML readers rarely mean them as one value)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _check_train_configs(ctx: _Context, space: SearchSpace) -> None:
+    """Build a TrainConfig from fixed + defaults, then once per range end or choice, so a value
+    the trainer would reject fails here rather than in the middle of a search."""
+    defaults = {p.name: p.default for p in space.parameters if p.has_default}
+    base = {"method": space.stage, **space.fixed, **defaults}
+    try:
+        TrainConfig.from_dict(base)
+    except ConfigError as e:
+        raise ctx.error(_blame(str(e), space), f"fixed values and defaults do not make a valid "
+                                               f"TrainConfig: {e}") from None
+    for p in space.parameters:
+        for value, key in p.candidates():
+            try:
+                TrainConfig.from_dict({**base, p.name: value})
+            except ConfigError as e:
+                raise ctx.error(("parameters", p.name) + key,
+                                f"{value!r} is not a valid {p.name}: {e}") from None
+
+
+def _blame(message: str, space: SearchSpace) -> _KeyPath:
+    """The key a TrainConfig error (``"m: 4 is outside ..."``) points at, for its line."""
+    name = message.split(":", 1)[0].strip()
+    if name in space.fixed:
+        return ("fixed", name)
+    if name in space.parameter_names:
+        return ("parameters", name, "default")
+    return ("fixed",) if space.fixed else ()
