@@ -1,0 +1,153 @@
+"""From a TrainConfig to the data a stage needs: sources, pair sets, and the batch loader."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from virface.config import TrainConfig
+from virface.data.sampler import LabeledUnlabeledBatchSampler
+from virface.data.sources import ImageSource, open_image_source
+from virface.errors import ConfigError, CorruptImageError, DataError
+from virface.evaluation.pairs import PairSet
+
+DEFAULT_REAL_INPUT_SIZE = 112
+
+
+@dataclass
+class StageData:
+    """What a stage reads. ``unlabeled`` is None for pretrain and generator."""
+
+    labeled: ImageSource
+    unlabeled: ImageSource | None
+    pair_sets: dict[str, PairSet] = field(default_factory=dict)
+    input_size: int = DEFAULT_REAL_INPUT_SIZE
+
+
+def synthetic_cache_dir() -> str:
+    return os.environ.get("VIRFACE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "virface"))
+
+
+def build_stage_data(config: TrainConfig) -> StageData:
+    """Open the labeled, unlabeled and verification data ``config`` names.
+
+    No data options: the built-in synthetic faces (cached on disk, see ``VIRFACE_CACHE_DIR``).
+    """
+    from virface.evaluation.verification import open_pair_set
+
+    pair_sets: dict[str, PairSet] = {}
+    if config.uses_synthetic:
+        from virface.data.synthetic import SyntheticSpec, load_synthetic
+
+        spec = SyntheticSpec(**config.synthetic)
+        faces = load_synthetic(spec, cache_dir=synthetic_cache_dir())
+        input_size = config.input_size or spec.image_size
+        labeled, unlabeled = faces.labeled, faces.unlabeled
+        pair_sets.update(faces.pair_sets)
+    else:
+        input_size = config.input_size or DEFAULT_REAL_INPUT_SIZE
+        labeled = open_image_source(config.labeled, config.labeled_root)
+        unlabeled = (open_image_source(config.unlabeled, config.unlabeled_root)
+                     if config.unlabeled else None)
+    for name, path in config.val.items():
+        pair_sets[name] = open_pair_set(name, path, image_size=input_size)
+    for name, ps in pair_sets.items():
+        if ps.images.shape[-1] != input_size:
+            pair_sets[name] = PairSet(name, TF.resize(ps.images, [input_size, input_size], antialias=True),
+                                      ps.issame)
+    if not config.uses_unlabeled:
+        unlabeled = None
+    elif unlabeled is None or len(unlabeled) == 0:
+        raise DataError(f"method {config.method} needs unlabeled data, but "
+                        f"{'--unlabeled was not given' if unlabeled is None else unlabeled.name + ' is empty'}")
+    if config.num_ids is not None and config.num_ids != labeled.num_classes:
+        raise ConfigError(f"num_ids: {config.num_ids} was given, but the labeled data "
+                          f"{labeled.name} has {labeled.num_classes} identities")
+    return StageData(labeled, unlabeled, pair_sets, input_size)
+
+
+class LabeledUnlabeledDataset(Dataset):
+    """Index i < len(labeled) reads labeled image i; larger indices read the unlabeled set.
+
+    Items are (uint8 (3, S, S) image, label or -1, number of corrupt images skipped to get it).
+    A corrupt image is replaced by the next readable one of the same source and counted, so a
+    batch keeps its composition; ``strict`` raises instead.
+    """
+
+    def __init__(self, labeled: ImageSource, unlabeled: ImageSource | None, input_size: int,
+                 strict: bool = False):
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.input_size, self.strict = input_size, strict
+
+    def __len__(self) -> int:
+        return len(self.labeled) + (len(self.unlabeled) if self.unlabeled is not None else 0)
+
+    def _read(self, source: ImageSource, index: int) -> tuple[torch.Tensor, int]:
+        for skipped in range(len(source)):
+            j = (index + skipped) % len(source)
+            try:
+                image = source.read(j)
+            except CorruptImageError:
+                if self.strict:
+                    raise
+                continue
+            if image.shape[-1] != self.input_size or image.shape[-2] != self.input_size:
+                image = TF.resize(image, [self.input_size, self.input_size], antialias=True)
+            return image, skipped
+        raise DataError(f"{source.name}: no image could be decoded")
+
+    def __getitem__(self, index: int):
+        n_l = len(self.labeled)
+        if index < n_l:
+            image, skipped = self._read(self.labeled, index)
+            return image, int(self.labeled.labels[index]), skipped
+        image, skipped = self._read(self.unlabeled, index - n_l)
+        return image, -1, skipped
+
+    def __getitems__(self, indices):
+        # The sampler puts labeled indices first, then unlabeled ones; in-memory sources of the
+        # right size are sliced with one fancy-index instead of a Python loop per image.
+        n_l = len(self.labeled)
+        items = []
+        for source, idx, is_labeled in ((self.labeled, [i for i in indices if i < n_l], True),
+                                        (self.unlabeled, [i - n_l for i in indices if i >= n_l], False)):
+            if not idx:
+                continue
+            images = getattr(source, "images", None)
+            if images is None or images.shape[1] != self.input_size or images.shape[2] != self.input_size:
+                items += [self[i + (0 if is_labeled else n_l)] for i in idx]
+                continue
+            batch = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
+            labels = source.labels[idx] if is_labeled else [-1] * len(idx)
+            items += [(batch[k], int(labels[k]), 0) for k in range(len(idx))]
+        return items
+
+
+def collate_batch(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    skipped = sum(it[2] for it in items)
+    return images, labels, skipped
+
+
+def make_train_loader(data: StageData, config: TrainConfig, rank: int = 0, world_size: int = 1,
+                      with_unlabeled: bool | None = None) -> tuple[DataLoader, LabeledUnlabeledBatchSampler]:
+    """The stage's loader; its batches are (uint8 (b, 3, S, S), labels (b,) with -1 for
+    unlabeled rows, corrupt images skipped). Per rank: label_batch_size / world_size labeled
+    rows first, then unlabel_batch_size / world_size unlabeled rows."""
+    with_unlabeled = data.unlabeled is not None if with_unlabeled is None else with_unlabeled
+    unlabeled = data.unlabeled if with_unlabeled else None
+    dataset = LabeledUnlabeledDataset(data.labeled, unlabeled, data.input_size, config.strict_data)
+    sampler = LabeledUnlabeledBatchSampler(
+        len(data.labeled), len(unlabeled) if unlabeled is not None else 0,
+        config.label_batch_size, config.unlabel_batch_size if unlabeled is not None else 0,
+        rank=rank, world_size=world_size, seed=config.seed, steps_per_epoch=config.steps_per_epoch)
+    # Decoding files is worth worker processes; slicing an in-memory array is not.
+    in_memory = hasattr(data.labeled, "images") and (unlabeled is None or hasattr(unlabeled, "images"))
+    workers = 0 if in_memory else config.loader_workers
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batch,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return loader, sampler
