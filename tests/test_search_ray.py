@@ -1,0 +1,147 @@
+"""The Ray platform end to end: chained stage searches, failures, resume after a kill.
+
+One local Ray per module, started with explicit resources and the dashboard on 127.0.0.1 (Tune
+needs it to clean up stopped trials), and shut down at the end.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from virface.checkpoint import load_checkpoint
+from virface.search.manifest import read_manifest
+from virface.search.runner import SearchOptions, run_search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def write_space(tmp_path, stage, **changes):
+    """The shipped search space of ``stage`` with some sections replaced."""
+    with open(os.path.join(REPO, "search_spaces", f"{stage}.yaml")) as f:
+        space = yaml.safe_load(f)
+    space.update(changes)
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+def tb_scalars_and_hparams(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), acc.PluginTagToContent("hparams")
+
+
+def test_smoke_chain_pretrain_generator_virface(ray_cluster, tmp_path):
+    # virface trials run as 2 DDP ranks (gloo) under Ray Train; the others in-process.
+    space = write_space(tmp_path, "virface",
+                        resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0})
+    storage = tmp_path / "exp"
+    outcomes = run_search(SearchOptions(stage="virface", storage=str(storage), budget="smoke",
+                                        space=space, verbose=False))
+    assert [o.stage for o in outcomes] == ["pretrain", "generator", "virface"]
+    assert all(o.manifest is not None for o in outcomes), [o.error for o in outcomes]
+
+    pre, gen, vf = (read_manifest(storage / "default" / s / "best.json")
+                    for s in ("pretrain", "generator", "virface"))
+    assert gen.upstream == pre.checkpoint and vf.upstream == gen.checkpoint
+    # The generator stage freezes the backbone: its weights are exactly pretrain's best epoch.
+    pre_state, gen_state = load_checkpoint(pre.checkpoint), load_checkpoint(gen.checkpoint)
+    for key, value in pre_state["backbone"].items():
+        assert torch.equal(value, gen_state["backbone"][key])
+    vf_state = load_checkpoint(vf.checkpoint)
+    assert vf_state["config"]["pretrained_file"] == gen.checkpoint
+    assert vf_state["model"] == pre_state["model"]               # inherited, not searched
+    assert vf.metric_name == "synth_cfp_fp_acc" and 0.0 <= vf.metric_value <= 1.0
+
+    runs = glob.glob(str(storage / "default" / "*" / "tb" / "*"))
+    assert {os.path.basename(os.path.dirname(os.path.dirname(r))) for r in runs} == {"pretrain", "generator", "virface"}
+    vf_run = [r for r in runs if "/virface/" in r][0]
+    scalars, hparams = tb_scalars_and_hparams(vf_run)
+    assert {"loss/loss", "loss/loss_vc", "loss/loss_vi", "val/synth_cfp_fp_acc", "train/lr",
+            "train/samples_per_s"} <= scalars
+    assert hparams, "the trial's HParams entry is missing"
+    assert os.path.exists(storage / "default" / "virface" / "optuna.journal")
+
+
+def test_failing_trial_is_reported_and_the_search_goes_on(ray_cluster, tmp_path):
+    # The second trial's lr blows the weights up: a NaN loss, so that trial errors.
+    space = write_space(tmp_path, "pretrain", searcher={"type": "random", "seed": 0},
+                        scheduler={"type": "none"},
+                        budget={"num_samples": 2, "max_concurrent_trials": 1},
+                        parameters={"lr": {"type": "categorical", "choices": [0.05, 1.0e30], "default": 0.05}})
+    outcomes = run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
+                                        space=space, num_samples=2, max_failures=0, verbose=False))
+    rows = outcomes[0].rows
+    errored = [r for r in rows if r.status.startswith("ERROR")]
+    # Trial 1 runs the default (0.05); the seeded random sampler gives trial 2 the exploding lr.
+    assert [r.params["lr"] for r in rows] == [0.05, 1.0e30] and len(errored) == 1
+    assert any("NonFiniteLossError" in r.status or "loss is" in r.status for r in errored), errored
+    assert outcomes[0].manifest is not None and outcomes[0].manifest.config["lr"] == 0.05
+
+
+def test_stage_whose_every_trial_fails_writes_no_manifest(ray_cluster, tmp_path):
+    space = write_space(tmp_path, "pretrain", scheduler={"type": "none"},
+                        parameters={"lr": {"type": "categorical", "choices": [1.0e30, 2.0e30], "default": 1.0e30}})
+    storage = tmp_path / "exp"
+    outcomes = run_search(SearchOptions(stage="pretrain", storage=str(storage), budget="smoke",
+                                        space=space, max_failures=0, verbose=False))
+    assert outcomes[0].manifest is None and "every trial of stage pretrain failed" in outcomes[0].error
+    assert not (storage / "default" / "pretrain" / "best.json").exists()
+
+
+def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
+    space = write_space(tmp_path, "pretrain", scheduler={"type": "none"},
+                        budget={"num_samples": 2, "max_concurrent_trials": 1},
+                        fixed={"arch": "mobilefacenet_s", "max_epoch": 3, "steps_per_epoch": 3})
+    storage = tmp_path / "exp"
+    cmd = [sys.executable, os.path.join(REPO, "tune", "run_search.py"), "--stage", "pretrain",
+           "--space", space, "--storage", str(storage), "--address", ray_cluster,
+           "--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=6",
+           "--synthetic", "n_unlabeled_ids=40", "--synthetic", "n_val_ids=16", "--synthetic", "val_pairs=100"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    first_epoch_seen = False
+    deadline = time.time() + 240
+    for line in driver.stdout:                       # wait until a trial finished epoch 2
+        if "epoch 2:" in line:
+            first_epoch_seen = True
+            break
+        assert time.time() < deadline, "no trial reached epoch 2 in time"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert first_epoch_seen
+    assert not (storage / "default" / "pretrain" / "best.json").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    manifest = read_manifest(storage / "default" / "pretrain" / "best.json")
+    assert manifest.config["max_epoch"] == 3
+    # The interrupted trial continued from its checkpoint: epochs start past 1 after the restore.
+    epochs = []
+    for progress in glob.glob(str(storage / "default" / "search_pretrain" / "*" / "result.json")):
+        with open(progress) as f:
+            epochs.append([json.loads(x)["epoch"] for x in f if x.strip()])
+    assert len(epochs) == 2 and all(max(e) == 3 for e in epochs), epochs
+    # No trial started over: the interrupted one continued from its last checkpoint.
+    assert all(e.count(1) == 1 for e in epochs), epochs

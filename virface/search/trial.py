@@ -1,0 +1,197 @@
+"""One Tune trial = one stage trained with one sampled config.
+
+- ``workers == 1``: the stage loop runs in the trial's own process (no Train worker group to
+  start, so a small trial costs little), and reports through ``ray.tune.report``.
+- ``workers > 1``: the trial is a zero-CPU driver that starts a Ray Train ``TorchTrainer``
+  (DDP; gloo on CPU, nccl on GPU) running the same loop on every rank; rank 0 reports the
+  checkpoint, ``TuneReportCallback`` forwards its metrics to Tune.
+
+Either way the loop is ``virface.stages.run_stage``, unchanged.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrialSetup:
+    """What every trial of a stage shares (the sampled parameters come separately)."""
+
+    stage: str
+    base_config: dict[str, Any]          # TrainConfig fields: data options, fixed values
+    upstream_checkpoint: str | None      # best-epoch checkpoint of the upstream stage
+    tb_root: str                         # <experiment>/<stage>/tb: one run folder per trial
+    train_storage: str                   # where Ray Train runs keep their checkpoints
+    metric: str
+    mode: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    worker_max_failures: int = 1
+    hparam_names: list[str] = field(default_factory=list)
+
+
+def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, Any]:
+    values = {**setup.base_config, **params, "method": setup.stage,
+              "pretrained_file": setup.upstream_checkpoint, "resume_file": None,
+              "snapshot_prefix": None, "tensorboard": True}
+    if setup.gpus_per_worker == 0:
+        values["device"] = "cpu"
+    return values
+
+
+def trial_resources(setup: TrialSetup) -> dict[str, float]:
+    """Resources Tune reserves for the trial's own process.
+
+    A one-worker trial trains in that process, so it holds the worker's CPU/GPU. A multi-worker
+    trial only drives the Train workers; it must not hold the CPU they need (on 2 cores that
+    deadlocks: notes/RAY.md), and Ray rejects an all-zero request, hence the token memory.
+    """
+    if setup.workers == 1:
+        res = {"cpu": setup.cpus_per_worker}
+        if setup.gpus_per_worker:
+            res["gpu"] = setup.gpus_per_worker
+        return res
+    return {"cpu": 0, "memory": 1}
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    train_config = trial_train_config(setup, params)
+    tb_dir = os.path.join(setup.tb_root, f"{setup.stage}_{trial_id}")
+    write_trial_hparams(tb_dir, params, setup)
+    if setup.workers == 1:
+        _run_in_process(train_config, tb_dir)
+    else:
+        _run_with_train_workers(train_config, tb_dir, setup, trial_id)
+
+
+def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
+    from ray import tune
+
+    from virface.config import TrainConfig
+    from virface.stages import run_stage
+
+    checkpoint = tune.get_checkpoint()
+    work = tempfile.mkdtemp(prefix="virface-trial-")
+    try:
+        if checkpoint is not None:
+            # Tune restored this trial: continue from its last reported epoch.
+            with checkpoint.as_directory() as d:
+                shutil.copyfile(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
+            train_config = {**train_config, "resume_file": os.path.join(work, "resume.pt"),
+                            "pretrained_file": None}
+        config = TrainConfig.from_dict(train_config)
+
+        def report(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
+            with tempfile.TemporaryDirectory(dir=work) as d:
+                shutil.copyfile(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+        run_stage(config, os.path.join(work, "run"), on_epoch_end=report, tb_dir=tb_dir,
+                  keep_epoch_checkpoints=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from virface.config import TrainConfig
+    from virface.distributed import DistributedContext
+    from virface.stages import run_stage
+
+    context = ray.train.get_context()
+    ctx = DistributedContext(ray.train.torch.get_device(), context.get_world_rank(),
+                             context.get_world_size())
+    train_config = dict(loop_config["train"])
+    work = tempfile.mkdtemp(prefix=f"virface-rank{ctx.rank}-")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            shutil.copyfile(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
+        train_config.update(resume_file=os.path.join(work, "resume.pt"), pretrained_file=None)
+    config = TrainConfig.from_dict(train_config)
+
+    def report(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
+        name = f"checkpoint_epoch={metrics['epoch']:03d}"
+        if checkpoint_path is None:           # every rank must call report; rank 0 brings the file
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory(dir=work) as d:
+            shutil.copyfile(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=name)
+
+    try:
+        run_stage(config, os.path.join(work, "run"), ctx=ctx, on_epoch_end=report,
+                  tb_dir=loop_config["tb_dir"] if ctx.is_main else None, keep_epoch_checkpoints=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_with_train_workers(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup,
+                            trial_id: str) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = setup.gpus_per_worker > 0
+    per_worker = {"CPU": setup.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = setup.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker_loop,
+        train_loop_config={"train": train_config, "tb_dir": tb_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            # Deterministic name: a restored Tune trial finds its Train run and checkpoints again.
+            name=f"train_{setup.stage}_{trial_id}",
+            storage_path=setup.train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=setup.metric,
+                checkpoint_score_order=setup.mode),
+            # A dead worker restarts the group from the last checkpoint; a group that cannot
+            # start (too few resources) fails instead of retrying forever.
+            failure_config=ray.train.FailureConfig(max_failures=setup.worker_max_failures,
+                                                   controller_failure_limit=0),
+        ),
+    )
+    trainer.fit()
+
+
+def write_trial_hparams(tb_dir: str, params: dict[str, Any], setup: TrialSetup) -> None:
+    """Write the trial's HParams entry at its start, listing the metric tags.
+
+    TensorBoard's HParams table reads each metric's latest scalar from the run, so trials that
+    ASHA stops early (and that never reach a trial-end hook) still show their last values.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {}
+    for name in setup.hparam_names:
+        value = params.get(name)
+        values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    from virface.stages import tensorboard_tag
+
+    metric_tags = {tensorboard_tag(setup.metric): 0.0, tensorboard_tag("loss"): 0.0}
+    exp, ssi, _ = hparams(values, metric_tags)
+    writer = SummaryWriter(tb_dir)
+    for summary in (exp, ssi):
+        writer.file_writer.add_summary(summary)
+    writer.close()
