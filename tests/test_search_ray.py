@@ -40,7 +40,7 @@ def write_space(tmp_path, stage, **changes):
         space = yaml.safe_load(f)
     space.update(changes)
     path = tmp_path / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
     return str(path)
 
 
@@ -85,24 +85,24 @@ def test_smoke_chain_pretrain_generator_virface(ray_cluster, tmp_path):
 
 
 def test_failing_trial_is_reported_and_the_search_goes_on(ray_cluster, tmp_path):
-    # The second trial's lr blows the weights up: a NaN loss, so that trial errors.
+    # The second trial's scale s overflows float32: infinite logits, a NaN loss, so that trial errors.
     space = write_space(tmp_path, "pretrain", searcher={"type": "random", "seed": 0},
                         scheduler={"type": "none"},
                         budget={"num_samples": 2, "max_concurrent_trials": 1},
-                        parameters={"lr": {"type": "categorical", "choices": [0.05, 1.0e30], "default": 0.05}})
+                        parameters={"s": {"type": "categorical", "choices": [32.0, 1.0e39], "default": 32.0}})
     outcomes = run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
                                         space=space, num_samples=2, max_failures=0, verbose=False))
     rows = outcomes[0].rows
     errored = [r for r in rows if r.status.startswith("ERROR")]
-    # Trial 1 runs the default (0.05); the seeded random sampler gives trial 2 the exploding lr.
-    assert [r.params["lr"] for r in rows] == [0.05, 1.0e30] and len(errored) == 1
+    # Trial 1 runs the default (32); the seeded random sampler gives trial 2 the overflowing s.
+    assert [r.params["s"] for r in rows] == [32.0, 1.0e39] and len(errored) == 1
     assert any("NonFiniteLossError" in r.status or "loss is" in r.status for r in errored), errored
-    assert outcomes[0].manifest is not None and outcomes[0].manifest.config["lr"] == 0.05
+    assert outcomes[0].manifest is not None and outcomes[0].manifest.config["s"] == 32.0
 
 
 def test_stage_whose_every_trial_fails_writes_no_manifest(ray_cluster, tmp_path):
     space = write_space(tmp_path, "pretrain", scheduler={"type": "none"},
-                        parameters={"lr": {"type": "categorical", "choices": [1.0e30, 2.0e30], "default": 1.0e30}})
+                        parameters={"s": {"type": "categorical", "choices": [1.0e39, 2.0e39], "default": 1.0e39}})
     storage = tmp_path / "exp"
     outcomes = run_search(SearchOptions(stage="pretrain", storage=str(storage), budget="smoke",
                                         space=space, max_failures=0, verbose=False))

@@ -140,33 +140,30 @@ def init_ray(options: SearchOptions) -> bool:
     return True
 
 
-class TrialProgress:
-    """A readable line per trial result, error and end (Tune's own table is turned off)."""
+def trial_progress_callback(stage: str, metric: str, enabled: bool = True):
+    """A readable line per trial result, error and end, on stdout (looked up at print time:
+    Tune pickles its callbacks)."""
+    from ray.tune import Callback
 
-    def __init__(self, stage: str, metric: str, stream=sys.stdout):
-        from ray.tune import Callback
-
-        outer = self
-
-        class _Callback(Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                outer.line(trial, f"epoch {result.get('epoch')}: {outer.summary(result)}")
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                outer.line(trial, "finished")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                outer.line(trial, f"ERROR: {_first_line(trial.error_file)}")
-
-        self.stage, self.metric, self.stream = stage, metric, stream
-        self.callback = _Callback()
-
-    def summary(self, result: dict) -> str:
-        keys = [self.metric, "loss", "samples_per_s"]
+    def summary(result: dict) -> str:
+        keys = [metric, "loss", "samples_per_s"]
         return " ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
 
-    def line(self, trial, text: str) -> None:
-        print(f"[{self.stage}] trial {trial.trial_id} {text}", file=self.stream, flush=True)
+    def line(trial, text: str) -> None:
+        if enabled:
+            print(f"[{stage}] trial {trial.trial_id} {text}", flush=True)
+
+    class TrialProgress(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            line(trial, f"epoch {result.get('epoch')}: {summary(result)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            line(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            line(trial, f"ERROR: {_first_line(trial.error_file)}")
+
+    return TrialProgress()
 
 
 def _first_line(error_file: str | None) -> str:
@@ -203,9 +200,12 @@ def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
         cpus_per_worker=space.resources.cpus_per_worker, gpus_per_worker=space.resources.gpus_per_worker,
         hparam_names=space.parameter_names)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
-    progress = TrialProgress(stage, space.metric_name)
+    progress = trial_progress_callback(stage, space.metric_name, options.verbose)
     # Tune's TensorBoard logger is off: each trial writes its own TensorBoard run, live.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # Snapshot the experiment state within a second of each result (default: every >= 10 s), so
+    # a killed driver's --resume finds every trial's latest checkpoint, not one from 10 s before.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if options.resume and tune.Tuner.can_restore(search_dir):
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -243,7 +243,7 @@ def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute=space.metric_name,
                     checkpoint_score_order=space.metric_mode),
-                callbacks=[progress.callback, CSVLoggerCallback(), JsonLoggerCallback()]),
+                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
     results = tuner.fit()
     rows = [trial_row(r, space) for r in results]
