@@ -1,0 +1,112 @@
+"""virface-train: argument types, the chained CLI, the real data formats, and bad data."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from virface.train import build_parser, config_from_args, main
+
+TINY_SYNTHETIC = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
+                  "--synthetic", "n_unlabeled_ids=12", "--synthetic", "n_val_ids=8",
+                  "--synthetic", "val_pairs=40", "--synthetic", "image_size=16"]
+FAST = ["--arch", "mobilefacenet_s", "--feat_len", "16", "--label_batch_size", "8",
+        "--unlabel_batch_size", "4", "--steps_per_epoch", "2", "--max_epoch", "1", "--gen_num", "2",
+        "--device", "cpu", "--no-tensorboard"]
+
+
+def parse(*argv):
+    return config_from_args(build_parser().parse_args(["--method", "pretrain", *argv]))
+
+
+def test_flags_have_real_types():
+    config = parse("--decay_steps", "4", "6", "8", "--no-eval", "--KL", "0.5", "--L2", "100")
+    assert config.decay_steps == (4, 6, 8) and config.eval is False
+    assert config.KL == 0.5 and config.L2 == 100.0
+    assert parse().eval is True and parse("--eval").eval is True
+
+
+def test_eval_false_is_an_error_not_true(capsys):
+    # The reference's type=bool turned "--eval False" into True.
+    with pytest.raises(SystemExit):
+        parse("--eval", "False")
+
+
+def test_pretrain_file_is_an_alias_of_pretrained_file():
+    assert parse("--pretrain_file", "x.pt").pretrained_file == parse("--pretrained_file", "x.pt").pretrained_file
+
+
+def test_val_and_synthetic_options_are_parsed():
+    config = parse("--val", "lfw=/data/lfw.bin", "--val", "cfp_fp=/data/cfp", "--synthetic", "n_labeled_ids=10")
+    assert config.val == {"lfw": "/data/lfw.bin", "cfp_fp": "/data/cfp"}
+    assert config.synthetic == {"n_labeled_ids": 10}
+
+
+def test_chain_on_synthetic_faces(tmp_path):
+    run = str(tmp_path / "runs")
+    assert main(["--method", "pretrain", "--snapshot_prefix", f"{run}/pre", *FAST, *TINY_SYNTHETIC]) == 0
+    assert main(["--method", "generator", "--pretrained_file", f"{run}/pre/best.pt",
+                 "--snapshot_prefix", f"{run}/gen", *FAST[4:]]) == 0
+    assert main(["--method", "virface", "--pretrain_file", f"{run}/gen/best.pt",
+                 "--snapshot_prefix", f"{run}/vf", *FAST[4:]]) == 0
+    lines = open(f"{run}/vf/metrics.jsonl").read().splitlines()
+    metrics = json.loads(lines[-1])
+    for name in ("synth_lfw", "synth_cfp_ff", "synth_cfp_fp"):
+        assert 0.0 <= metrics[f"{name}_acc"] <= 1.0
+    assert not os.path.exists("model_best.pytorch")              # nothing lands in the cwd
+
+
+def test_chain_from_exported_rec_and_bin(tmp_path):
+    from virface.data.synthetic import SyntheticSpec, build_synthetic, export_synthetic
+
+    faces = build_synthetic(SyntheticSpec(image_size=16, n_labeled_ids=8, images_per_labeled_id=4,
+                                          n_unlabeled_ids=12, n_val_ids=8, val_pairs=40))
+    paths = export_synthetic(faces, str(tmp_path / "data"))
+    data = tmp_path / "data"
+    real = ["--labeled", str(data / "labeled_rec"), "--unlabeled", str(data / "unlabeled_folder" / "meta.txt"),
+            "--val", f"cfp_fp={data / 'val' / 'synth_cfp_fp.bin'}", "--input-size", "16"]
+    run = str(tmp_path / "runs")
+    assert main(["--method", "pretrain", "--snapshot_prefix", f"{run}/pre", *FAST, *real]) == 0
+    assert main(["--method", "generator", "--pretrained_file", f"{run}/pre/best.pt",
+                 "--snapshot_prefix", f"{run}/gen", *FAST[4:], *real]) == 0
+    assert main(["--method", "virface", "--pretrained_file", f"{run}/gen/best.pt",
+                 "--snapshot_prefix", f"{run}/vf", *FAST[4:], *real]) == 0
+    metrics = json.loads(open(f"{run}/vf/metrics.jsonl").read().splitlines()[-1])
+    assert "cfp_fp_acc" in metrics and "synth_cfp_fp_acc" not in metrics
+    assert paths
+
+
+def make_folder_with_a_corrupt_image(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for ident in ("a", "b"):
+        os.makedirs(root / ident)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / ident / f"{k}.png")
+    (root / "a" / "1.png").write_bytes(b"this is not a png")
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, capsys):
+    make_folder_with_a_corrupt_image(tmp_path / "faces")
+    args = ["--method", "pretrain", "--snapshot_prefix", str(tmp_path / "run"), *FAST, "--no-eval",
+            "--labeled", str(tmp_path / "faces"), "--input-size", "16", "--label_batch_size", "6",
+            "--loader-workers", "0"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    # One epoch = one batch of all 6 images: the corrupt one is met once and replaced.
+    assert metrics["steps"] == 1 and metrics["skipped_images"] == 1
+
+
+def test_strict_data_raises_on_the_corrupt_image(tmp_path, capsys):
+    make_folder_with_a_corrupt_image(tmp_path / "faces")
+    args = ["--method", "pretrain", "--snapshot_prefix", str(tmp_path / "run"), *FAST, "--no-eval",
+            "--labeled", str(tmp_path / "faces"), "--input-size", "16", "--label_batch_size", "6",
+            "--loader-workers", "0", "--strict-data"]
+    assert main(args) == 2
+    assert os.path.join("a", "1.png") in capsys.readouterr().err
+
+
+def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    assert main(["--method", "virface", "--snapshot_prefix", str(tmp_path / "vf"), *FAST]) == 2
+    assert "needs a checkpoint with backbone + head + generator" in capsys.readouterr().err
