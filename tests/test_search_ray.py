@@ -145,3 +145,20 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     assert len(epochs) == 2 and all(max(e) == 3 for e in epochs), epochs
     # No trial started over: the interrupted one continued from its last checkpoint.
     assert all(e.count(1) == 1 for e in epochs), epochs
+
+
+def test_a_trial_the_cluster_cannot_hold_is_an_error_before_it_starts(ray_cluster, tmp_path):
+    from virface.search.runner import SearchError
+
+    with pytest.raises(SearchError, match=r"needs 3 worker\(s\).*the Ray cluster has"):
+        run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
+                                 workers=3, verbose=False))
+
+
+def test_missing_data_is_an_error_before_any_trial(ray_cluster, tmp_path):
+    from virface.search.runner import SearchError
+
+    with pytest.raises(SearchError, match="labeled: /nonexistent/faces does not exist"):
+        run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
+                                 data={"labeled": "/nonexistent/faces"}, verbose=False))
+    assert not (tmp_path / "exp" / "default" / "search_pretrain").exists()

@@ -113,11 +113,31 @@ def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], spa
     from virface.stages import build_models, load_models, read_start_checkpoint, resolve_config
 
     config = TrainConfig.from_dict({**base, **space.fixed, "method": stage, "pretrained_file": checkpoint})
+    for key, path in [("labeled", config.labeled), ("unlabeled", config.unlabeled),
+                      *((f"val {name}", p) for name, p in config.val.items())]:
+        if path is not None and not os.path.exists(path):
+            raise SearchError(f"{key}: {path} does not exist")
     state, path = read_start_checkpoint(config)
     if state is None:
         return
     resolved = resolve_config(config, state, path)
     load_models(build_models(resolved), state, path, with_generator=True)
+
+
+def check_trial_fits(space: SearchSpace) -> None:
+    """A trial whose workers the cluster can never hold is an error now, not a trial pending
+    forever (Tune waits for resources without a limit)."""
+    import ray
+
+    r = space.resources
+    need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker}
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        raise SearchError(f"one trial of stage {space.stage} needs {r.workers} worker(s) x "
+                          f"({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU) = {need}, but the Ray "
+                          f"cluster has {{'CPU': {have.get('CPU', 0)}, 'GPU': {have.get('GPU', 0)}}}; "
+                          f"lower --workers/--cpus-per-worker/--gpus-per-worker or add nodes")
 
 
 def init_ray(options: SearchOptions) -> bool:
@@ -129,14 +149,14 @@ def init_ray(options: SearchOptions) -> bool:
         return False
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     if options.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=options.address or None, log_to_driver=options.verbose)
+        ray.init(address=options.address or None, log_to_driver=False)
         return False
     import torch
 
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); it only
     # listens on loopback.
     ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=options.verbose)
+             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     return True
 
 
@@ -189,6 +209,7 @@ def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
     upstream, upstream_source = upstream_checkpoint(stage, options.storage, options.name,
                                                    options.from_checkpoint if stage == options.stage else None)
     check_upstream(stage, upstream, base, space)
+    check_trial_fits(space)
     if options.verbose:
         print(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}; "
               f"{space.budget.num_samples} trial(s); starts from: {upstream_source}", flush=True)
@@ -206,6 +227,9 @@ def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
     # Snapshot the experiment state within a second of each result (default: every >= 10 s), so
     # a killed driver's --resume finds every trial's latest checkpoint, not one from 10 s before.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own progress tables: off (verbose=0 is honoured by the classic reporter only).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if options.resume and tune.Tuner.can_restore(search_dir):
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)

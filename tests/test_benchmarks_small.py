@@ -1,0 +1,48 @@
+"""Each benchmark runs in its smallest mode and writes its figures (no timing is asserted)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=600):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+def test_gpu_throughput_cpu_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = run_script("gpu_throughput.py", "--cpu-smoke", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{m}/{c}" for m in ("pretrain", "virface")
+                            for c in ("fp32", "bf16", "bf16+channels_last")}
+    assert all(r["images_per_s"] > 0 for r in results.values())
+    assert "virface / pretrain throughput" in stdout
+
+
+def test_data_eval_quick(tmp_path):
+    out = tmp_path / "data.json"
+    run_script("data_eval.py", "--quick", "--out", str(out))
+    figures = json.loads(out.read_text())
+    assert {"recordio (JPEG), 1 worker(s)", "recordio (JPEG), 2 worker(s)",
+            "image folder (PNG), 1 worker(s)", "image folder (PNG), 2 worker(s)"} <= set(figures)
+    assert 0 < figures["verify_10fold_6000_pairs_s"] < math.inf
+
+
+@pytest.mark.slow
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    stdout = run_script("throughput.py", "--quick", "--out", str(out), timeout=900)
+    figures = json.loads(out.read_text())
+    for key in ("bare_pretrain", "core_pretrain", "core_virface", "ray_pretrain_w1", "ray_pretrain_w2",
+                "ray_virface_w1", "ray_virface_w2", "overhead_noop_tune_s", "overhead_trial_w1_s",
+                "overhead_trial_w2_s"):
+        assert figures[key] > 0, key
+    assert "ratio to core loop" in stdout
