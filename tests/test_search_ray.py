@@ -6,6 +6,7 @@ needs it to clean up stopped trials), and shut down at the end.
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,40 +112,55 @@ def test_stage_whose_every_trial_fails_writes_no_manifest(ray_cluster, tmp_path)
 
 
 def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
+    # 16 ids x 20 images in batches of 8: 40 steps an epoch, slow enough to be killed mid-run.
     space = write_space(tmp_path, "pretrain", scheduler={"type": "none"},
                         budget={"num_samples": 2, "max_concurrent_trials": 1},
-                        fixed={"arch": "mobilefacenet_s", "max_epoch": 3, "steps_per_epoch": 3})
+                        fixed={"arch": "mobilefacenet_s", "max_epoch": 3, "label_batch_size": 8},
+                        parameters={"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True,
+                                           "default": 0.05}})
     storage = tmp_path / "exp"
     cmd = [sys.executable, os.path.join(REPO, "tune", "run_search.py"), "--stage", "pretrain",
            "--space", space, "--storage", str(storage), "--address", ray_cluster,
-           "--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=6",
+           "--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=20",
            "--synthetic", "n_unlabeled_ids=40", "--synthetic", "n_val_ids=16", "--synthetic", "val_pairs=100"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
-    first_epoch_seen = False
-    deadline = time.time() + 240
-    for line in driver.stdout:                       # wait until a trial finished epoch 2
-        if "epoch 2:" in line:
-            first_epoch_seen = True
+    deadline = time.time() + 300
+    first_trial = None
+    for line in driver.stdout:                       # the first trial reported epoch 2
+        match = re.match(r"\[pretrain\] trial (\w+) epoch 2:", line)
+        if match:
+            first_trial = match.group(1)
             break
         assert time.time() < deadline, "no trial reached epoch 2 in time"
+    assert first_trial is not None
+    # Kill once Tune has persisted that trial's epoch-2 checkpoint and snapshotted its state since.
+    search_dir = storage / "default" / "search_pretrain"
+    checkpoint = search_dir / f"pretrain_{first_trial}" / "checkpoint_000001"
+
+    def snapshotted():
+        return checkpoint.exists() and any(p.stat().st_mtime > checkpoint.stat().st_mtime
+                                           for p in search_dir.glob("experiment_state-*.json"))
+
+    while not snapshotted():
+        assert time.time() < deadline, "the epoch-2 checkpoint never reached Tune's snapshot"
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert first_epoch_seen
     assert not (storage / "default" / "pretrain" / "best.json").exists()
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     manifest = read_manifest(storage / "default" / "pretrain" / "best.json")
     assert manifest.config["max_epoch"] == 3
-    # The interrupted trial continued from its checkpoint: epochs start past 1 after the restore.
-    epochs = []
-    for progress in glob.glob(str(storage / "default" / "search_pretrain" / "*" / "result.json")):
-        with open(progress) as f:
-            epochs.append([json.loads(x)["epoch"] for x in f if x.strip()])
-    assert len(epochs) == 2 and all(max(e) == 3 for e in epochs), epochs
-    # No trial started over: the interrupted one continued from its last checkpoint.
-    assert all(e.count(1) == 1 for e in epochs), epochs
+    epochs = {}
+    for path in glob.glob(str(storage / "default" / "search_pretrain" / "*" / "result.json")):
+        with open(path) as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+        epochs[rows[0]["trial_id"]] = [r["epoch"] for r in rows]
+    assert len(epochs) == 2 and all(max(e) == 3 for e in epochs.values()), epochs
+    # The first trial was finished or continued from its checkpoint: it never started over.
+    assert epochs[first_trial].count(1) == 1, epochs
 
 
 def test_a_trial_the_cluster_cannot_hold_is_an_error_before_it_starts(ray_cluster, tmp_path):
