@@ -8,12 +8,12 @@ A checkpoint is a dict of plain types and tensors (loadable with ``weights_only=
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from virface.atomic import atomic_open
 from virface.errors import CheckpointError, StagePreconditionError
 
 FORMAT = "virface-checkpoint"
@@ -33,17 +33,8 @@ STAGE_PRODUCER = {"backbone": "pretrain", "head": "pretrain", "generator": "gene
 def save_checkpoint(state: Mapping[str, Any], path: str) -> str:
     """Write ``state`` to ``path`` via a temporary file in the same folder and a rename, so a
     crash never leaves a half-written checkpoint under the final name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format=FORMAT, version=VERSION), f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        torch.save(dict(state, format=FORMAT, version=VERSION), f)
     return path
 
 

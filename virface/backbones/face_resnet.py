@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from virface.backbones.registry import check_input_size, register_backbone
+from virface.backbones.registry import check_input_size, init_face_backbone, register_backbone
 from virface.errors import ConfigError
 
 
@@ -109,12 +109,7 @@ class FaceResNet(nn.Module):
         self.feature = nn.Linear(512 * block.expansion * self.map_size ** 2, feat_len)
         self.bn_feature = nn.BatchNorm1d(feat_len)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_face_backbone(self)
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int,
                     blocks: int) -> nn.Sequential:

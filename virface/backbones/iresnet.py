@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from virface.backbones.registry import check_input_size, register_backbone
+from virface.backbones.registry import check_input_size, init_face_backbone, register_backbone
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -70,12 +70,7 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(512 * self.map_size ** 2, feat_len)
         self.features = nn.BatchNorm1d(feat_len, eps=1e-5)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_face_backbone(self)
         # As insightface: the embedding BN only centres and whitens, its scale stays 1.
         self.features.weight.requires_grad_(False)
 

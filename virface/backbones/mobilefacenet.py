@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from virface.backbones.registry import check_input_size, register_backbone
+from virface.backbones.registry import check_input_size, init_face_backbone, register_backbone
 from virface.errors import ConfigError
 
 # (expansion t, output channels c, repeats n, first stride s) per bottleneck stage.
@@ -119,12 +119,7 @@ class MobileFaceNet(nn.Module):
         self.linear = nn.Linear(last_ch, feat_len, bias=False)
         self.features = nn.BatchNorm1d(feat_len)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_face_backbone(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> final map ``(B, last_channels * width, S / 16, S / 16)``."""

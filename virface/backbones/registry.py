@@ -128,3 +128,14 @@ def _build_user_backbone(spec: str, feat_len: int, input_size: int) -> nn.Module
         raise ConfigError(f"arch: {spec!r} returned a {type(model).__qualname__}, "
                           "not a torch.nn.Module")
     return model
+
+
+def init_face_backbone(module: nn.Module) -> None:
+    """The initialisation every face backbone here shares: He (fan-out) for convolutions, unit
+    scale and zero shift for batch norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

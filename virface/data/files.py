@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, encode_png
 
+from virface.atomic import write_text_atomic
 from virface.data.sources import ImageSource, remap_labels
 from virface.errors import CorruptImageError, DataError
 
@@ -162,19 +162,6 @@ def raw_class_ids(source: ImageSource) -> np.ndarray:
     labels = np.asarray(source.labels, dtype=np.int64)
     classes = getattr(source, "classes", None)
     return labels if classes is None else np.asarray(classes, dtype=np.int64)[labels]
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a crash leaves no partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_image_folder(source: ImageSource, out_dir: str, meta_list_name: str = "meta.txt") -> str:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from virface.data.files import decode_rgb, raw_class_ids, write_text_atomic
+from virface.atomic import write_text_atomic
+from virface.data.files import decode_rgb, raw_class_ids
 from virface.data.sources import ImageSource, remap_labels
 from virface.errors import DataError, RecordIOError
 

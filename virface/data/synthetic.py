@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from virface.atomic import atomic_open
 from virface.data.sources import ArraySource
 from virface.errors import ConfigError, DataError
 from virface.evaluation.pairs import PairSet
@@ -794,16 +794,8 @@ def load_synthetic(spec: SyntheticSpec | None = None, cache_dir: str | None = No
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass    # fall through: rebuild and replace it
     faces = build_synthetic(spec)
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".synthetic-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **_faces_to_arrays(faces))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **_faces_to_arrays(faces))
     return faces
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import encode_png
 
+from virface.atomic import atomic_open
 from virface.data.files import decode_rgb, read_image_file
 from virface.errors import CorruptImageError, PairSetError
 from virface.evaluation.pairs import PairSet
@@ -93,15 +93,8 @@ def write_bin(pair_set: PairSet, path: str) -> str:
     """Write ``pair_set`` as an insightface ``.bin`` (PNG images), atomically. Returns path."""
     bins = [encode_png(image).numpy().tobytes() for image in pair_set.images]
     issame = [bool(v) for v in pair_set.issame]
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((bins, issame), f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        pickle.dump((bins, issame), f, protocol=4)
     return path
 
 

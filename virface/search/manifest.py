@@ -13,12 +13,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from virface.atomic import write_text_atomic
 from virface.config import METHODS
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError, VirFaceError
 
@@ -95,21 +95,8 @@ def write_manifest(manifest: StageManifest, path: str | os.PathLike) -> Path:
         raise ManifestError(f"{os.fspath(path)}: checkpoint: {manifest.checkpoint!r} must be "
                             "an absolute path")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomic(path, text)
     return path
 
 
