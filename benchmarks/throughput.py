@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         figures["bare_pretrain"] = bare_loop(configs["pretrain"], steps)
         for stage, config in configs.items():
             figures[f"core_{stage}"] = core_loop(config, work)
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         try:
             storage = os.path.join(work, "ray")
             for stage, config in configs.items():

@@ -29,7 +29,7 @@ def ray_cluster():
     import ray
 
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -358,7 +358,9 @@ def check_run_dir(run_dir: str, resuming: bool) -> None:
     """Never write into an earlier run's folder unless resuming it."""
     if resuming or not os.path.isdir(run_dir):
         return
-    if any(os.path.exists(os.path.join(run_dir, name)) for name in ("metrics.jsonl", "checkpoints", "best.pt")):
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.exists(os.path.join(run_dir, "best.pt"))
+            or (os.path.isdir(checkpoints) and os.listdir(checkpoints))):
         raise VirFaceError(f"run folder {run_dir} already holds a run; choose another "
                            f"--snapshot_prefix, delete it, or resume with --resume_file")
 

@@ -155,7 +155,8 @@ def init_ray(options: SearchOptions) -> bool:
 
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); it only
     # listens on loopback.
-    ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
+    # address="local": a new Ray of our own even when another cluster runs on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
              include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     return True
 
