@@ -50,3 +50,8 @@ def test_manifest_takes_the_best_epoch_not_the_last():
 def test_nan_epochs_are_never_the_best():
     path, value = best_checkpoint_of(fake_result([(1, float("nan")), (2, 0.6)]), "acc", "max")
     assert value == 0.6
+
+
+def test_smoke_budget_keeps_asha_grace_within_its_single_epoch():
+    space = stage_space(SearchOptions(stage="pretrain", budget="smoke"), "pretrain")
+    assert space.max_epochs == 1 and space.scheduler.grace_period == 1

@@ -97,7 +97,11 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
         if getattr(options, key) is not None:
             resources = replace(resources, **{key: getattr(options, key)})
-    return replace(space, fixed=fixed, budget=budget, resources=resources)
+    space = replace(space, fixed=fixed, budget=budget, resources=resources)
+    if space.scheduler.grace_period > space.max_epochs:
+        # A shorter run (--budget smoke) than the file's grace period: ASHA needs grace <= max_t.
+        space = replace(space, scheduler=replace(space.scheduler, grace_period=space.max_epochs))
+    return space
 
 
 def base_train_config(options: SearchOptions) -> dict[str, Any]:
