@@ -16,13 +16,17 @@ Protocol (per training seed; the data are generated once from a fixed data seed)
   Ablations (VirFace alternate): ``gen_num`` and the fraction of unlabeled identities kept
   (0 % is the baseline continuation: no unlabeled faces means no virtual classes or instances).
 
-    python benchmarks/shallow_data.py            # full: 3 seeds + ablations over 3 seeds
-    python benchmarks/shallow_data.py --quick    # 1 seed, small data, a few minutes on 2 cores
+    python benchmarks/shallow_data.py            # full: 3 seeds + ablations, ~18 min on 2 cores
+    python benchmarks/shallow_data.py --quick    # 1 seed, small data: 40 s quiet, minutes loaded
     python benchmarks/shallow_data.py --smoke    # tiny data, 1-step epochs; what the test runs
+    python benchmarks/shallow_data.py --diagnostics   # variants (dropout, lr) and geometry
+    python benchmarks/shallow_data.py --oracle        # the unlabeled faces with true identities
+    python benchmarks/shallow_data.py --from-json docs/shallow_data/results.json   # replot only
 
 Writes ``results.json`` (every run: config, final metrics, per-epoch training losses, wall time),
 ``table.md`` and ``methods.png``, ``gen_num.png``, ``unlabeled.png`` into ``--out``
-(default docs/shallow_data) and prints the tables.
+(default docs/shallow_data) and prints the tables; ``--diagnostics`` / ``--oracle`` write
+``diagnostics.{json,md}`` / ``oracle.{json,md}`` there instead.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,6 +49,7 @@ import torch  # noqa: E402
 
 from virface.config import TrainConfig  # noqa: E402
 from virface.data.loading import StageData  # noqa: E402
+from virface.data.sources import ArraySource  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR_SETS = ("synth_lfw", "synth_cfp_ff", "synth_cfp_fp")
@@ -408,6 +413,48 @@ def run_diagnostics(runner: "Runner", seeds: tuple[int, ...]) -> dict[str, Any]:
     return {"variants": rows, "geometry": geometry}
 
 
+def run_oracle(runner: "Runner", seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Does this data reward seeing more identities at all? The unlabeled faces WITH their true
+    identities join the labeled ones (100 + 2000 classes) in plain ArcFace, pretrain and
+    continuation as in the main protocol but with batch 128 (VirFace's 64 + 64 images per step);
+    the control is the same on the labeled faces alone. Both from scratch, same steps and lr."""
+    plan, data = runner.plan, runner.data
+    lab, unl = data.labeled, data.unlabeled
+    union = ArraySource(np.concatenate([lab.images, unl.images]),
+                        np.concatenate([lab.classes[lab.labels], unl.classes[unl.labels]]),
+                        "synthetic:labeled+unlabeled(true ids)")
+    batch = plan.label_batch_size + plan.unlabel_batch_size
+    rows = []
+    for seed in seeds:
+        for name, labeled in (("control: labeled only, batch 128", lab), ("oracle: labeled + unlabeled with true ids, batch 128", union)):
+            d = dataclasses.replace(data, labeled=labeled, unlabeled=None)
+            cfg = base_config(plan, seed, runner.steps_per_epoch).replace(label_batch_size=batch)
+            pre_cfg = cfg.replace(method="pretrain", lr=plan.pretrain_lr, max_epoch=plan.pretrain_epochs,
+                                  decay_steps=(plan.pretrain_epochs + 1,))
+            pre, wall = runner.stage(f"seed{seed}-oracle-pretrain", pre_cfg, d)
+            runner.record("pretrain_start", seed, pre_cfg, pre, wall, d, variant=name)
+            cont_cfg = cfg.replace(method="pretrain", lr=plan.continue_lr, max_epoch=plan.continue_epochs,
+                                   decay_steps=plan.continue_decay_epochs or (plan.continue_epochs + 1,),
+                                   pretrained_file=pre.last_checkpoint)
+            cont, wall = runner.stage(f"seed{seed}-oracle-continue", cont_cfg, d)
+            rows.append(runner.record("baseline", seed, cont_cfg, cont, wall, d, variant=name,
+                                      n_classes=int(labeled.num_classes)))
+    return rows
+
+
+def oracle_table(rows: list[dict[str, Any]], main_baseline: dict[str, Any] | None) -> str:
+    out = ["Oracle: final-epoch accuracy % (mean ± std over seeds), after pretrain + continuation",
+           "", "| run | classes | synth_lfw | synth_cfp_ff | synth_cfp_fp |", "|---|---|---|---|---|"]
+    if main_baseline:
+        out.append("| main-table ArcFace baseline (batch 64) | 100 | "
+                   + " | ".join(_fmt(main_baseline[f"{p}_acc"]) for p in PAIR_SETS) + " |")
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        recs = [r for r in rows if r["variant"] == name]
+        out.append(f"| {name} | {recs[0]['n_classes']} | "
+                   + " | ".join(_fmt(_mean_std([r["final"][f"{p}_acc"] for r in recs])) for p in PAIR_SETS) + " |")
+    return "\n".join(out) + "\n"
+
+
 def diagnostics_tables(diag: dict[str, Any]) -> str:
     variants = [name for name, _, _ in DIAGNOSTIC_VARIANTS]
     out = ["Diagnostic variants: final-epoch accuracy %, and the last epoch's training losses "
@@ -614,6 +661,9 @@ def parse_args(argv):
     p.add_argument("--diagnostics", action="store_true",
                    help="instead of the benchmark: the diagnostic variants and geometry "
                         "(writes diagnostics.json / diagnostics.md)")
+    p.add_argument("--oracle", action="store_true",
+                   help="instead of the benchmark: ArcFace with the unlabeled faces' true identities, "
+                        "and its control (writes oracle.json / oracle.md)")
     return p.parse_args(argv)
 
 
@@ -648,6 +698,8 @@ def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
           f"(data {data_s:.0f} s); {runner.steps_per_epoch} steps per epoch", flush=True)
     if args.diagnostics:
         return _run_diagnostics(plan, args, runner, start, load_start)
+    if args.oracle:
+        return _run_oracle(plan, args, runner, start, load_start)
     for seed in plan.seeds:
         starts = runner.run_seed(seed)
         if not args.no_ablations and seed in plan.ablation_seeds:
@@ -699,6 +751,33 @@ def replot(results_json: str, out_dir: str) -> dict[str, Any]:
         f.write(table)
     plot_all(results["summary"], plan, out_dir)
     print(table)
+    return results
+
+
+def _run_oracle(plan: Plan, args, runner: Runner, start: float, load_start) -> dict[str, Any]:
+    rows = run_oracle(runner, plan.seeds)
+    wall = time.perf_counter() - start
+    main_json = os.path.join(args.out, "results.json")
+    main_baseline = None
+    if os.path.isfile(main_json):
+        with open(main_json) as f:
+            main = json.load(f)
+        if main["plan"]["name"] == plan.name:
+            main_baseline = main["summary"]["methods"]["baseline"]
+    text = oracle_table(rows, main_baseline)
+    results = {"plan": dataclasses.asdict(plan), "wall_s": round(wall, 1),
+               "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start,
+                           "loadavg_end": os.getloadavg()},
+               "command": "python benchmarks/shallow_data.py --oracle"
+                          + (f" --{plan.name}" if plan.name != "full" else ""),
+               "records": [{k: v for k, v in r.items() if k != "checkpoint"} for r in runner.records]}
+    with open(os.path.join(args.out, "oracle.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "oracle.md"), "w") as f:
+        f.write(text)
+    print()
+    print(text)
+    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
     return results
 
 
