@@ -110,3 +110,9 @@ def test_strict_data_raises_on_the_corrupt_image(tmp_path, capsys):
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert main(["--method", "virface", "--snapshot_prefix", str(tmp_path / "vf"), *FAST]) == 2
     assert "needs a checkpoint with backbone + head + generator" in capsys.readouterr().err
+
+
+def test_unknown_synthetic_key_is_named(tmp_path, capsys):
+    assert main(["--method", "pretrain", "--snapshot_prefix", str(tmp_path / "r"), *FAST,
+                 "--synthetic", "n_identities=5"]) == 2
+    assert "synthetic: unknown key(s) ['n_identities']" in capsys.readouterr().err

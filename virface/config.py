@@ -135,14 +135,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> "TrainConfig":
         """Build from a mapping, rejecting unknown keys with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
+        return dataclass_from_dict(cls, values, where)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], where: str):
+    """``cls(**values)`` for a config dataclass, with unknown keys named (not a TypeError)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**dict(values))
 
 
 def config_field_names() -> list[str]:

@@ -42,7 +42,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
     if config.uses_synthetic:
         from virface.data.synthetic import SyntheticSpec, load_synthetic
 
-        spec = SyntheticSpec(**config.synthetic)
+        spec = SyntheticSpec.from_dict(config.synthetic, where="synthetic")
         faces = load_synthetic(spec, cache_dir=synthetic_cache_dir())
         input_size = config.input_size or spec.image_size
         labeled, unlabeled = faces.labeled, faces.unlabeled

@@ -118,11 +118,9 @@ class SyntheticSpec:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "synthetic") -> "SyntheticSpec":
         """Build from a mapping (e.g. ``TrainConfig.synthetic``), rejecting unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
+        from virface.config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, values, where)
 
     def cache_key(self) -> str:
         """Hex digest of the fields and the renderer version; names the cache file."""
