@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-quick clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the versions this machine serves from disk (see README).

@@ -146,7 +146,7 @@ def run_one_search(mode: BenchmarkMode, method: str, seed: int, work_dir: str) -
         yaml.safe_dump(search_space(mode, method, seed), f, sort_keys=False)
     start = time.time()
     outcomes = run_search(SearchOptions(stage=STAGE, storage=work_dir, name=name, space=space_path,
-                                        data={"synthetic": dict(mode.synthetic)}, verbose=False,
+                                        data={"synthetic": dict(mode.synthetic)}, quiet=True,
                                         max_failures=0))
     wall_s = time.time() - start
     outcome = outcomes[-1]
@@ -363,7 +363,7 @@ def plot_best_so_far(per_seed: list[dict], budget: int, path: str, title: str) -
 
 def write_optuna_plots_renamed(search: dict, out_dir: str, mode: str) -> list[str]:
     """Optuna's own history and importance plots of one search, named for this benchmark."""
-    from virface.search.runner import write_optuna_plots
+    from virface.search.report import write_optuna_plots
 
     staging = tempfile.mkdtemp(prefix="optuna-plots-", dir=out_dir)
     try:

@@ -99,8 +99,9 @@ def test_smoke_mode_runs_both_methods_and_writes_json_and_plots(tmp_path):
         assert all(0.0 <= b <= 1.0 for b in bests) and bests == sorted(bests)
     assert seed["summary"]["random_best"] == max(e["metric"] for t in random["trials"] for e in t["epochs"])
 
-    for name in ("best_so_far_smoke.png", "optuna_optimization_history_smoke.png",
-                 "optuna_param_importances_smoke.png"):
+    for name in ("best_so_far_smoke.png", "optuna_optimization_history_smoke.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    # 3 trials, some pruned by ASHA: too few completed ones for an importance estimate.
+    assert not (out / "optuna_param_importances_smoke.png").exists()
     assert saved["plots"]["best_so_far"] == "best_so_far_smoke.png"

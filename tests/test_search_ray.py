@@ -30,7 +30,7 @@ def ray_cluster():
 
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+             _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -59,7 +59,7 @@ def test_smoke_chain_pretrain_generator_virface(ray_cluster, tmp_path):
                         resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0})
     storage = tmp_path / "exp"
     outcomes = run_search(SearchOptions(stage="virface", storage=str(storage), budget="smoke",
-                                        space=space, verbose=False))
+                                        space=space, quiet=True))
     assert [o.stage for o in outcomes] == ["pretrain", "generator", "virface"]
     assert all(o.manifest is not None for o in outcomes), [o.error for o in outcomes]
 
@@ -92,7 +92,7 @@ def test_failing_trial_is_reported_and_the_search_goes_on(ray_cluster, tmp_path)
                         budget={"num_samples": 2, "max_concurrent_trials": 1},
                         parameters={"s": {"type": "categorical", "choices": [32.0, 1.0e39], "default": 32.0}})
     outcomes = run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
-                                        space=space, num_samples=2, max_failures=0, verbose=False))
+                                        space=space, num_samples=2, max_failures=0, quiet=True))
     rows = outcomes[0].rows
     errored = [r for r in rows if r.status.startswith("ERROR")]
     # Trial 1 runs the default (32); the seeded random sampler gives trial 2 the overflowing s.
@@ -106,7 +106,7 @@ def test_stage_whose_every_trial_fails_writes_no_manifest(ray_cluster, tmp_path)
                         parameters={"s": {"type": "categorical", "choices": [1.0e39, 2.0e39], "default": 1.0e39}})
     storage = tmp_path / "exp"
     outcomes = run_search(SearchOptions(stage="pretrain", storage=str(storage), budget="smoke",
-                                        space=space, max_failures=0, verbose=False))
+                                        space=space, max_failures=0, quiet=True))
     assert outcomes[0].manifest is None and "every trial of stage pretrain failed" in outcomes[0].error
     assert not (storage / "default" / "pretrain" / "best.json").exists()
 
@@ -128,7 +128,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     deadline = time.time() + 300
     first_trial = None
     for line in driver.stdout:                       # the first trial reported epoch 2
-        match = re.match(r"\[pretrain\] trial (\w+) epoch 2:", line)
+        match = re.match(r"\[pretrain\] trial \d+/\d+ (\w+) \| epoch 2/\d+:", line)
         if match:
             first_trial = match.group(1)
             break
@@ -168,7 +168,7 @@ def test_a_trial_the_cluster_cannot_hold_is_an_error_before_it_starts(ray_cluste
 
     with pytest.raises(SearchError, match=r"needs 3 worker\(s\).*the Ray cluster has"):
         run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
-                                 workers=3, verbose=False))
+                                 workers=3, quiet=True))
 
 
 def test_missing_data_is_an_error_before_any_trial(ray_cluster, tmp_path):
@@ -176,5 +176,5 @@ def test_missing_data_is_an_error_before_any_trial(ray_cluster, tmp_path):
 
     with pytest.raises(SearchError, match="labeled: /nonexistent/faces does not exist"):
         run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
-                                 data={"labeled": "/nonexistent/faces"}, verbose=False))
+                                 data={"labeled": "/nonexistent/faces"}, quiet=True))
     assert not (tmp_path / "exp" / "default" / "search_pretrain").exists()

@@ -62,11 +62,33 @@ def test_every_shipped_search_space_loads_and_starts_from_its_defaults(stage):
     assert set(point) == {p.name for p in space.parameters if p.applies(point)}
 
 
-def test_shipped_metrics_match_what_each_stage_reports():
-    modes = {s: (load_search_space(default_space_path(s), s).metric_name,
-                 load_search_space(default_space_path(s), s).metric_mode) for s in METHODS}
-    assert modes == {"pretrain": ("synth_cfp_fp_acc", "max"), "generator": ("gen_loss", "min"),
-                     "virclass": ("synth_cfp_fp_acc", "max"), "virface": ("synth_cfp_fp_acc", "max")}
+def test_shipped_spaces_name_no_metric_so_it_follows_the_data():
+    spaces = {s: load_search_space(default_space_path(s), s) for s in METHODS}
+    assert all(space.metric_name is None for space in spaces.values())
+    synthetic = ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]
+    resolved = {s: (sp.resolve_metric(synthetic).metric_name, sp.resolve_metric(synthetic).metric_mode)
+                for s, sp in spaces.items()}
+    assert resolved == {"pretrain": ("synth_cfp_fp_acc", "max"), "generator": ("gen_loss", "min"),
+                        "virclass": ("synth_cfp_fp_acc", "max"), "virface": ("synth_cfp_fp_acc", "max")}
+    # A user's own pair sets: the hardest one given, whatever the order or the names.
+    assert spaces["virclass"].resolve_metric(["lfw", "cfp_fp"]).metric_name == "cfp_fp_acc"
+    assert spaces["virface"].resolve_metric(["lfw", "agedb_30", "cfp_ff"]).metric_name == "agedb_30_acc"
+    assert spaces["pretrain"].resolve_metric(["my_holdout"]).metric_name == "my_holdout_acc"
+    assert spaces["pretrain"].resolve_metric(["lfw", "my_holdout"]).metric_name == "my_holdout_acc"
+
+
+def test_a_named_metric_the_data_cannot_produce_is_an_error_listing_the_ones_it_can(tmp_path):
+    space = load(tmp_path, "# user's space\nmetric: {name: synth_cfp_fp_acc, mode: max}\n",
+                 stage="virclass")
+    with pytest.raises(ConfigError) as err:
+        space.resolve_metric(["lfw", "cfp_fp"])
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'space.yaml'}:2: metric.name: 'synth_cfp_fp_acc'")
+    assert "'cfp_fp_acc'" in message and "'lfw_acc'" in message and "loss_vc" in message
+    # The same name is fine where the data has that pair set, and a loss needs no pair set.
+    assert space.resolve_metric(["synth_cfp_fp"]).metric_name == "synth_cfp_fp_acc"
+    loss = load(tmp_path, "metric: {name: loss_vc}\n", stage="virclass").resolve_metric([])
+    assert (loss.metric_name, loss.metric_mode) == ("loss_vc", "min")
 
 
 def test_only_pretrain_fixes_the_backbone():
@@ -178,9 +200,9 @@ ERRORS = [
           name: acc
           mode: maximize
         """, "virface", 3, "metric.mode", "'maximize' is not one of ['max', 'min']"),
-    ("missing metric", """
-        budget: {num_samples: 2}
-        """, "virface", 1, "", "missing key 'metric'"),
+    ("empty metric name", """
+        metric: {name: "", mode: max}
+        """, "virface", 1, "metric.name", "must be a non-empty metric name, or leave it out"),
     ("num_samples < 1", """
         metric: {name: acc, mode: max}
         budget:

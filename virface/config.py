@@ -1,13 +1,15 @@
 """Run configuration: one typed dataclass, validated on construction.
 
 The field names follow the reference's ``train.py`` arguments (``label_batch_size``, ``gen_num``,
-``KL``, ``L2``, ...) so that its users recognise them; the CLI and the search spaces use the same
-names. Configuration is data: nothing here is edited to configure a run.
+``KL``, ``L2``, ...) so that its users recognise them; the CLI (``virface-train``), the search
+spaces' YAML keys and Python use the same names. Each field carries its help text and option
+group as metadata, from which :mod:`virface.options` builds the command line, so a setting is
+written down once. Configuration is data: nothing here is edited to configure a run.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from virface.errors import ConfigError
@@ -19,63 +21,137 @@ AMP_MODES = ("none", "bf16", "fp16")
 # What a later stage must take over from the checkpoint it starts from (it shapes the weights).
 INHERITED_FIELDS = ("arch", "feat_len", "input_size", "num_ids")
 
+# Option groups, in the order ``--help`` lists them.
+GROUP_MODEL, GROUP_LOSSES, GROUP_OPTIM = "model", "losses", "optimisation"
+GROUP_DATA, GROUP_RUN = "data (none given: the built-in synthetic faces)", "run"
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, group: str,
+            default_factory: Any = dataclasses.MISSING, **cli: Any) -> Any:
+    """A dataclass field with its command-line description.
+
+    ``help`` is the option's help text; ``group`` its ``--help`` section. Where the default is
+    ``None`` the help says what None means. Extra keywords go to the option: ``choices``,
+    ``metavar``, ``aliases`` (more option names), ``required``.
+    """
+    metadata = {"help": help, "group": group, **cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
 
 @dataclass
 class TrainConfig:
-    """Everything one stage run needs. Defaults are the reference's unless a comment says why not."""
+    """Everything one stage run needs. Defaults are the reference's unless the help says why not."""
 
-    method: str = "pretrain"
+    method: str = setting("pretrain", group=GROUP_RUN, choices=METHODS,
+                          help="the stage to train")
 
     # model
-    arch: str | None = None           # None: resnet50 on real data, mobilefacenet on synthetic
-    feat_len: int | None = None       # None: 512, or the upstream checkpoint's
-    input_size: int | None = None     # None: 112 on real data, the synthetic image size otherwise
-    num_ids: int | None = None        # None: derived from the labeled data
+    arch: str | None = setting(
+        None, group=GROUP_MODEL, metavar="NAME",
+        help="backbone: resnet18..152, iresnet18..100, mobilefacenet, mobilefacenet_s, or "
+             "module.path:callable (default: resnet50; mobilefacenet_s on the synthetic faces; "
+             "downstream stages: the upstream checkpoint's)")
+    feat_len: int | None = setting(None, group=GROUP_MODEL,
+                                   help="embedding size (default: 512, or the upstream checkpoint's)")
+    num_ids: int | None = setting(None, group=GROUP_MODEL,
+                                  help="labeled identities; checked against the data (default: "
+                                       "counted from the labeled data)")
 
     # losses
-    s: float = 32.0
-    m: float = 0.5
-    dropout: float = 0.5              # on labeled features, virclass and virface only
-    gen_num: int = 5
-    KL: float = 2.0
-    L2: float = 5e3
-    overlap_threshold: float | None = None   # None: filter off; the reference's value is 0.8
-    optim_mode: str = "alternate"     # virface only: alternate G / backbone steps, or one optimiser
-
-    # batches
-    label_batch_size: int = 128       # global, split evenly over ranks
-    unlabel_batch_size: int = 128     # global, split evenly over ranks
-    steps_per_epoch: int | None = None   # cap; None: max over both sets of ceil(N / batch)
+    s: float = setting(32.0, group=GROUP_LOSSES, help="ArcFace scale")
+    m: float = setting(0.5, group=GROUP_LOSSES, help="ArcFace additive angular margin (radians)")
+    dropout: float = setting(0.5, group=GROUP_LOSSES,
+                             help="dropout on labeled features in virclass/virface (the reference's)")
+    gen_num: int = setting(5, group=GROUP_LOSSES,
+                           help="virtual instances drawn per unlabeled feature (virface)")
+    KL: float = setting(2.0, group=GROUP_LOSSES, help="weight of the generator's KL term")
+    L2: float = setting(5e3, group=GROUP_LOSSES, help="weight of the generator's MSE term")
+    overlap_threshold: float | None = setting(
+        None, group=GROUP_LOSSES,
+        help="drop unlabeled samples whose max softmax over the labeled classes is >= this "
+             "(default: off; the reference's value is 0.8)")
+    optim_mode: str = setting("alternate", group=GROUP_LOSSES, choices=OPTIM_MODES,
+                              help="virface: alternate G and backbone steps (the authors' "
+                                   "scheme), or one joint optimiser (the reference code)")
 
     # optimisation
-    lr: float = 0.1
-    g_lr: float | None = None         # generator lr; None: same as lr
-    momentum: float = 0.9
-    weight_decay: float = 1e-3        # not applied to BatchNorm, PReLU or bias parameters
-    decay_steps: tuple[int, ...] = (8, 12, 15, 18)
-    gamma: float = 0.1
-    max_epoch: int = 10               # exactly this many epochs (the reference ran one extra)
-    amp: str = "none"                 # bf16/fp16 autocast, CUDA only
+    label_batch_size: int = setting(128, group=GROUP_OPTIM,
+                                    help="labeled images per step, global (split over ranks)")
+    unlabel_batch_size: int = setting(128, group=GROUP_OPTIM,
+                                      help="unlabeled images per step, global (split over ranks)")
+    steps_per_epoch: int | None = setting(
+        None, group=GROUP_OPTIM,
+        help="cap on steps per epoch (default: one pass, max over both sets of ceil(N / batch))")
+    lr: float = setting(0.1, group=GROUP_OPTIM, help="SGD learning rate")
+    g_lr: float | None = setting(None, group=GROUP_OPTIM,
+                                 help="the generator's learning rate (default: --lr)")
+    momentum: float = setting(0.9, group=GROUP_OPTIM, help="SGD momentum")
+    weight_decay: float = setting(1e-3, group=GROUP_OPTIM,
+                                  help="weight decay; never on BatchNorm, PReLU or bias parameters")
+    decay_steps: tuple[int, ...] = setting((8, 12, 15, 18), group=GROUP_OPTIM, metavar="EPOCH",
+                                           help="epochs after which lr is multiplied by gamma")
+    gamma: float = setting(0.1, group=GROUP_OPTIM, help="lr decay factor")
+    max_epoch: int = setting(10, group=GROUP_OPTIM,
+                             help="epochs to train (exactly; the reference ran one more)")
+    amp: str = setting("none", group=GROUP_OPTIM, choices=AMP_MODES,
+                       help="mixed precision (autocast), CUDA only")
 
     # data
-    labeled: str | None = None
-    labeled_root: str | None = None
-    unlabeled: str | None = None
-    unlabeled_root: str | None = None
-    val: dict[str, str] = field(default_factory=dict)
-    synthetic: dict[str, Any] = field(default_factory=dict)   # overrides of SyntheticSpec
-    strict_data: bool = False
-    loader_workers: int = 2
+    labeled: str | None = setting(
+        None, group=GROUP_DATA, metavar="PATH",
+        help="labeled faces: train.rec (or its folder), a folder per identity, or a meta list "
+             "(default: the built-in synthetic faces)")
+    labeled_root: str | None = setting(
+        None, group=GROUP_DATA, metavar="DIR",
+        help="root of a meta list's relative paths (default: the list's folder)")
+    unlabeled: str | None = setting(
+        None, group=GROUP_DATA, metavar="PATH",
+        help="unlabeled shallow faces, the same forms; labels ignored (default: none, or the "
+             "synthetic faces' shallow split)")
+    unlabeled_root: str | None = setting(None, group=GROUP_DATA, metavar="DIR",
+                                         help="root of the unlabeled meta list's paths (default: the list's "
+                                              "folder)")
+    val: dict[str, str] = setting(
+        default_factory=dict, group=GROUP_DATA, metavar="NAME=PATH",
+        help="a verification pair set to evaluate and select on: a .bin pack, an LFW folder "
+             "(pairs.txt) or a CFP folder (name ending in _ff or _fp); repeatable (default: the "
+             "synthetic faces' pair sets on synthetic data, none otherwise)")
+    input_size: int | None = setting(
+        None, group=GROUP_DATA,
+        help="side of the square input, divisible by 16 (default: 112; the synthetic faces' size)")
+    synthetic: dict[str, Any] = setting(
+        default_factory=dict, group=GROUP_DATA, metavar="KEY=VALUE",
+        help="override a field of the synthetic data spec, e.g. n_labeled_ids=100; repeatable "
+             "(default: none)")
+    strict_data: bool = setting(False, group=GROUP_DATA,
+                                help="raise on a corrupt image instead of skipping and counting it")
+    loader_workers: int = setting(2, group=GROUP_DATA,
+                                  help="data-loader processes for image files (in-memory data uses none)")
 
     # run
-    snapshot_prefix: str | None = None   # run folder; None: runs/<method>
-    resume_file: str | None = None
-    pretrained_file: str | None = None
-    best_metric: str | None = None       # None: the hardest val set's accuracy
-    eval: bool = True
-    tensorboard: bool = True
-    device: str = "auto"
-    seed: int = 0
+    snapshot_prefix: str | None = setting(
+        None, group=GROUP_RUN, metavar="DIR",
+        help="run folder, never overwritten (default: runs/<method>; with --resume_file, the "
+             "checkpoint's run folder)")
+    resume_file: str | None = setting(None, group=GROUP_RUN, metavar="PT",
+                                      help="a checkpoint of this stage to continue (default: none)")
+    pretrained_file: str | None = setting(
+        None, group=GROUP_RUN, metavar="PT", aliases=("--pretrain_file", "--pretrain-file"),
+        help="an upstream stage's checkpoint to start from; loads the models only (default: none)")
+    best_metric: str | None = setting(
+        None, group=GROUP_RUN, metavar="METRIC",
+        help="metric that picks best.pt (default: the hardest --val pair set's accuracy; "
+             "generator: gen_loss)")
+    log_every: int = setting(20, group=GROUP_RUN,
+                             help="steps between progress lines and per-step TensorBoard points "
+                                  "(0: none)")
+    eval: bool = setting(True, group=GROUP_RUN, help="evaluate the pair sets after each epoch")
+    tensorboard: bool = setting(True, group=GROUP_RUN, help="write TensorBoard events")
+    device: str = setting("auto", group=GROUP_RUN, metavar="DEVICE",
+                          help="auto, cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    seed: int = setting(0, group=GROUP_RUN, help="seed of weights, sampling and augmentation")
 
     def __post_init__(self):
         self.decay_steps = tuple(int(x) for x in self.decay_steps)
@@ -95,8 +171,8 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("optim_mode", self.optim_mode, OPTIM_MODES)
         _choice("amp", self.amp, AMP_MODES)
-        for name in ("label_batch_size", "max_epoch", "loader_workers"):
-            _positive_int(name, getattr(self, name), allow_zero=(name == "loader_workers"))
+        for name in ("label_batch_size", "max_epoch", "loader_workers", "log_every"):
+            _positive_int(name, getattr(self, name), allow_zero=name in ("loader_workers", "log_every"))
         _positive_int("unlabel_batch_size", self.unlabel_batch_size, allow_zero=not self.uses_unlabeled)
         _positive_int("gen_num", self.gen_num, allow_zero=True)
         for name in ("steps_per_epoch", "num_ids", "input_size", "feat_len"):
@@ -120,6 +196,8 @@ class TrainConfig:
             raise ConfigError(f"overlap_threshold: {self.overlap_threshold} is outside (0, 1]")
         if any(b <= 0 for b in self.decay_steps) or list(self.decay_steps) != sorted(self.decay_steps):
             raise ConfigError(f"decay_steps: {list(self.decay_steps)} must be increasing positive epochs")
+        for name in self.val:
+            check_pair_set_name(name, "val")
         if self.unlabeled is not None and self.labeled is None:
             raise ConfigError("unlabeled: given without labeled data; give --labeled too, or "
                               "neither for the built-in synthetic faces")
@@ -150,8 +228,17 @@ def dataclass_from_dict(cls, values: Mapping[str, Any], where: str):
     return cls(**dict(values))
 
 
-def config_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+def config_field_names(group: str | None = None) -> list[str]:
+    """TrainConfig's field names, in order; only those of one option ``group`` if given."""
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if group is None or f.metadata.get("group") == group]
+
+
+def check_pair_set_name(name: str, option: str) -> None:
+    """A pair-set name becomes metric names (``<name>_acc``) and TensorBoard tags: keep it plain."""
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ConfigError(f"{option}: pair-set name {name!r} must be non-empty and made of letters, "
+                          f"digits, '_', '-' and '.' (it names the metrics, e.g. {name or 'lfw'}_acc)")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

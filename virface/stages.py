@@ -37,10 +37,12 @@ from virface.distributed import DistributedContext
 from virface.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, VirFaceError
 from virface.generator import FeatureVAE, generator_losses
 from virface.heads import ArcFaceHead, overlap_keep_mask
+from virface.progress import RunClock, StepProgress
 
 log = logging.getLogger("virface")
 
 EpochCallback = Callable[[dict[str, Any], "str | None"], None]
+ProgressCallback = Callable[[StepProgress], None]
 DEFAULT_ARCH_REAL, DEFAULT_ARCH_SYNTHETIC = "resnet50", "mobilefacenet_s"
 DEFAULT_FEAT_LEN = 512
 NONFINITE_CHECK_EVERY = 25   # steps between host syncs that look for a NaN/inf loss
@@ -158,16 +160,60 @@ def build_optimizers(config: TrainConfig, models: StageModels) -> dict[str, torc
     return optimizers
 
 
-def default_best_metric(config: TrainConfig, pair_set_names: list[str]) -> tuple[str, str]:
-    """(metric, mode) that picks the best epoch: the hardest pair set's accuracy by default."""
-    if config.best_metric:
-        mode = "min" if config.best_metric.endswith(("loss", "_mse", "_kl")) else "max"
-        return config.best_metric, mode
-    if config.method == "generator":
+# Verification sets from hardest to easiest on real data (CFP-FP's frontal-profile pairs and
+# CPLFW's poses are the hard ones; LFW is near saturation): the default selection metric is the
+# accuracy on the hardest set given. Names not listed rank after the hard ones, before the easy.
+PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
+EASY_PAIR_SETS = ("cfp_ff", "lfw")
+STAGE_LOSS_TERMS = {
+    "pretrain": ("loss_arcface",),
+    "generator": ("gen_mse", "gen_kl", "gen_loss"),
+    "virclass": ("loss_vc", "virtual_classes", "overlap_dropped"),
+    "virface": ("loss_vc", "loss_vi", "virtual_classes", "overlap_dropped", "gen_mse", "gen_kl",
+                "gen_loss"),
+}
+EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
+PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
+
+
+def hardest_pair_set(names: list[str]) -> str:
+    """The pair set whose accuracy selects by default: the first of PAIR_SET_HARDNESS found in a
+    name, else a name not known to be easy, else the first given."""
+    def rank(indexed: tuple[int, str]) -> tuple[int, int]:
+        i, name = indexed
+        lowered = name.lower()
+        for k, token in enumerate(PAIR_SET_HARDNESS):
+            if token in lowered:
+                return k, i
+        easy = [k for k, token in enumerate(EASY_PAIR_SETS) if token in lowered]
+        return (len(PAIR_SET_HARDNESS) + 1 + easy[0], i) if easy else (len(PAIR_SET_HARDNESS), i)
+
+    return min(enumerate(names), key=rank)[1]
+
+
+def metric_mode(metric: str) -> str:
+    """``min`` for losses, ``max`` for everything else (accuracies, TAR)."""
+    return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
+
+
+def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
+    """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
+    names = list(EPOCH_METRICS) + list(STAGE_LOSS_TERMS[method])
+    if method != "generator":     # the generator stage freezes the backbone: nothing to verify
+        names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
+    return names
+
+
+def selection_metric(method: str, pair_set_names: list[str], eval_on: bool = True,
+                     best_metric: str | None = None) -> tuple[str, str]:
+    """(metric, mode) that picks the best epoch, and by default a search's best trial: the
+    hardest pair set's accuracy; gen_loss for the generator; the loss without pair sets."""
+    if best_metric:
+        return best_metric, metric_mode(best_metric)
+    if method == "generator":
         return "gen_loss", "min"
-    if config.eval and pair_set_names:
-        ranked = sorted(pair_set_names, key=lambda n: (("cfp_fp" not in n), ("lfw" not in n), n))
-        return f"{ranked[0]}_acc", "max"
+    if eval_on and pair_set_names:
+        return f"{hardest_pair_set(pair_set_names)}_acc", "max"
     return "loss", "min"
 
 
@@ -349,6 +395,12 @@ class RunLog:
                                  + "\n".join(rows), step)
         self.writer.flush()
 
+    def step(self, global_step: int, progress: StepProgress) -> None:
+        """Per-step points, every ``log_every`` steps (the x axis counts steps, not epochs)."""
+        if self.writer is not None:
+            self.writer.add_scalar("step/loss", progress.loss, global_step)
+            self.writer.add_scalar("step/samples_per_s", progress.samples_per_s, global_step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -376,12 +428,14 @@ def _copy_atomic(src: str, dst: str) -> None:
 
 def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, *,
               ctx: DistributedContext | None = None, on_epoch_end: EpochCallback | None = None,
-              tb_dir: str | None = None, keep_epoch_checkpoints: bool = True) -> StageResult:
+              on_progress: ProgressCallback | None = None, tb_dir: str | None = None,
+              keep_epoch_checkpoints: bool = True) -> StageResult:
     """Train one stage for epochs (start..config.max_epoch] and return its history and checkpoints.
 
     ``run_dir`` gets checkpoints/epoch_NNN.pt, best.pt, metrics.jsonl and tb/ (rank 0 only).
     ``on_epoch_end(metrics, checkpoint_path)`` is called on every rank after each epoch; the path
-    is None on ranks other than 0. ``data`` defaults to what ``config`` names.
+    is None on ranks other than 0. ``on_progress(StepProgress)`` is called on rank 0 every
+    ``config.log_every`` steps (default: a log line). ``data`` defaults to what ``config`` names.
     """
     ctx = ctx or DistributedContext.current(config.device)
     run_dir = os.path.abspath(run_dir)
@@ -390,7 +444,11 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     if ctx.is_main:
         check_run_dir(run_dir, resuming)
     config = resolve_config(config, state, start_path)
-    data = data if data is not None else build_stage_data(config)
+    if data is None:
+        if ctx.is_main:
+            log.info("%s: reading the data (%s)", config.method,
+                     "built-in synthetic faces" if config.uses_synthetic else config.labeled)
+        data = build_stage_data(config)
     if not config.uses_unlabeled:
         data = dataclasses.replace(data, unlabeled=None)
     elif data.unlabeled is None or len(data.unlabeled) == 0:
@@ -399,6 +457,13 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
 
     torch.manual_seed(config.seed)
     models = build_models(config)
+    if ctx.is_main:
+        log.info("%s: %d labeled images of %d identities%s; pair sets %s; %s (%.2fM parameters) "
+                 "at %d px on %s x %d", config.method, len(data.labeled), data.labeled.num_classes,
+                 f", {len(data.unlabeled)} unlabeled" if data.unlabeled is not None else "",
+                 list(data.pair_sets) or "none", config.arch,
+                 sum(p.numel() for p in models.backbone.parameters()) / 1e6, config.input_size,
+                 ctx.device, ctx.world_size)
     if state is not None:
         load_models(models, state, start_path, with_generator=True)
     for module in (models.backbone, models.head, models.generator):
@@ -418,7 +483,8 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
 
     # The generator stage freezes the backbone: its verification scores are the upstream's.
     pair_set_names = list(data.pair_sets) if config.eval and config.method != "generator" else []
-    metric_name, metric_mode = default_best_metric(config, pair_set_names)
+    metric_name, metric_mode = selection_metric(config.method, pair_set_names, config.eval,
+                                                config.best_metric)
     if best.get("metric") not in (None, metric_name):
         raise ConfigError(f"best_metric: the resumed run tracked {best['metric']!r}, not {metric_name!r}")
     torch.manual_seed(config.seed * 1000 + ctx.rank + start_epoch)
@@ -440,14 +506,22 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     history: list[dict[str, Any]] = []
     last_ckpt = None
     best_ckpt = os.path.join(run_dir, "best.pt") if best else None
+    clock = RunClock(config.method, config.max_epoch)
+    if on_progress is None:
+        def on_progress(progress: StepProgress) -> None:
+            log.info("%s", progress.line())
     try:
         for epoch in range(start_epoch, config.max_epoch + 1):
+            report = ProgressReport(config, clock, epoch, run_log,
+                                    on_progress if ctx.is_main else None)
             metrics = train_one_epoch(config, models, step_fn, loader, sampler, epoch, ctx,
-                                      optimizers)
+                                      optimizers, report)
             for sched in schedulers.values():
                 sched.step()
             if pair_set_names and ctx.is_main:
+                eval_start = time.perf_counter()
                 metrics.update(evaluate(models.backbone, data, ctx))
+                clock.eval_s = time.perf_counter() - eval_start
             metrics = ctx.broadcast_object(metrics)
             if metric_name not in metrics:
                 raise ConfigError(f"best_metric: {metric_name!r} is not among this stage's metrics "
@@ -478,8 +552,26 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     return StageResult(history, run_dir, last_ckpt, best_ckpt, best)
 
 
+class ProgressReport:
+    """Every ``log_every`` steps of an epoch: one host sync for the loss, a StepProgress to the
+    callback and per-step TensorBoard points (rank 0 only)."""
+
+    def __init__(self, config: TrainConfig, clock: RunClock, epoch: int, run_log: "RunLog",
+                 callback: ProgressCallback | None):
+        self.every = config.log_every if callback is not None else 0
+        self.clock, self.epoch, self.run_log, self.callback = clock, epoch, run_log, callback
+
+    def __call__(self, step: int, steps: int, loss: torch.Tensor, elapsed_s: float, samples: int) -> None:
+        if not self.every or (step % self.every and step != steps):
+            return
+        progress = self.clock.progress(self.epoch, step, steps, elapsed_s, float(loss.detach()), samples)
+        self.run_log.step((self.epoch - 1) * steps + step, progress)
+        self.callback(progress)
+
+
 def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep, loader, sampler,
-                    epoch: int, ctx: DistributedContext, optimizers) -> dict[str, Any]:
+                    epoch: int, ctx: DistributedContext, optimizers,
+                    report: ProgressReport | None = None) -> dict[str, Any]:
     if config.method == "generator":
         models.backbone.eval()
         models.head.eval()
@@ -493,6 +585,7 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
     sums: dict[str, torch.Tensor] = {}
     pending: list[torch.Tensor] = []
     n_images, skipped, steps = 0, 0, 0
+    n_steps = len(loader)
     start = time.perf_counter()
     for step, (images, labels, n_skipped) in enumerate(loader, start=1):
         terms = step_fn(images, labels)
@@ -506,6 +599,8 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
         n_images += images.shape[0]
         skipped += n_skipped
         steps = step
+        if report is not None:
+            report(step, n_steps, terms["loss"], time.perf_counter() - start, n_images * ctx.world_size)
     _check_finite(pending, config.method, epoch, steps - len(pending) + 1)
     elapsed = time.perf_counter() - start
     keys = sorted(sums)

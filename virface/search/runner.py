@@ -2,24 +2,32 @@
 
 Experiment layout, under ``<storage>/<name>/``:
   <stage>/best.json          manifest: best trial, its config, metric, best-epoch checkpoint
-  <stage>/tb/<stage>_<id>/   TensorBoard run of each trial (scalars per epoch + HParams)
+  <stage>/trials.json        every trial: parameters, best value, epochs, outcome
+  <stage>/tb/<stage>_<id>/   TensorBoard run of each trial (scalars + HParams with the outcome)
   <stage>/optuna.journal     the Optuna study (open it with optuna-dashboard)
   <stage>/plots/             Optuna's history and importance plots (--plots)
   search_<stage>/            Tune's experiment state (what --resume restores)
   train_<stage>_<id>/        Ray Train runs of multi-worker trials
+
+Everything that can be checked without Ray is checked before Ray starts: every stage's search
+space, its metric against the data, the data paths and the upstream checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterator
 
-from virface.config import TrainConfig
-from virface.errors import VirFaceError
-from virface.search.manifest import (StageManifest, manifest_path, plan_chain, upstream_checkpoint,
-                                     write_manifest)
+from virface.config import GROUP_MODEL, METHODS, TrainConfig, setting
+from virface.errors import ConfigError, VirFaceError
+from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
+                                     stage_chain, upstream_checkpoint, write_manifest)
+from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
+                                   write_optuna_plots, write_trials)
 from virface.search.space import SearchSpace, default_space_path, load_search_space
 from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources
 
@@ -28,46 +36,96 @@ SMOKE_FIXED = {"max_epoch": 1, "steps_per_epoch": 3}
 SMOKE_SYNTHETIC = {"n_labeled_ids": 16, "images_per_labeled_id": 6, "n_unlabeled_ids": 40,
                    "n_val_ids": 16, "val_pairs": 100}
 SMOKE_NUM_SAMPLES = 1
+DEFAULT_STORAGE = "experiments"
+BUDGETS = ("default", "smoke")
+
+GROUP_SEARCH, GROUP_CLUSTER = "search", "cluster and resources (override the YAML's)"
 
 
 class SearchError(VirFaceError):
-    """A stage's search produced no usable trial."""
+    """A stage's search produced no usable trial, or cannot start."""
+
+
+def resolve_storage(storage: str | None) -> str:
+    """The experiment storage as an absolute path.
+
+    Under ``ray job submit --working-dir``, the job runs in a temporary copy of that folder,
+    which Ray deletes: a relative storage (the default included) would vanish with the job, so it
+    is an error there, asking for a path every node shares.
+    """
+    given = storage or DEFAULT_STORAGE
+    if not os.path.isabs(given) and _job_working_dir() is not None:
+        raise ConfigError(
+            f"storage: {given!r} is relative, and this is a Ray job with a --working-dir: it would "
+            f"land in the job's temporary copy ({os.getcwd()}) and be deleted when the job ends. "
+            f"Pass --storage /a/path/every/node/shares (NFS, a mounted bucket)")
+    return os.path.abspath(given)
+
+
+def _job_working_dir() -> str | None:
+    """The working_dir of the Ray job this process is the entrypoint of, if any."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    text = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not text:
+        return None
+    try:
+        return (json.loads(text).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
 
 
 @dataclass
 class SearchOptions:
-    stage: str
-    storage: str = "experiments"
-    name: str = "default"
-    space: str | None = None             # None: search_spaces/<stage>.yaml (per stage of the chain)
-    data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields
-    arch: str | None = None              # pretrain's backbone (overrides the YAML)
-    workers: int | None = None
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float | None = None
-    num_samples: int | None = None
-    max_concurrent: int | None = None
-    address: str | None = None
-    resume: bool = False
-    from_checkpoint: str | None = None
-    budget: str = "default"              # "default" | "smoke"
-    plots: bool = False
-    max_failures: int = 1                # Tune retries of an errored trial
-    verbose: bool = True
+    """One ``virface-search`` invocation. The CLI is built from these fields (see virface.options)."""
+
+    stage: str = setting("virface", group=GROUP_SEARCH, choices=METHODS,
+                         help="the stage to search; upstream stages without a manifest are "
+                              "searched first")
+    space: str | None = setting(None, group=GROUP_SEARCH, metavar="YAML",
+                                help="search space of --stage (default: search_spaces/<stage>.yaml)")
+    storage: str | None = setting(
+        None, group=GROUP_SEARCH, metavar="DIR",
+        help="where experiments live, made absolute; on a cluster, storage every node shares "
+             f"(default: ./{DEFAULT_STORAGE}; required inside a Ray job with a working dir)")
+    name: str = setting("default", group=GROUP_SEARCH, help="experiment name: <storage>/<name>/")
+    budget: str = setting("default", group=GROUP_SEARCH, choices=BUDGETS,
+                          help="smoke: 1 trial x 1 epoch x 3 steps per stage on tiny data")
+    num_samples: int | None = setting(None, group=GROUP_SEARCH,
+                                      help="trials per stage (default: the YAML's budget)")
+    max_concurrent: int | None = setting(None, group=GROUP_SEARCH,
+                                         help="trials at once (default: the YAML's budget)")
+    max_failures: int = setting(1, group=GROUP_SEARCH, help="retries of an errored trial")
+    resume: bool = setting(False, group=GROUP_SEARCH,
+                           help="continue an interrupted search (a finished one is only printed)")
+    from_checkpoint: str | None = setting(
+        None, group=GROUP_SEARCH, metavar="PT",
+        help="start --stage from this checkpoint instead of its upstream search (default: the "
+             "upstream stage's best)")
+    plots: bool = setting(False, group=GROUP_SEARCH,
+                          help="write Optuna's history and importance plots per stage")
+    quiet: bool = setting(False, group=GROUP_SEARCH, help="no per-trial progress lines")
+    arch: str | None = setting(None, group=GROUP_MODEL, metavar="NAME",
+                               help="backbone of the pretrain stage (default: the YAML's)")
+    address: str | None = setting(
+        None, group=GROUP_CLUSTER, metavar="ADDR",
+        help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray on loopback)")
+    workers: int | None = setting(None, group=GROUP_CLUSTER,
+                                  help="Ray Train workers (DDP ranks) per trial (default: the YAML's)")
+    cpus_per_worker: float | None = setting(None, group=GROUP_CLUSTER,
+                                            help="CPUs per worker (default: the YAML's)")
+    gpus_per_worker: float | None = setting(None, group=GROUP_CLUSTER,
+                                            help="GPUs per worker, fractions allowed (default: the YAML's)")
+    data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
 
     def __post_init__(self):
-        self.storage = os.path.abspath(self.storage)
+        if self.stage not in METHODS:
+            raise ConfigError(f"stage: {self.stage!r} is not one of {list(METHODS)}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
+        self.storage = resolve_storage(self.storage)
         if self.from_checkpoint:
             self.from_checkpoint = os.path.abspath(self.from_checkpoint)
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    params: dict[str, Any]
-    metric: float | None
-    epochs: int
-    status: str
 
 
 @dataclass
@@ -76,11 +134,17 @@ class StageOutcome:
     manifest: StageManifest | None
     manifest_path: str | None
     rows: list[TrialRow]
+    metric: str = ""
     reused: bool = False
     error: str | None = None
 
+    def table(self) -> str:
+        return format_table(self.stage, self.metric, self.rows, reused=self.reused,
+                            manifest=self.manifest, manifest_path=self.manifest_path, error=self.error)
+
 
 def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
+    """The stage's search space with the command line's overrides (metric not yet resolved)."""
     path = options.space if (options.space and stage == options.stage) else default_space_path(stage)
     space = load_search_space(path, stage)
     fixed = dict(space.fixed)
@@ -111,16 +175,39 @@ def base_train_config(options: SearchOptions) -> dict[str, Any]:
     return data
 
 
+def pair_set_names(base: dict[str, Any]) -> list[str]:
+    """The pair sets trials will evaluate, known without reading the data: the synthetic faces'
+    own sets (when no labeled data is given) and every ``--val`` name."""
+    names = []
+    if not base.get("labeled"):
+        from virface.data.synthetic import PAIR_SET_NAMES
+
+        names += list(PAIR_SET_NAMES)
+    return names + [n for n in (base.get("val") or {}) if n not in names]
+
+
+def prepare_space(options: SearchOptions, stage: str) -> SearchSpace:
+    """The stage's space, its metric resolved against the data; every error before Ray starts."""
+    space = stage_space(options, stage)
+    base = {**base_train_config(options), **space.fixed, "method": stage}
+    TrainConfig.from_dict(base)                  # data options that cannot make a config
+    return space.resolve_metric(pair_set_names(base) if base.get("eval", True) else [])
+
+
+def check_data_paths(base: dict[str, Any]) -> None:
+    config = TrainConfig.from_dict({**base, "method": "pretrain"})
+    for key, path in [("labeled", config.labeled), ("unlabeled", config.unlabeled),
+                      *((f"val {name}", p) for name, p in config.val.items())]:
+        if path is not None and not os.path.exists(path):
+            raise SearchError(f"{key}: {path} does not exist")
+
+
 def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], space: SearchSpace) -> None:
     """Named errors before any trial starts: a checkpoint the stage cannot start from, or whose
     model does not fit what the stage would build."""
     from virface.stages import build_models, load_models, read_start_checkpoint, resolve_config
 
     config = TrainConfig.from_dict({**base, **space.fixed, "method": stage, "pretrained_file": checkpoint})
-    for key, path in [("labeled", config.labeled), ("unlabeled", config.unlabeled),
-                      *((f"val {name}", p) for name, p in config.val.items())]:
-        if path is not None and not os.path.exists(path):
-            raise SearchError(f"{key}: {path} does not exist")
     state, path = read_start_checkpoint(config)
     if state is None:
         return
@@ -141,126 +228,130 @@ def check_trial_fits(space: SearchSpace) -> None:
         raise SearchError(f"one trial of stage {space.stage} needs {r.workers} worker(s) x "
                           f"({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU) = {need}, but the Ray "
                           f"cluster has {{'CPU': {have.get('CPU', 0)}, 'GPU': {have.get('GPU', 0)}}}; "
-                          f"lower --workers/--cpus-per-worker/--gpus-per-worker or add nodes")
+                          f"lower --workers/--cpus_per_worker/--gpus_per_worker or add nodes")
 
 
-def init_ray(options: SearchOptions) -> bool:
+# Process settings of a search, applied for its duration only (see search_environment).
+SEARCH_ENVIRONMENT = {
+    # A Train worker group that cannot start fails after this long instead of waiting forever.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    # Tune's own loggers are off: each trial writes its own TensorBoard run, live.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Snapshot the experiment state within a second of each result (default: every >= 10 s), so
+    # a killed driver's --resume finds every trial's latest checkpoint.
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # Tune's own progress tables: off (our callback prints progress).
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+@contextlib.contextmanager
+def search_environment() -> Iterator[None]:
+    """Set the search's environment variables (those not set by the user) and Optuna's log level
+    for the duration of a search, then put everything back."""
+    import optuna
+
+    wanted = dict(SEARCH_ENVIRONMENT)
+    saved = {key: os.environ.get(key) for key in wanted}
+    verbosity = optuna.logging.get_verbosity()
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def init_ray(options: SearchOptions, say) -> bool:
     """Connect to ``--address`` (or the cluster of a ``ray job submit``); else start a local Ray.
     Returns whether this process started Ray (and so must stop it)."""
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     if options.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=options.address or None, log_to_driver=False)
+        address = options.address or os.environ["RAY_ADDRESS"]
+        say(f"connecting to the Ray cluster at {address} ...")
+        ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING)
         return False
     import torch
 
-    # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); it only
-    # listens on loopback.
-    # address="local": a new Ray of our own even when another cluster runs on this machine.
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    say(f"starting a local Ray ({cpus} CPU, {gpus} GPU; dashboard on 127.0.0.1) ...")
+    # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); everything
+    # listens on loopback only. address="local": our own Ray even beside another cluster.
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level=logging.WARNING)
     return True
 
 
-def trial_progress_callback(stage: str, metric: str, enabled: bool = True):
-    """A readable line per trial result, error and end, on stdout (looked up at print time:
-    Tune pickles its callbacks)."""
-    from ray.tune import Callback
-
-    def summary(result: dict) -> str:
-        keys = [metric, "loss", "samples_per_s"]
-        return " ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result.get(k), (int, float)))
-
-    def line(trial, text: str) -> None:
-        if enabled:
-            print(f"[{stage}] trial {trial.trial_id} {text}", flush=True)
-
-    class TrialProgress(Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            line(trial, f"epoch {result.get('epoch')}: {summary(result)}")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            line(trial, "finished")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            line(trial, f"ERROR: {_first_line(trial.error_file)}")
-
-    return TrialProgress()
-
-
-def _first_line(error_file: str | None) -> str:
-    if not error_file or not os.path.exists(error_file):
-        return "(no error file)"
-    with open(error_file) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    # The last line of a traceback holds the exception and its message.
-    return lines[-1] if lines else "(empty error file)"
-
-
-def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
+def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) -> StageOutcome:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from virface.search.callbacks import TrialProgress
+    from virface.search.searcher import StageOptunaSearch
 
     experiment_dir = os.path.join(options.storage, options.name)
     stage_dir = os.path.join(experiment_dir, stage)
     search_dir = os.path.join(experiment_dir, f"search_{stage}")
-    space = stage_space(options, stage)
     base = base_train_config(options)
     upstream, upstream_source = upstream_checkpoint(stage, options.storage, options.name,
                                                    options.from_checkpoint if stage == options.stage else None)
     check_upstream(stage, upstream, base, space)
     check_trial_fits(space)
-    if options.verbose:
-        print(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}; "
-              f"{space.budget.num_samples} trial(s); starts from: {upstream_source}", flush=True)
+    say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
+        f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
+        f"{space.metric_name} ({space.metric_mode}); starts from: {upstream_source}")
 
+    metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
-        stage=stage, base_config={**base, **space.fixed}, upstream_checkpoint=upstream,
-        tb_root=os.path.join(stage_dir, "tb"), train_storage=experiment_dir,
-        metric=space.metric_name, mode=space.metric_mode, workers=space.resources.workers,
-        cpus_per_worker=space.resources.cpus_per_worker, gpus_per_worker=space.resources.gpus_per_worker,
-        hparam_names=space.parameter_names)
+        stage=stage, base_config={**base, **space.fixed, "best_metric": metric},
+        upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
+        train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
+        workers=space.resources.workers, cpus_per_worker=space.resources.cpus_per_worker,
+        gpus_per_worker=space.resources.gpus_per_worker)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
-    progress = trial_progress_callback(stage, space.metric_name, options.verbose)
-    # Tune's TensorBoard logger is off: each trial writes its own TensorBoard run, live.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # Snapshot the experiment state within a second of each result (default: every >= 10 s), so
-    # a killed driver's --resume finds every trial's latest checkpoint, not one from 10 s before.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's own progress tables: off (verbose=0 is honoured by the classic reporter only).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    progress = TrialProgress(stage, metric, space.parameter_names, space.budget.num_samples,
+                             space.max_epochs, space.budget.max_concurrent_trials or 1,
+                             setup.tb_root, print_lines=not options.quiet)
+    if os.path.exists(search_dir) and not options.resume:
+        raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
+                          f"it with --resume, or choose another --name")
     if options.resume and tune.Tuner.can_restore(search_dir):
+        say(f"[{stage}] resuming the interrupted search in {search_dir}")
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-    elif os.path.exists(search_dir):
-        raise SearchError(f"{search_dir} holds an unfinished search of stage {stage}; continue it "
-                          f"with --resume, or choose another --name")
     else:
-        import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         os.makedirs(stage_dir, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(os.path.join(stage_dir, "optuna.journal")))
-        searcher = OptunaSearch(space=space.define_by_run, metric=space.metric_name, mode=space.metric_mode,
-                                points_to_evaluate=space.points_to_evaluate() or None,
-                                sampler=space.make_sampler(), study_name=f"{options.name}-{stage}",
-                                storage=storage)
+        searcher = StageOptunaSearch(
+            space=space.define_by_run, metric=selection, mode=space.metric_mode,
+            points_to_evaluate=space.points_to_evaluate() or None, sampler=space.make_sampler(),
+            study_name=f"{options.name}-{stage}", storage=storage, objective_name=metric,
+            max_epochs=space.max_epochs)
         scheduler = None
         if space.scheduler.type == "asha":
+            # On the best epoch so far: what the search selects a trial by.
             scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs,
                                       grace_period=space.scheduler.grace_period,
                                       reduction_factor=space.scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=space.metric_name, mode=space.metric_mode, search_alg=searcher,
+                metric=selection, mode=space.metric_mode, search_alg=searcher,
                 scheduler=scheduler, num_samples=space.budget.num_samples,
                 max_concurrent_trials=space.budget.max_concurrent_trials,
                 time_budget_s=space.budget.time_budget_s,
@@ -270,36 +361,35 @@ def search_stage(options: SearchOptions, stage: str) -> StageOutcome:
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=space.metric_name,
+                    num_to_keep=2, checkpoint_score_attribute=metric,
                     checkpoint_score_order=space.metric_mode),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
     results = tuner.fit()
     rows = [trial_row(r, space) for r in results]
-    ok = [r for r in results if r.error is None and r.metrics and space.metric_name in r.metrics]
+    ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         errors = "; ".join(sorted({str(r.error).strip().splitlines()[-1] for r in results if r.error})) or "no results"
-        return StageOutcome(stage, None, None, rows, error=f"every trial of stage {stage} failed: {errors}")
+        return StageOutcome(stage, None, None, rows, metric, error=f"every trial of stage {stage} failed: {errors}")
     best_path, best_value, best_result = None, None, None
     for result in ok:
-        path, value = best_checkpoint_of(result, space.metric_name, space.metric_mode)
+        path, value = best_checkpoint_of(result, metric, space.metric_mode)
         if path and (best_value is None or _better(value, best_value, space.metric_mode)):
             best_path, best_value, best_result = path, value, result
     if best_path is None:
-        return StageOutcome(stage, None, None, rows, error=f"stage {stage}: no trial reported a checkpoint")
+        return StageOutcome(stage, None, None, rows, metric, error=f"stage {stage}: no trial reported a checkpoint")
     from virface.checkpoint import load_checkpoint
 
     manifest = StageManifest(
         stage=stage, experiment=options.name, trial_id=_trial_id(best_result),
-        config=load_checkpoint(best_path)["config"], metric_name=space.metric_name,
+        config=load_checkpoint(best_path)["config"], metric_name=metric,
         metric_value=float(best_value), metric_mode=space.metric_mode, checkpoint=best_path,
         upstream=upstream)
+    write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
+                 space.max_epochs, rows)
     path = manifest_path(options.storage, options.name, stage)
     write_manifest(manifest, path)
-    if options.plots:
-        write_optuna_plots(os.path.join(stage_dir, "optuna.journal"), f"{options.name}-{stage}",
-                           os.path.join(stage_dir, "plots"), space.metric_name)
-    return StageOutcome(stage, manifest, str(path), rows)
+    return StageOutcome(stage, manifest, str(path), rows, metric)
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -333,95 +423,70 @@ def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, floa
 def trial_row(result, space: SearchSpace) -> TrialRow:
     params = {k: result.config.get(k) for k in space.parameter_names if k in (result.config or {})}
     metrics = result.metrics or {}
-    df = result.metrics_dataframe
-    values = []
-    if df is not None and space.metric_name in df:
-        values = [v for v in df[space.metric_name].tolist() if isinstance(v, (int, float)) and math.isfinite(v)]
-    best = (max if space.metric_mode == "max" else min)(values) if values else None
+    best = metrics.get(f"best_{space.metric_name}")
     epochs = int(metrics.get("epoch", 0) or 0)
-    if result.error is not None:
-        status = "ERROR: " + str(result.error).strip().splitlines()[-1][:120]
-    elif epochs < space.max_epochs:
-        status = f"stopped early (epoch {epochs}/{space.max_epochs})"
+    error = str(result.error).strip().splitlines()[-1][:200] if result.error is not None else None
+    trial_id = _trial_id(result) if metrics else os.path.basename(result.path or "?")
+    return TrialRow(trial_id, params, float(best) if isinstance(best, (int, float)) else None,
+                    epochs, trial_outcome(epochs, space.max_epochs, error), error)
+
+
+def reused_outcome(options: SearchOptions, stage: str) -> StageOutcome:
+    path = manifest_path(options.storage, options.name, stage)
+    metric, rows = read_trials(os.path.join(options.storage, options.name, stage, TRIALS_FILE))
+    manifest = read_manifest(path)
+    return StageOutcome(stage, manifest, str(path), rows, metric or manifest.metric_name, reused=True)
+
+
+def draw_plots(options: SearchOptions, outcome: StageOutcome, say) -> None:
+    stage_dir = os.path.join(options.storage, options.name, outcome.stage)
+    journal = os.path.join(stage_dir, "optuna.journal")
+    if not os.path.exists(journal):
+        say(f"[{outcome.stage}] no plots: {journal} does not exist")
+        return
+    for path in write_optuna_plots(journal, f"{options.name}-{outcome.stage}",
+                                   os.path.join(stage_dir, "plots"), outcome.metric, say=say):
+        say(f"[{outcome.stage}] plot: {path}")
+
+
+def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
+    """Search ``options.stage`` and every upstream stage that has no manifest yet, in order.
+
+    A stage whose manifest exists is finished: it is reported from its files, not searched
+    again. ``say`` receives the start-up and progress lines (``print`` by default).
+    """
+    say = (lambda text: None) if options.quiet else say
+    finished = manifest_path(options.storage, options.name, options.stage).exists()
+    if finished:
+        plan = []
+        say(f"stage {options.stage} of experiment {options.name} finished earlier: reporting it "
+            f"from {os.path.join(options.storage, options.name)} (use another --name to search again)")
     else:
-        status = "completed"
-    return TrialRow(_trial_id(result) if metrics else os.path.basename(result.path or "?"),
-                    params, best, epochs, status)
-
-
-def write_optuna_plots(journal: str, study_name: str, out_dir: str, metric: str) -> list[str]:
-    """Optuna's own optimisation-history and parameter-importance plots, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.visualization import matplotlib as ovm
-
-    study = optuna.load_study(study_name=study_name,
-                              storage=JournalStorage(JournalFileBackend(journal)))
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for name, plot in (("optimization_history", ovm.plot_optimization_history),
-                       ("param_importances", ovm.plot_param_importances)):
-        try:
-            ax = plot(study, target_name=metric)
-        except (ValueError, RuntimeError) as exc:   # e.g. importances need 2+ completed trials
-            print(f"plot {name} skipped: {exc}", flush=True)
-            continue
-        path = os.path.join(out_dir, f"{name}.png")
-        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(ax.figure)
-        written.append(path)
-    return written
-
-
-def format_table(outcome: StageOutcome, metric: str) -> str:
-    lines = [f"== stage {outcome.stage}" + (" (reused)" if outcome.reused else "")]
-    if outcome.rows:
-        header = f"{'trial':<14} {metric:>18}  {'epochs':>6}  {'status':<36} params"
-        lines.append(header)
-        for r in outcome.rows:
-            value = f"{r.metric:.4f}" if r.metric is not None else "-"
-            params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items())
-            lines.append(f"{r.trial_id:<14} {value:>18}  {r.epochs:>6}  {r.status:<36} {params}")
-    if outcome.manifest:
-        m = outcome.manifest
-        lines.append(f"best: trial {m.trial_id} {m.metric_name}={m.metric_value:.4f}")
-        lines.append(f"manifest: {outcome.manifest_path}")
-        lines.append(f"checkpoint: {m.checkpoint}")
-    if outcome.error:
-        lines.append(f"FAILED: {outcome.error}")
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def run_search(options: SearchOptions) -> list[StageOutcome]:
-    """Search ``options.stage`` and every upstream stage that has no manifest yet, in order."""
-    from virface.search.manifest import read_manifest, stage_chain
-
-    plan = plan_chain(options.stage, options.storage, options.name, options.from_checkpoint)
+        plan = plan_chain(options.stage, options.storage, options.name, options.from_checkpoint)
     outcomes: list[StageOutcome] = []
-    if not options.from_checkpoint:
+    if not options.from_checkpoint or finished:
         for stage in stage_chain(options.stage):
-            if stage not in plan:
-                path = manifest_path(options.storage, options.name, stage)
-                outcomes.append(StageOutcome(stage, read_manifest(path), str(path), [], reused=True))
-    started = init_ray(options)
-    try:
-        for stage in plan:
-            outcome = search_stage(options, stage)
-            outcomes.append(outcome)
-            if outcome.manifest is None:
-                break
-    finally:
-        if started:
-            import ray
+            if stage not in plan and manifest_path(options.storage, options.name, stage).exists():
+                outcomes.append(reused_outcome(options, stage))
+    if plan:
+        say(f"checking {', '.join(plan)}: search spaces, metrics and data ...")
+        spaces = {stage: prepare_space(options, stage) for stage in plan}
+        check_data_paths(base_train_config(options))
+        with search_environment():
+            started = init_ray(options, say)
+            try:
+                for stage in plan:
+                    outcome = search_stage(options, stage, spaces[stage], say)
+                    outcomes.append(outcome)
+                    if outcome.manifest is None:
+                        break
+            finally:
+                if started:
+                    import ray
 
-            ray.shutdown()
+                    ray.shutdown()
+    if options.plots:
+        for outcome in outcomes:
+            if outcome.manifest is not None:
+                draw_plots(options, outcome, say)
     return outcomes

@@ -3,7 +3,7 @@
 A file names the metric, the searcher, the scheduler, the budget, the resources per trial, the
 ``fixed`` TrainConfig fields every trial shares and the ``parameters`` Optuna samples::
 
-    metric: {name: synth_cfp_fp_acc, mode: max}
+    metric: {name: cfp_fp_acc, mode: max}     # optional: the hardest pair set's accuracy
     searcher: {type: tpe, seed: 0, n_startup_trials: 4}
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
     budget: {num_samples: 6, time_budget_s: null, max_concurrent_trials: 1}
@@ -66,8 +66,8 @@ _KeyPath = tuple
 
 @dataclass(frozen=True)
 class MetricSpec:
-    name: str
-    mode: str   # "max" | "min"
+    name: str | None = None   # None: follow the data (see _parse_metric)
+    mode: str | None = None   # "max" | "min"; None: from the name
 
 
 @dataclass(frozen=True)
@@ -159,18 +159,48 @@ class SearchSpace:
 
     path: str | None
     stage: str
-    metric_name: str
-    metric_mode: str
+    metric_name: str | None        # None until resolved against the data (resolve_metric)
+    metric_mode: str | None
     searcher: SearcherSpec
     scheduler: SchedulerSpec
     budget: BudgetSpec
     resources: ResourcesSpec
     fixed: dict[str, Any]
     parameters: list[ParameterSpec]
+    metric_where: str = ""         # "file:line" of the metric key, for errors found later
 
     @property
     def parameter_names(self) -> list[str]:
         return [p.name for p in self.parameters]
+
+    def resolve_metric(self, pair_set_names: list[str]) -> "SearchSpace":
+        """This space with its metric named and its mode set, for data with these pair sets.
+
+        Without a name in the file, the metric is what ``virface-train`` selects best.pt by (the
+        hardest pair set's accuracy; gen_loss for the generator). A named metric the stage cannot
+        report with this data is a ConfigError listing the metrics it would report.
+        """
+        from virface.stages import metric_mode, selection_metric, stage_metric_names
+
+        available = stage_metric_names(self.stage, pair_set_names)
+        if self.metric_name is None:
+            if self.fixed.get("eval") is False and self.stage != "generator":
+                raise ConfigError(f"{self.metric_where}: metric: eval is off, so no pair-set "
+                                  f"accuracy exists to select on; name a metric (one of {available})")
+            name, mode = selection_metric(self.stage, pair_set_names, True)
+        else:
+            name = self.metric_name
+            if name not in available:
+                close = difflib.get_close_matches(name, available, n=3)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                given = (f"pair sets {pair_set_names}" if pair_set_names
+                         else "no pair sets (give --val NAME=PATH)")
+                raise ConfigError(
+                    f"{self.metric_where}: metric.name: {name!r}{hint} is not a metric of stage "
+                    f"{self.stage} with {given}; it reports {available}; or leave metric.name "
+                    f"out to select on the hardest pair set's accuracy")
+            mode = metric_mode(name)
+        return dataclasses.replace(self, metric_name=name, metric_mode=self.metric_mode or mode)
 
     @property
     def max_epochs(self) -> int:
@@ -225,11 +255,21 @@ class SearchSpace:
 # Entry points
 
 
+# In a checkout the top-level search_spaces/ is the one users edit; an installed package carries
+# a copy of it (setup.py copies it in at build time).
+CHECKOUT_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+PACKAGED_SPACES = Path(__file__).resolve().parent / "default_spaces"
+
+
 def default_space_path(stage: str) -> Path:
-    """Absolute path of the shipped ``search_spaces/<stage>.yaml`` (at the repository root)."""
+    """Absolute path of ``search_spaces/<stage>.yaml``: the checkout's, else the installed copy."""
     if stage not in METHODS:
         raise ConfigError(f"stage: {stage!r} is not one of {list(METHODS)}")
-    return Path(__file__).resolve().parents[2] / "search_spaces" / f"{stage}.yaml"
+    for folder in (CHECKOUT_SPACES, PACKAGED_SPACES):
+        if (folder / f"{stage}.yaml").is_file():
+            return folder / f"{stage}.yaml"
+    raise ConfigError(f"no search space for stage {stage}: neither {CHECKOUT_SPACES} nor "
+                      f"{PACKAGED_SPACES} holds {stage}.yaml (a broken install?); give --space")
 
 
 def load_search_space(path: str | os.PathLike, stage: str) -> SearchSpace:
@@ -341,15 +381,12 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
         raise ctx.error(path, "duplicate key; each key may appear once")
     if data is None:
         raise ctx.error((), f"the search space is empty; expected a mapping with keys "
-                            f"{list(_TOP_LEVEL_KEYS)} (metric is required)")
+                            f"{list(_TOP_LEVEL_KEYS)}")
     if not isinstance(data, Mapping):
         raise ctx.error((), f"expected a mapping with keys {list(_TOP_LEVEL_KEYS)}, "
                             f"got {type(data).__name__}")
     _check_keys(ctx, (), data, _TOP_LEVEL_KEYS)
-    if "metric" not in data:
-        raise ctx.error((), "missing key 'metric' ({name: ..., mode: max|min})")
-
-    metric = _parse_metric(ctx, data["metric"])
+    metric = _parse_metric(ctx, data.get("metric"))
     searcher = _parse_searcher(ctx, data.get("searcher"))
     scheduler = _parse_scheduler(ctx, data.get("scheduler"))
     budget = _parse_budget(ctx, data.get("budget"))
@@ -357,9 +394,11 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
     fixed = _parse_fixed(ctx, data.get("fixed"), stage)
     parameters = _parse_parameters(ctx, data.get("parameters"), stage, fixed)
 
+    line = ctx.lines.line(("metric",))
     space = SearchSpace(path=None, stage=stage, metric_name=metric.name, metric_mode=metric.mode,
                         searcher=searcher, scheduler=scheduler, budget=budget,
-                        resources=resources, fixed=fixed, parameters=parameters)
+                        resources=resources, fixed=fixed, parameters=parameters,
+                        metric_where=f"{ctx.where}:{line}" if line else ctx.where)
     _check_train_configs(ctx, space)
     if scheduler.type == "asha" and scheduler.grace_period > space.max_epochs:
         raise ctx.error(("scheduler", "grace_period"),
@@ -421,16 +460,20 @@ def _choice(ctx: _Context, path: _KeyPath, value: Any, allowed: tuple[str, ...])
 
 
 def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:
-    if not isinstance(value, Mapping):
+    """``metric`` is optional: without a name the search selects on what ``virface-train`` picks
+    best.pt by (the hardest pair set's accuracy; gen_loss for the generator), resolved once the
+    data is known. The mode defaults to min for losses and max otherwise."""
+    if value is not None and not isinstance(value, Mapping):
         raise ctx.error(("metric",), f"expected a mapping {{name: ..., mode: max|min}}, got {value!r}")
     section = _section(ctx, "metric", value, ("name", "mode"))
-    for key in ("name", "mode"):
-        if key not in section:
-            raise ctx.error(("metric",), f"missing key {key!r}")
-    name = section["name"]
-    if not isinstance(name, str) or not name:
-        raise ctx.error(("metric", "name"), f"{name!r} must be a non-empty metric name")
-    return MetricSpec(name, _choice(ctx, ("metric", "mode"), section["mode"], METRIC_MODES))
+    name = section.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ctx.error(("metric", "name"), f"{name!r} must be a non-empty metric name, or leave "
+                                            "it out to select on the hardest pair set's accuracy")
+    mode = section.get("mode")
+    if mode is not None:
+        mode = _choice(ctx, ("metric", "mode"), mode, METRIC_MODES)
+    return MetricSpec(name, mode)
 
 
 def _parse_searcher(ctx: _Context, value: Any) -> SearcherSpec:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from virface.progress import write_progress
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -34,7 +36,6 @@ class TrialSetup:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     worker_max_failures: int = 1
-    hparam_names: list[str] = field(default_factory=list)
 
 
 def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +69,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     train_config = trial_train_config(setup, params)
     tb_dir = os.path.join(setup.tb_root, f"{setup.stage}_{trial_id}")
-    write_trial_hparams(tb_dir, params, setup)
     if setup.workers == 1:
         _run_in_process(train_config, tb_dir)
     else:
@@ -98,6 +98,7 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
         run_stage(config, os.path.join(work, "run"), on_epoch_end=report, tb_dir=tb_dir,
+                  on_progress=lambda progress: write_progress(tb_dir, progress),
                   keep_epoch_checkpoints=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -134,9 +135,12 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=name)
 
+    tb_dir = loop_config["tb_dir"]
     try:
         run_stage(config, os.path.join(work, "run"), ctx=ctx, on_epoch_end=report,
-                  tb_dir=loop_config["tb_dir"] if ctx.is_main else None, keep_epoch_checkpoints=False)
+                  tb_dir=tb_dir if ctx.is_main else None,
+                  on_progress=lambda progress: write_progress(tb_dir, progress),
+                  keep_epoch_checkpoints=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -172,26 +176,3 @@ def _run_with_train_workers(train_config: dict[str, Any], tb_dir: str, setup: Tr
         ),
     )
     trainer.fit()
-
-
-def write_trial_hparams(tb_dir: str, params: dict[str, Any], setup: TrialSetup) -> None:
-    """Write the trial's HParams entry at its start, listing the metric tags.
-
-    TensorBoard's HParams table reads each metric's latest scalar from the run, so trials that
-    ASHA stops early (and that never reach a trial-end hook) still show their last values.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    values = {}
-    for name in setup.hparam_names:
-        value = params.get(name)
-        values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    from virface.stages import tensorboard_tag
-
-    metric_tags = {tensorboard_tag(setup.metric): 0.0, tensorboard_tag("loss"): 0.0}
-    exp, ssi, _ = hparams(values, metric_tags)
-    writer = SummaryWriter(tb_dir)
-    for summary in (exp, ssi):
-        writer.file_writer.add_summary(summary)
-    writer.close()

@@ -1,0 +1,122 @@
+"""What a search records about its trials, checked through the readers people use: TensorBoard's
+HParams backend and Optuna's study. No Ray cluster needed."""
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tensorboard_view import hparams_view
+from virface.search.callbacks import TrialProgress
+from virface.search.report import (MIN_TRIALS_FOR_IMPORTANCE, TrialRow, read_trials, write_optuna_plots,
+                                   write_trials)
+from virface.search.searcher import StageOptunaSearch
+
+
+def fake_trial(trial_id, config, epochs, status="TERMINATED", error_file=None, best=None):
+    return SimpleNamespace(trial_id=trial_id, config=config, status=status, error_file=error_file,
+                           last_result={"epoch": epochs, "best_cfp_fp_acc": best} if epochs else {})
+
+
+def write_scalars(run_dir, values):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    for epoch, (acc, best) in enumerate(values, start=1):
+        writer.add_scalar("val/cfp_fp_acc", acc, epoch)
+        writer.add_scalar("best/cfp_fp_acc", best, epoch)
+    writer.close()
+
+
+def test_tensorboard_shows_each_trials_own_parameters_outcome_and_best_epoch(tmp_path):
+    tb_root = tmp_path / "virclass" / "tb"
+    progress = TrialProgress("virclass", "cfp_fp_acc", ["lr", "unlabel_batch_size", "g_lr"],
+                             num_samples=3, max_epochs=4, max_concurrent=1, tb_root=str(tb_root),
+                             print_lines=False)
+    # Completed: 4 epochs, best at epoch 2. Stopped early by ASHA at epoch 2. Failed in epoch 1.
+    write_scalars(str(tb_root / "virclass_a"), [(0.80, 0.80), (0.90, 0.90), (0.85, 0.90), (0.84, 0.90)])
+    write_scalars(str(tb_root / "virclass_b"), [(0.70, 0.70), (0.72, 0.72)])
+    trials = [fake_trial("a", {"lr": 0.01, "unlabel_batch_size": 128, "g_lr": None, "max_epoch": 4}, 4),
+              fake_trial("b", {"lr": 0.2, "unlabel_batch_size": 64, "g_lr": 0.05}, 2),
+              fake_trial("c", {"lr": 0.5, "unlabel_batch_size": 64}, 0, status="ERROR")]
+    for trial in trials:
+        progress.on_trial_start(0, trials, trial)
+    progress.on_trial_complete(0, trials, trials[0])
+    progress.on_trial_complete(0, trials, trials[1])
+    progress.on_trial_error(0, trials, trials[2])
+
+    experiment, sessions = hparams_view(str(tmp_path))
+    assert {h.name for h in experiment.hparam_infos} == {"stage", "outcome", "lr", "unlabel_batch_size", "g_lr"}
+    a, b, c = (sessions[f"virclass/tb/virclass_{t}"] for t in "abc")
+    # Ints as ints (TensorBoard would print the number 128 as "128.00"), unset values absent.
+    assert a["hparams"] == {"stage": "virclass", "outcome": "completed", "lr": 0.01,
+                            "unlabel_batch_size": "128"}
+    assert b["hparams"]["outcome"] == "stopped early" and b["hparams"]["g_lr"] == 0.05
+    assert c["hparams"]["outcome"] == "failed"
+    assert (a["status"], b["status"], c["status"]) == ("STATUS_SUCCESS", "STATUS_SUCCESS", "STATUS_FAILURE")
+    # The metric the search selects on is the best epoch's, not the last one's.
+    assert a["metrics"]["best/cfp_fp_acc"] == pytest.approx(0.90)
+    assert a["metrics"]["val/cfp_fp_acc"] == pytest.approx(0.84)
+
+
+def searcher(max_epochs=3):
+    def space(trial):
+        trial.suggest_float("lr", 0.01, 0.1, log=True)
+        return {"max_epoch": max_epochs}
+
+    return StageOptunaSearch(space=space, metric="best_acc", mode="max",
+                             sampler=optuna.samplers.RandomSampler(seed=0), objective_name="acc",
+                             max_epochs=max_epochs)
+
+
+def test_the_optuna_study_records_what_the_search_selects_on():
+    search = searcher()
+    for trial_id in ("full", "stopped", "failed"):
+        assert "lr" in search.suggest(trial_id)
+    # A full trial whose best epoch was the second: COMPLETE with the best value, not the last.
+    for epoch, best in ((1, 0.70), (2, 0.90)):
+        search.on_trial_result("full", {"best_acc": best, "acc": best, "epoch": epoch})
+    search.on_trial_complete("full", {"best_acc": 0.90, "acc": 0.85, "epoch": 3})
+    # ASHA stops a trial at epoch 2: Tune passes that last result to on_trial_complete only.
+    search.on_trial_result("stopped", {"best_acc": 0.60, "epoch": 1})
+    search.on_trial_complete("stopped", {"best_acc": 0.65, "epoch": 2})
+    search.on_trial_complete("failed", None, error=True)
+
+    study = search._ot_study
+    assert study.metric_names == ["acc"]
+    full, stopped, failed = study.trials
+    assert (full.state, full.value) == (TrialState.COMPLETE, 0.90)
+    assert full.intermediate_values == {1: 0.70, 2: 0.90, 3: 0.90}
+    assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.65)
+    assert stopped.intermediate_values == {1: 0.60, 2: 0.65}
+    assert failed.state == TrialState.FAIL and failed.value is None
+
+
+def test_importance_plots_wait_for_enough_completed_trials(tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(study_name="s", direction="maximize",
+                                storage=JournalStorage(JournalFileBackend(journal)))
+    lines = []
+    for k in range(MIN_TRIALS_FOR_IMPORTANCE - 1):
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+        study.tell(trial, 0.5 + 0.1 * k)
+    written = write_optuna_plots(journal, "s", str(tmp_path / "plots"), "acc", say=lines.append)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["optimization_history.png"]
+    assert lines == [f"param_importances.png not drawn: it needs at least {MIN_TRIALS_FOR_IMPORTANCE} "
+                     f"completed trials, and this stage has {MIN_TRIALS_FOR_IMPORTANCE - 1} "
+                     "(stopped-early trials do not count)"]
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+    study.tell(trial, 0.9)
+    written = write_optuna_plots(journal, "s", str(tmp_path / "plots"), "acc", say=lines.append)
+    assert sorted(p.rsplit("/", 1)[1] for p in written) == ["optimization_history.png", "param_importances.png"]
+
+
+def test_the_trial_table_round_trips_through_trials_json(tmp_path):
+    rows = [TrialRow("a", {"lr": 0.1, "s": 32}, 0.91, 6, "completed"),
+            TrialRow("b", {"lr": 0.3}, None, 1, "failed", "NonFiniteLossError: loss is nan")]
+    write_trials(str(tmp_path / "trials.json"), "pretrain", "lfw_acc", "max", 6, rows)
+    assert read_trials(str(tmp_path / "trials.json")) == ("lfw_acc", rows)
+    assert rows[1].status == "ERROR: NonFiniteLossError: loss is nan"

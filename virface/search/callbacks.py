@@ -1,0 +1,197 @@
+"""The search driver's view of its trials: progress lines a person can read, and each trial's
+TensorBoard HParams entry once its outcome is known.
+
+Lines (on stdout, the driver's; also what ``ray job logs`` shows):
+  [pretrain] trial 2/4 8f3a2b1c started: lr=0.05, m=0.4
+  [pretrain] trial 2/4 8f3a2b1c | epoch 3/6 step 20/40 | loss 10.9 | 612 img/s | trial 0:35 left | stage <= 2:10 left
+  [pretrain] trial 2/4 8f3a2b1c | epoch 3/6: cfp_fp_acc=0.8823 (best 0.8823) loss=10.9
+  [pretrain] trial 2/4 8f3a2b1c stopped early at epoch 2/6 (best cfp_fp_acc=0.8711)
+
+Step lines come from the ``progress.json`` each trial's rank 0 rewrites in its TensorBoard run
+folder every ``log_every`` steps (storage is shared by every node of a cluster); the driver looks
+at most once a second. "stage <= ..." is an upper bound: ASHA may stop trials early.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from virface.progress import format_duration, read_progress
+from virface.search.report import (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_STOPPED, format_value,
+                                   trial_outcome)
+
+POLL_EVERY_S = 1.0
+
+
+def tensorboard_hparams(stage: str, params: dict[str, Any], outcome: str) -> dict[str, Any]:
+    """The HParams values TensorBoard shows for a trial.
+
+    TensorBoard's table prints every number with 5 significant digits (128 -> 128.00), so ints
+    are written as text; unset (None) parameters are left out rather than shown as "None".
+    """
+    values: dict[str, Any] = {"stage": stage, "outcome": outcome}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif not isinstance(value, (bool, float, str)):
+            value = str(value)
+        values[name] = value
+    return values
+
+
+def write_trial_hparams(tb_dir: str, stage: str, params: dict[str, Any], outcome: str,
+                        start_time: float | None = None) -> None:
+    """Write the trial's HParams session (start with its values, end with its status) into its
+    TensorBoard run. Written once the outcome is known: TensorBoard keeps the first session-start
+    record of a run, so it cannot be corrected later."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    start = plugin_data_pb2.SessionStartInfo(start_time_secs=start_time or time.time())
+    for name, value in tensorboard_hparams(stage, params, outcome).items():
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+        elif isinstance(value, float):
+            start.hparams[name].number_value = value
+        else:
+            start.hparams[name].string_value = value
+    status = api_pb2.STATUS_FAILURE if outcome == OUTCOME_FAILED else api_pb2.STATUS_SUCCESS
+    end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    writer = SummaryWriter(tb_dir)
+    try:
+        for tag, data in ((metadata.SESSION_START_INFO_TAG, {"session_start_info": start}),
+                          (metadata.SESSION_END_INFO_TAG, {"session_end_info": end})):
+            content = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(**data))
+            writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, metadata=content)]))
+    finally:
+        writer.close()
+
+
+class TrialProgress(Callback):
+    """Prints the search's progress and writes each trial's HParams entry when it ends."""
+
+    def __init__(self, stage: str, metric: str, parameter_names: list[str], num_samples: int,
+                 max_epochs: int, max_concurrent: int, tb_root: str, print_lines: bool = True):
+        self.stage, self.metric, self.parameter_names = stage, metric, list(parameter_names)
+        self.num_samples, self.max_epochs = num_samples, max_epochs
+        self.max_concurrent = max(1, max_concurrent)
+        self.tb_root, self.print_lines = tb_root, print_lines
+        self.index: dict[str, int] = {}          # trial id -> 1-based order of start
+        self.started_at: dict[str, float] = {}
+        self.full_trial_s: dict[str, float] = {}   # estimated length of a full trial, per trial
+        self.last_step: dict[str, tuple] = {}
+        self.next_poll = 0.0
+
+    # -- helpers
+
+    def tb_dir(self, trial) -> str:
+        return os.path.join(self.tb_root, f"{self.stage}_{trial.trial_id}")
+
+    def say(self, trial, text: str) -> None:
+        if self.print_lines:
+            number = self.index.get(trial.trial_id)
+            where = f"trial {number}/{self.num_samples} " if number else "trial "
+            print(f"[{self.stage}] {where}{trial.trial_id} {text}", flush=True)
+
+    def params(self, trial) -> dict[str, Any]:
+        config = trial.config or {}
+        return {k: config[k] for k in self.parameter_names if k in config}
+
+    def stage_left_s(self, running_left: list[float]) -> float | None:
+        """Upper bound on the stage's time left: running trials' time left, plus the trials not
+        started yet at the mean full-trial length, spread over the concurrent slots."""
+        not_started = max(0, self.num_samples - len(self.index))
+        if not_started and not self.full_trial_s:
+            return None
+        estimates = list(self.full_trial_s.values())
+        mean_full = sum(estimates) / len(estimates) if estimates else 0.0
+        return (sum(running_left) + not_started * mean_full) / self.max_concurrent
+
+    # -- Tune hooks (driver side)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self.index:
+            self.index[trial.trial_id] = len(self.index) + 1
+        self.started_at[trial.trial_id] = time.time()
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in self.params(trial).items())
+        self.say(trial, f"started: {params}" if params else "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value, best = result.get(self.metric), result.get(f"best_{self.metric}")
+        parts = [f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "",
+                 f"(best {best:.4f})" if isinstance(best, (int, float)) else ""]
+        if isinstance(result.get("loss"), (int, float)) and self.metric != "loss":
+            parts.append(f"loss={result['loss']:.4g}")
+        self.say(trial, f"| epoch {result.get('epoch')}/{self.max_epochs}: "
+                        + " ".join(p for p in parts if p))
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.time()
+        if now < self.next_poll:
+            return
+        self.next_poll = now + POLL_EVERY_S
+        lines, running_left = [], []
+        for trial in trials:
+            if trial.status != "RUNNING":
+                continue
+            progress = read_progress(self.tb_dir(trial))
+            if progress is None:
+                continue
+            running_left.append(progress.run_left_s)
+            key = (progress.epoch, progress.step)
+            # Time so far (start-up included) plus the trial's own estimate of what is left.
+            elapsed = now - self.started_at.get(trial.trial_id, now)
+            self.full_trial_s[trial.trial_id] = elapsed + progress.run_left_s
+            if self.last_step.get(trial.trial_id) != key:
+                self.last_step[trial.trial_id] = key
+                lines.append((trial, progress))
+        for trial, progress in lines:
+            stage_left = self.stage_left_s(running_left)
+            self.say(trial, f"| epoch {progress.epoch}/{progress.max_epoch} step {progress.step}/"
+                            f"{progress.steps} | loss {progress.loss:.4g} | "
+                            f"{progress.samples_per_s:,.0f} img/s | trial "
+                            f"{format_duration(progress.run_left_s)} left | stage <= "
+                            f"{format_duration(stage_left)} left")
+
+    def _finish(self, trial, error: bool) -> None:
+        result = trial.last_result or {}
+        epochs = int(result.get("epoch", 0) or 0)
+        outcome = trial_outcome(epochs, self.max_epochs, error)
+        elapsed = time.time() - self.started_at.get(trial.trial_id, time.time())
+        if epochs and not error:      # measured; scaled to a full trial for one stopped early
+            self.full_trial_s[trial.trial_id] = elapsed * self.max_epochs / epochs
+        try:
+            write_trial_hparams(self.tb_dir(trial), self.stage, self.params(trial), outcome,
+                                self.started_at.get(trial.trial_id))
+        except OSError as exc:      # TensorBoard is a view: never fail a search over it
+            self.say(trial, f"(TensorBoard HParams not written: {exc})")
+        best = result.get(f"best_{self.metric}")
+        best_text = f" (best {self.metric}={best:.4f})" if isinstance(best, (int, float)) else ""
+        if outcome == OUTCOME_COMPLETED:
+            self.say(trial, f"completed {epochs} epoch(s){best_text}")
+        elif outcome == OUTCOME_STOPPED:
+            self.say(trial, f"stopped early at epoch {epochs}/{self.max_epochs}{best_text}")
+        else:
+            self.say(trial, f"FAILED: {last_error_line(trial.error_file)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, error=True)
+
+
+def last_error_line(error_file: str | None) -> str:
+    if not error_file or not os.path.exists(error_file):
+        return "(no error file)"
+    with open(error_file) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    # The last line of a traceback holds the exception and its message.
+    return lines[-1] if lines else "(empty error file)"
+

@@ -1,0 +1,70 @@
+"""``virface-search`` (and ``python tune/run_search.py``): search a VirFace stage with Ray Tune +
+Optuna, running its missing upstream stages first.
+
+    virface-search --stage virface                 # the default chain, on the built-in synthetic faces
+    virface-search --stage virclass --labeled /data/ms1m_subset --unlabeled /data/shallow/meta.txt \\
+        --val lfw=/data/lfw.bin --val cfp_fp=/data/cfp_fp.bin --workers 4 --gpus_per_worker 1
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python tune/run_search.py --stage virface --storage /shared/experiments
+    tensorboard --logdir experiments/default
+
+Every option also has a kebab-case spelling (--num-samples). Running a finished search again
+prints its results; --resume continues an interrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from virface.config import GROUP_DATA, TrainConfig, config_field_names
+from virface.errors import VirFaceError
+from virface.options import HelpFormatter, add_dataclass_options, given_options
+
+
+def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
+    from virface.search.runner import SearchOptions
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter,
+                                     usage="%(prog)s [--stage STAGE] [options]")
+    groups: dict = {}
+    add_dataclass_options(parser, SearchOptions, groups=groups)
+    add_dataclass_options(parser, TrainConfig, config_field_names(GROUP_DATA), groups=groups)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace):
+    from virface.search.runner import SearchOptions
+
+    names = [f.name for f in dataclasses.fields(SearchOptions) if "help" in f.metadata]
+    return SearchOptions(**given_options(args, names),
+                         data=given_options(args, config_field_names(GROUP_DATA)))
+
+
+def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        # The local Ray the search starts uses token authentication, Ray's default; choosing it
+        # explicitly, before Ray is imported (it reads the setting once), is what keeps Ray from
+        # printing a warning that it chose it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from virface.search.runner import run_search
+
+    try:
+        options = options_from_args(args)
+        outcomes = run_search(options)
+    except VirFaceError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + "\n\n".join(o.table() for o in outcomes))
+    print(f"\nTensorBoard: tensorboard --logdir {options.storage}/{options.name}")
+    failed = [o for o in outcomes if o.manifest is None]
+    if failed:
+        print(f"{prog}: {failed[0].error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

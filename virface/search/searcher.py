@@ -1,0 +1,74 @@
+"""Ray Tune's OptunaSearch, made to record what the search selects on.
+
+Ray's OptunaSearch tells Optuna each trial's *last* reported value and marks a trial that ASHA
+stopped early as COMPLETE. Our trials report ``best_<metric>`` (the best epoch so far), which is
+what the manifest picks a trial by, so here:
+- each epoch's ``best_<metric>`` is the trial's intermediate value at step ``epoch`` (not Tune's
+  training_iteration, which restarts from 1 after a resume);
+- a trial that ends before its last epoch without an error is PRUNED (Optuna then records its
+  last intermediate value, the best so far); a full trial is COMPLETE with its best value;
+- the study's objective carries the metric's name (Optuna's dashboard labels the axis with it).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger("virface")
+
+
+class StageOptunaSearch(OptunaSearch):
+    """OptunaSearch for one stage. ``metric`` must be the best-so-far metric the trials report;
+    ``objective_name`` names the study's objective; ``max_epochs`` is a full trial's length."""
+
+    def __init__(self, *args, objective_name: str, max_epochs: int, **kwargs):
+        self._objective_name = objective_name
+        self._max_epochs = max_epochs
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        import optuna
+
+        with warnings.catch_warnings():
+            # set_metric_names is marked experimental; we use it on purpose.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([self._objective_name])
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        """The best-so-far value at step ``epoch``, once per epoch (a resumed trial repeats one)."""
+        if not result or self.metric not in result or trial_id not in self._ot_trials:
+            return
+        reported = self.__dict__.setdefault("_reported_epochs", {}).setdefault(trial_id, set())
+        epoch = int(result.get("epoch", 0))
+        if epoch not in reported:
+            self._ot_trials[trial_id].report(float(result[self.metric]), epoch)
+            reported.add(epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        from optuna.trial import TrialState
+
+        ot_trial = self._ot_trials[trial_id]
+        # Tune does not pass the result that ends a trial (ASHA's stop at a rung, the last
+        # epoch) to on_trial_result: report it here, so a PRUNED trial keeps its final value.
+        self._report(trial_id, result)
+        value = (result or {}).get(self.metric)
+        if error or value is None:
+            state, value = TrialState.FAIL, None
+        elif int(result.get("epoch", self._max_epochs)) < self._max_epochs:
+            state, value = TrialState.PRUNED, None      # Optuna keeps the last intermediate value
+        else:
+            state = TrialState.COMPLETE
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception as exc:   # e.g. a NaN value: Optuna refuses it; the trial still ends
+            log.warning("optuna could not record trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
