@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from virface.config import TrainConfig  # noqa: E402
 from virface.distributed import DistributedContext  # noqa: E402
-from virface.stages import StageStep, build_models, build_optimizers  # noqa: E402
+from virface.models import build_models, build_optimizers  # noqa: E402
+from virface.steps import StageStep  # noqa: E402
 
 CONFIGS = [  # (name, amp, channels_last, compile)
     ("fp32", "none", False, False),

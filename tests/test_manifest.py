@@ -15,10 +15,10 @@ from virface.search.manifest import (
     manifest_path,
     plan_chain,
     read_manifest,
-    stage_chain,
     upstream_checkpoint,
     write_manifest,
 )
+from virface.stage_table import stage_chain
 
 EXPERIMENT = "exp"
 

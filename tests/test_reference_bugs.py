@@ -12,7 +12,8 @@ import torch
 from virface.config import TrainConfig
 from virface.distributed import DistributedContext
 from virface.evaluation.verification import extract_embeddings, verify_10fold
-from virface.stages import StageStep, build_models, build_optimizers
+from virface.models import build_models, build_optimizers
+from virface.steps import StageStep
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "virface"
 

@@ -9,7 +9,8 @@ from virface.checkpoint import load_checkpoint
 from virface.config import TrainConfig
 from virface.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
                             StagePreconditionError, VirFaceError)
-from virface.stages import StageStep, run_stage
+from virface.stages import run_stage
+from virface.steps import StageStep
 
 TINY = dict(arch="mobilefacenet_s", feat_len=16, label_batch_size=8, unlabel_batch_size=4,
             steps_per_epoch=2, max_epoch=2, lr=0.05, gen_num=2, tensorboard=False, device="cpu")

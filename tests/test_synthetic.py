@@ -185,7 +185,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, tiny):
 
 
 def test_export_is_read_back_by_the_real_readers(tmp_path, tiny):
-    from virface.data.sources import open_image_source
+    from virface.data.loading import open_image_source
     from virface.evaluation.verification import load_bin
 
     paths = export_synthetic(tiny, str(tmp_path / "out"))

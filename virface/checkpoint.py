@@ -1,33 +1,50 @@
-"""Checkpoints: one file per stage epoch, written atomically, loaded strictly.
+"""Checkpoints, in one place: their format, atomic save, strict load, and what a stage may start
+or resume from.
 
 A checkpoint is a dict of plain types and tensors (loadable with ``weights_only=True``):
   format, version, stage, epoch, config, metrics, model {arch, feat_len, input_size, num_ids},
   backbone, head, generator (when the stage has one), optimizers {name: state},
   schedulers {name: state}, best {metric, mode, value, epoch}.
+The model description makes a checkpoint loadable without its config: :func:`load_backbone`.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
 from virface.atomic import atomic_open
-from virface.errors import CheckpointError, StagePreconditionError
+from virface.config import INHERITED_FIELDS, TrainConfig
+from virface.errors import CheckpointError, ConfigError, StagePreconditionError
+from virface.stage_table import producer_of, stage_spec
 
 FORMAT = "virface-checkpoint"
 VERSION = 1
 MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")
 
-# What each stage needs from the checkpoint it starts from.
-STAGE_NEEDS = {
-    "pretrain": (),
-    "generator": ("backbone", "head"),
-    "virclass": ("backbone", "head"),
-    "virface": ("backbone", "head", "generator"),
-}
-STAGE_PRODUCER = {"backbone": "pretrain", "head": "pretrain", "generator": "generator"}
+
+# ---------------------------------------------------------------- format and file I/O
+
+
+def checkpoint_state(config: TrainConfig, models, optimizers: Mapping, schedulers: Mapping, epoch: int,
+                     metrics: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of ``models`` (a StageModels) after ``epoch``."""
+    return {
+        "stage": config.method,
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "metrics": metrics,
+        "model": {k: getattr(config, k) for k in MODEL_KEYS},
+        "backbone": models.backbone.state_dict(),
+        "head": models.head.state_dict(),
+        "generator": models.generator.state_dict() if models.generator is not None else None,
+        "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
+        "schedulers": {k: v.state_dict() for k, v in schedulers.items()},
+        "best": best,
+    }
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str) -> str:
@@ -36,6 +53,13 @@ def save_checkpoint(state: Mapping[str, Any], path: str) -> str:
     with atomic_open(path) as f:
         torch.save(dict(state, format=FORMAT, version=VERSION), f)
     return path
+
+
+def copy_checkpoint(source: str, target: str) -> str:
+    """Copy a checkpoint file atomically (best.pt from an epoch's checkpoint)."""
+    with open(source, "rb") as src, atomic_open(target) as dst:
+        shutil.copyfileobj(src, dst)
+    return target
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -48,6 +72,16 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a virface checkpoint (no format={FORMAT!r} key)")
     return state
+
+
+def model_meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
+    meta = state.get("model")
+    if not isinstance(meta, dict) or any(k not in meta for k in MODEL_KEYS):
+        raise CheckpointError(f"{path}: missing model description keys {list(MODEL_KEYS)}")
+    return dict(meta)
+
+
+# ---------------------------------------------------------------- loading into modules
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,25 +111,86 @@ def load_module_state(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     module.load_state_dict(state_dict)
 
 
+def load_models(models, state: Mapping[str, Any], path: str) -> None:
+    """Load backbone, head and (when both have one) generator of ``state`` into ``models``."""
+    load_module_state(models.backbone, state["backbone"], "backbone", path)
+    load_module_state(models.head, state["head"], "head", path)
+    if models.generator is not None and state.get("generator") is not None:
+        load_module_state(models.generator, state["generator"], "generator", path)
+
+
+def load_backbone(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone of any stage's checkpoint, built from its model description, in eval mode on
+    ``device``; and the checkpoint. For evaluation and benchmarks."""
+    from virface.backbones import build_backbone
+
+    state = load_checkpoint(path)
+    meta = model_meta(state, path)
+    backbone = build_backbone(meta["arch"], feat_len=meta["feat_len"], input_size=meta["input_size"])
+    load_module_state(backbone, state["backbone"], "backbone", path)
+    return backbone.to(device).eval(), state
+
+
+# ---------------------------------------------------------------- what a stage starts from
+
+
 def check_stage_preconditions(stage: str, state: Mapping[str, Any] | None, path: str | None) -> None:
     """Fail before any data is read when ``stage`` cannot start from ``state``."""
-    needs = STAGE_NEEDS[stage]
+    needs = stage_spec(stage).needs
     if not needs:
         return
     if state is None:
         raise StagePreconditionError(
             f"stage {stage} needs a checkpoint with {' + '.join(needs)}; give --pretrained_file "
-            f"(the best.pt of a {STAGE_PRODUCER[needs[-1]]} run)")
+            f"(the best.pt of a {producer_of(needs[-1])} run)")
     absent = [k for k in needs if state.get(k) is None]
     if absent:
-        producer = STAGE_PRODUCER[absent[-1]]
         raise StagePreconditionError(
             f"{path}: stage {stage} needs {' + '.join(needs)}, but this {state.get('stage')} "
-            f"checkpoint has no {' or '.join(absent)}; train the {producer} stage first")
+            f"checkpoint has no {' or '.join(absent)}; train the {producer_of(absent[-1])} stage first")
 
 
-def model_meta(state: Mapping[str, Any], path: str) -> dict[str, Any]:
-    meta = state.get("model")
-    if not isinstance(meta, dict) or any(k not in meta for k in MODEL_KEYS):
-        raise CheckpointError(f"{path}: missing model description keys {list(MODEL_KEYS)}")
-    return dict(meta)
+def read_start_checkpoint(config: TrainConfig) -> tuple[dict | None, str | None]:
+    """Load the resume/pretrained checkpoint and check the stage can start from it.
+
+    Runs before any data is read, so a wrong chain fails in a second, not after loading a data set.
+    """
+    path = config.resume_file or config.pretrained_file
+    state = load_checkpoint(path) if path else None
+    if config.resume_file:
+        if state.get("stage") != config.method:
+            raise CheckpointError(f"{path}: cannot resume stage {config.method} from a "
+                                  f"{state.get('stage')} checkpoint; use --pretrained_file to start "
+                                  f"a new stage from it")
+    else:
+        check_stage_preconditions(config.method, state, path)
+    return state, path
+
+
+def inherit_model_fields(config: TrainConfig, state: dict | None, path: str | None) -> TrainConfig:
+    """Fill the model-shaping fields from the start checkpoint; an explicit disagreement is an error."""
+    if state is None:
+        return config
+    meta = model_meta(state, path)
+    changes: dict[str, Any] = {}
+    for key in INHERITED_FIELDS:
+        given = getattr(config, key)
+        if given is not None and given != meta[key]:
+            raise ConfigError(f"{key}: {given!r} was given, but {path} was trained with "
+                              f"{key}={meta[key]!r}; it is inherited from the checkpoint")
+        changes[key] = meta[key]
+    upstream_cfg = state.get("config") or {}
+    # The head's classes are the upstream's labeled identities: the same data must come back.
+    if config.uses_synthetic and not config.synthetic and upstream_cfg.get("synthetic"):
+        changes["synthetic"] = upstream_cfg["synthetic"]
+    return config.replace(**changes)
+
+
+def check_start_checkpoint(config: TrainConfig) -> None:
+    """Everything about ``config``'s start checkpoint that can fail, without reading data: the
+    stage may start from it, and its weights fit the model the stage builds."""
+    from virface.models import build_models
+
+    state, path = read_start_checkpoint(config)
+    if state is not None:
+        load_models(build_models(inherit_model_fields(config, state, path)), state, path)

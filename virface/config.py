@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from virface.errors import ConfigError
+from virface.stage_table import STAGES
 
-METHODS = ("pretrain", "generator", "virclass", "virface")
+METHODS = tuple(STAGES)
 OPTIM_MODES = ("alternate", "joint")
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -165,10 +166,10 @@ class TrainConfig:
 
     @property
     def uses_unlabeled(self) -> bool:
-        return self.method in ("virclass", "virface")
+        return STAGES[self.method].uses_unlabeled
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(STAGES))
         _choice("optim_mode", self.optim_mode, OPTIM_MODES)
         _choice("amp", self.amp, AMP_MODES)
         for name in ("label_batch_size", "max_epoch", "loader_workers", "log_every"):

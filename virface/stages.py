@@ -1,43 +1,36 @@
-"""The four VirFace stages as one plain function: ``run_stage(config, data, run_dir, ...)``.
+"""The stage loop, one plain function for every stage: ``run_stage(config, run_dir, data, ...)``.
 
 It runs alone on CPU or CUDA, inside Ray Train workers, and inside a Tune trial, unchanged: it
 sets up no process group (it asks ``DistributedContext`` whether one exists), binds no port, and
-reports each epoch through a callback.
-
-Per stage (x labeled features, u unlabeled features, W class weights, G the generator):
-  pretrain   ArcFace CE on x                                   -> backbone + W
-  generator  L2 * mse(G(x), W_y) + KL * kl, backbone frozen   -> G
-  virclass   CE of x against [W; u] (u are negative classes)  -> backbone + W
-  virface    virclass + CE of G's instances of u against [W; u.detach()]
-             + the generator loss; ``alternate``: a G step then a backbone/W step with G frozen;
-             ``joint``: one optimiser over everything (the reference code)
+reports each epoch through a callback. What differs between stages comes from the stage table
+(``virface.stage_table``); each stage's step is in ``virface.steps``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from virface.backbones import build_backbone
-from virface.checkpoint import (MODEL_KEYS, check_stage_preconditions, load_checkpoint,
-                                load_module_state, model_meta, save_checkpoint)
-from virface.config import INHERITED_FIELDS, TrainConfig
+from virface.atomic import write_text_atomic
+from virface.checkpoint import (checkpoint_state, copy_checkpoint, inherit_model_fields, load_models,
+                                read_start_checkpoint, save_checkpoint)
+from virface.config import TrainConfig
 from virface.data.loading import StageData, build_stage_data, make_train_loader
 from virface.distributed import DistributedContext
-from virface.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, VirFaceError
-from virface.generator import FeatureVAE, generator_losses
-from virface.heads import ArcFaceHead, overlap_keep_mask
+from virface.errors import ConfigError, DataError, NonFiniteLossError, VirFaceError
+from virface.evaluation.verification import evaluate_pair_sets
+from virface.metrics import selection_metric, tensorboard_tag
+from virface.models import StageModels, build_models, build_optimizers
 from virface.progress import RunClock, StepProgress
+from virface.stage_table import stage_spec
+from virface.steps import StageStep
 
 log = logging.getLogger("virface")
 
@@ -57,52 +50,6 @@ class StageResult:
     best: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StageModels:
-    backbone: nn.Module
-    head: ArcFaceHead
-    generator: FeatureVAE | None = None
-
-
-# ---------------------------------------------------------------- set-up
-
-
-def read_start_checkpoint(config: TrainConfig) -> tuple[dict | None, str | None]:
-    """Load the resume/pretrained checkpoint and check the stage can start from it.
-
-    Runs before any data is read, so a wrong chain fails in a second, not after loading a data set.
-    """
-    path = config.resume_file or config.pretrained_file
-    state = load_checkpoint(path) if path else None
-    if config.resume_file:
-        if state.get("stage") != config.method:
-            raise CheckpointError(f"{path}: cannot resume stage {config.method} from a "
-                                  f"{state.get('stage')} checkpoint; use --pretrained_file to start "
-                                  f"a new stage from it")
-    else:
-        check_stage_preconditions(config.method, state, path)
-    return state, path
-
-
-def resolve_config(config: TrainConfig, state: dict | None, path: str | None) -> TrainConfig:
-    """Fill the model-shaping fields from the start checkpoint; an explicit disagreement is an error."""
-    if state is None:
-        return config
-    meta = model_meta(state, path)
-    changes: dict[str, Any] = {}
-    for key in INHERITED_FIELDS:
-        given = getattr(config, key)
-        if given is not None and given != meta[key]:
-            raise ConfigError(f"{key}: {given!r} was given, but {path} was trained with "
-                              f"{key}={meta[key]!r}; it is inherited from the checkpoint")
-        changes[key] = meta[key]
-    upstream_cfg = state.get("config") or {}
-    # The head's classes are the upstream's labeled identities: the same data must come back.
-    if config.uses_synthetic and not config.synthetic and upstream_cfg.get("synthetic"):
-        changes["synthetic"] = upstream_cfg["synthetic"]
-    return config.replace(**changes)
-
-
 def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
     arch = config.arch or (DEFAULT_ARCH_SYNTHETIC if config.uses_synthetic else DEFAULT_ARCH_REAL)
     num_ids = data.labeled.num_classes
@@ -113,240 +60,7 @@ def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
                           feat_len=config.feat_len or DEFAULT_FEAT_LEN)
 
 
-def build_models(config: TrainConfig) -> StageModels:
-    backbone = build_backbone(config.arch, feat_len=config.feat_len, input_size=config.input_size)
-    head = ArcFaceHead(config.num_ids, config.feat_len, s=config.s, m=config.m, dropout=config.dropout)
-    generator = FeatureVAE(config.feat_len) if config.method in ("generator", "virface") else None
-    return StageModels(backbone, head, generator)
-
-
-def load_models(models: StageModels, state: dict, path: str, with_generator: bool) -> None:
-    load_module_state(models.backbone, state["backbone"], "backbone", path)
-    load_module_state(models.head, state["head"], "head", path)
-    if with_generator and models.generator is not None and state.get("generator") is not None:
-        load_module_state(models.generator, state["generator"], "generator", path)
-
-
-def sgd(params_decay, params_no_decay, config: TrainConfig, lr: float) -> torch.optim.SGD:
-    groups = [{"params": params_decay, "weight_decay": config.weight_decay},
-              {"params": params_no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=config.momentum)
-
-
-def split_decay(*modules: nn.Module) -> tuple[list, list]:
-    """Weight decay on conv/linear weights and W; none on BatchNorm, PReLU and biases (1-d params)."""
-    decay, no_decay = [], []
-    for module in modules:
-        for p in module.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-    return decay, no_decay
-
-
-def build_optimizers(config: TrainConfig, models: StageModels) -> dict[str, torch.optim.Optimizer]:
-    g_lr = config.g_lr or config.lr
-    method = config.method
-    if method == "generator":
-        return {"generator": sgd(*split_decay(models.generator), config, g_lr)}
-    if method == "virface" and config.optim_mode == "joint":
-        opt = sgd(*split_decay(models.backbone, models.head), config, config.lr)
-        g_decay, g_no_decay = split_decay(models.generator)
-        opt.add_param_group({"params": g_decay, "weight_decay": config.weight_decay, "lr": g_lr})
-        opt.add_param_group({"params": g_no_decay, "weight_decay": 0.0, "lr": g_lr})
-        return {"main": opt}
-    optimizers = {"main": sgd(*split_decay(models.backbone, models.head), config, config.lr)}
-    if method == "virface":
-        optimizers["generator"] = sgd(*split_decay(models.generator), config, g_lr)
-    return optimizers
-
-
-# Verification sets from hardest to easiest on real data (CFP-FP's frontal-profile pairs and
-# CPLFW's poses are the hard ones; LFW is near saturation): the default selection metric is the
-# accuracy on the hardest set given. Names not listed rank after the hard ones, before the easy.
-PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
-EASY_PAIR_SETS = ("cfp_ff", "lfw")
-STAGE_LOSS_TERMS = {
-    "pretrain": ("loss_arcface",),
-    "generator": ("gen_mse", "gen_kl", "gen_loss"),
-    "virclass": ("loss_vc", "virtual_classes", "overlap_dropped"),
-    "virface": ("loss_vc", "loss_vi", "virtual_classes", "overlap_dropped", "gen_mse", "gen_kl",
-                "gen_loss"),
-}
-EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
-PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
-
-
-def hardest_pair_set(names: list[str]) -> str:
-    """The pair set whose accuracy selects by default: the first of PAIR_SET_HARDNESS found in a
-    name, else a name not known to be easy, else the first given."""
-    def rank(indexed: tuple[int, str]) -> tuple[int, int]:
-        i, name = indexed
-        lowered = name.lower()
-        for k, token in enumerate(PAIR_SET_HARDNESS):
-            if token in lowered:
-                return k, i
-        easy = [k for k, token in enumerate(EASY_PAIR_SETS) if token in lowered]
-        return (len(PAIR_SET_HARDNESS) + 1 + easy[0], i) if easy else (len(PAIR_SET_HARDNESS), i)
-
-    return min(enumerate(names), key=rank)[1]
-
-
-def metric_mode(metric: str) -> str:
-    """``min`` for losses, ``max`` for everything else (accuracies, TAR)."""
-    return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
-
-
-def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
-    """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
-    names = list(EPOCH_METRICS) + list(STAGE_LOSS_TERMS[method])
-    if method != "generator":     # the generator stage freezes the backbone: nothing to verify
-        names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
-    return names
-
-
-def selection_metric(method: str, pair_set_names: list[str], eval_on: bool = True,
-                     best_metric: str | None = None) -> tuple[str, str]:
-    """(metric, mode) that picks the best epoch, and by default a search's best trial: the
-    hardest pair set's accuracy; gen_loss for the generator; the loss without pair sets."""
-    if best_metric:
-        return best_metric, metric_mode(best_metric)
-    if method == "generator":
-        return "gen_loss", "min"
-    if eval_on and pair_set_names:
-        return f"{hardest_pair_set(pair_set_names)}_acc", "max"
-    return "loss", "min"
-
-
-# ---------------------------------------------------------------- one step per stage
-
-
-class StageStep:
-    """One training step of a stage; returns the detached loss components of the step."""
-
-    def __init__(self, config: TrainConfig, models: StageModels, backbone: nn.Module,
-                 optimizers: dict[str, torch.optim.Optimizer], ctx: DistributedContext,
-                 scaler: "torch.amp.GradScaler | None"):
-        self.config, self.models, self.backbone = config, models, backbone
-        self.optimizers, self.ctx, self.scaler = optimizers, ctx, scaler
-        self.device = ctx.device
-        amp = config.amp if self.device.type == "cuda" else "none"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.n_labeled = config.label_batch_size // ctx.world_size
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        # Random horizontal flip, the reference's only augmentation at 112 px.
-        flip = torch.rand(x.shape[0], device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            feats = self.backbone(x)
-        return feats.float()
-
-    def backward_step(self, loss: torch.Tensor, name: str, manual_params) -> None:
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        self.ctx.average_gradients(manual_params)
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
-
-    def generator_terms(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        mse, kl = generator_losses(self.models.generator, x, self.models.head.weight[labels])
-        return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        method, cfg = self.config.method, self.config
-        labels = labels.to(self.device, non_blocking=True)
-        head, gen = self.models.head, self.models.generator
-
-        if method == "generator":
-            with torch.no_grad():
-                x = self.features(images)
-            terms = self.generator_terms(x, labels)
-            self.backward_step(terms["gen_loss"], "generator", gen.parameters())
-            return {"loss": terms["gen_loss"], **terms}
-
-        feats = self.features(images)
-        if method == "pretrain":
-            loss = F.cross_entropy(head(feats, labels), labels)
-            self.backward_step(loss, "main", head.parameters())
-            return {"loss": loss, "loss_arcface": loss}
-
-        x, y = feats[:self.n_labeled], labels[:self.n_labeled]
-        u_local = feats[self.n_labeled:]
-        u_all = self.ctx.all_gather_with_grad(u_local)     # every rank's virtual classes
-        if cfg.overlap_threshold is not None:
-            keep = overlap_keep_mask(u_all, head.weight, cfg.s, cfg.overlap_threshold)
-        else:
-            keep = torch.ones(u_all.shape[0], dtype=torch.bool, device=u_all.device)
-        centres = u_all[keep]
-        loss_vc = F.cross_entropy(head.virclass(x, y, centres), y)
-        out = {"loss_vc": loss_vc, "virtual_classes": keep.sum().float(),
-               "overlap_dropped": (~keep).sum().float()}
-        if method == "virclass":
-            self.backward_step(loss_vc, "main", head.parameters())
-            return {"loss": loss_vc, **out}
-
-        # virface: VirInstance from this rank's kept unlabeled features.
-        n_local = u_local.shape[0]
-        local_keep = keep[self.ctx.rank * n_local:(self.ctx.rank + 1) * n_local]
-        offset = int(keep[:self.ctx.rank * n_local].sum())
-        sources = F.normalize(u_local[local_keep].detach(), dim=1)
-        joint = cfg.optim_mode == "joint"
-        if not joint:
-            # Alternate: first a generator step on detached features (backbone frozen) ...
-            terms = self.generator_terms(x, y)
-            self.backward_step(terms["gen_loss"], "generator", gen.parameters())
-        with torch.set_grad_enabled(joint):
-            instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and len(sources) else None
-        if instances is not None:
-            logits_vi, target_vi = head.virinstance(instances, centres, cfg.gen_num, offset)
-            loss_vi = F.cross_entropy(logits_vi, target_vi)
-        else:
-            loss_vi = feats.new_zeros(())
-        if joint:
-            terms = self.generator_terms(x, y)
-            loss = loss_vc + loss_vi + terms["gen_loss"]
-            self.backward_step(loss, "main", [*head.parameters(), *gen.parameters()])
-        else:
-            # ... then a backbone/W step with the generator frozen.
-            self.backward_step(loss_vc + loss_vi, "main", head.parameters())
-            loss = loss_vc + loss_vi + terms["gen_loss"].detach()
-        return {"loss": loss, "loss_vi": loss_vi, **out, **terms}
-
-
 # ---------------------------------------------------------------- evaluation and logging
-
-
-def evaluate(backbone: nn.Module, data: StageData, ctx: DistributedContext, batch_size: int = 256
-             ) -> dict[str, float]:
-    from virface.evaluation.verification import evaluate_pair_set
-
-    metrics: dict[str, float] = {}
-    for name, pair_set in data.pair_sets.items():
-        result = evaluate_pair_set(backbone, pair_set, device=ctx.device, batch_size=batch_size)
-        metrics[f"{name}_acc"] = float(result.acc)
-        metrics[f"{name}_acc_std"] = float(result.acc_std)
-        metrics[f"{name}_tar_far1e-3"] = float(result.tar_at_far)
-    return metrics
-
-
-def tensorboard_tag(metric: str) -> str:
-    """The TensorBoard tag of a per-epoch metric: loss/..., val/..., best/... or train/..."""
-    if metric.startswith("best_"):
-        return f"best/{metric[5:]}"
-    if metric.startswith(("loss", "gen_")):
-        return f"loss/{metric}"
-    if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):
-        return f"val/{metric}"
-    return f"train/{metric}"
 
 
 class RunLog:
@@ -367,15 +81,20 @@ class RunLog:
             self.writer = SummaryWriter(tb_dir or os.path.join(run_dir, "tb"))
 
     def _truncate_after(self, epoch: int) -> None:
-        """A resumed run repeats the epochs after its checkpoint; drop their stale lines."""
+        """A resumed run repeats the epochs after its checkpoint: keep the lines up to ``epoch``.
+        A line cut short by a crash (no newline, not JSON) is dropped with them."""
         if not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, self.metrics_path)
+        kept = []
+        with open(self.metrics_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line) if line.endswith("\n") else None
+                except ValueError:
+                    record = None
+                if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+                    kept.append(line)
+        write_text_atomic(self.metrics_path, "".join(kept))
 
     def epoch(self, metrics: dict[str, Any], pair_set_names: list[str]) -> None:
         if not self.enabled:
@@ -417,12 +136,6 @@ def check_run_dir(run_dir: str, resuming: bool) -> None:
                            f"--snapshot_prefix, delete it, or resume with --resume_file")
 
 
-def _copy_atomic(src: str, dst: str) -> None:
-    tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -443,7 +156,8 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     resuming = config.resume_file is not None
     if ctx.is_main:
         check_run_dir(run_dir, resuming)
-    config = resolve_config(config, state, start_path)
+    config = inherit_model_fields(config, state, start_path)
+    spec = stage_spec(config.method)
     if data is None:
         if ctx.is_main:
             log.info("%s: reading the data (%s)", config.method,
@@ -465,10 +179,9 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
                  sum(p.numel() for p in models.backbone.parameters()) / 1e6, config.input_size,
                  ctx.device, ctx.world_size)
     if state is not None:
-        load_models(models, state, start_path, with_generator=True)
-    for module in (models.backbone, models.head, models.generator):
-        if module is not None:
-            module.to(ctx.device)
+        load_models(models, state, start_path)
+    for module in models.modules():
+        module.to(ctx.device)
     optimizers = build_optimizers(config, models)
     schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, list(config.decay_steps), config.gamma)
                   for name, opt in optimizers.items()}
@@ -481,8 +194,8 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
         best = dict(state.get("best") or {})
     del state
 
-    # The generator stage freezes the backbone: its verification scores are the upstream's.
-    pair_set_names = list(data.pair_sets) if config.eval and config.method != "generator" else []
+    # A stage that freezes the backbone (generator) would only repeat the upstream's scores.
+    pair_set_names = list(data.pair_sets) if config.eval and spec.trains_backbone else []
     metric_name, metric_mode = selection_metric(config.method, pair_set_names, config.eval,
                                                 config.best_metric)
     if best.get("metric") not in (None, metric_name):
@@ -490,7 +203,7 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     torch.manual_seed(config.seed * 1000 + ctx.rank + start_epoch)
 
     backbone = models.backbone
-    if ctx.is_distributed and config.method != "generator":
+    if ctx.is_distributed and spec.trains_backbone:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         backbone = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
     scaler = (torch.amp.GradScaler("cuda") if config.amp == "fp16" and ctx.device.type == "cuda" else None)
@@ -499,8 +212,7 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
 
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     if ctx.is_main and not resuming:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(config.to_dict(), indent=2))
     run_log = RunLog(run_dir, tb_dir, ctx.is_main, config.tensorboard,
                      start_epoch - 1 if resuming else None)
     history: list[dict[str, Any]] = []
@@ -520,7 +232,7 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
                 sched.step()
             if pair_set_names and ctx.is_main:
                 eval_start = time.perf_counter()
-                metrics.update(evaluate(models.backbone, data, ctx))
+                metrics.update(evaluate_pair_sets(models.backbone, data.pair_sets, ctx.device))
                 clock.eval_s = time.perf_counter() - eval_start
             metrics = ctx.broadcast_object(metrics)
             if metric_name not in metrics:
@@ -537,8 +249,7 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
                 save_checkpoint(checkpoint_state(config, models, optimizers, schedulers, epoch,
                                                  metrics, best), ckpt_path)
                 if is_best:
-                    best_ckpt = os.path.join(run_dir, "best.pt")
-                    _copy_atomic(ckpt_path, best_ckpt)
+                    best_ckpt = copy_checkpoint(ckpt_path, os.path.join(run_dir, "best.pt"))
                 if last_ckpt and not keep_epoch_checkpoints:
                     os.unlink(last_ckpt)
                 run_log.epoch(metrics, pair_set_names)
@@ -572,14 +283,11 @@ class ProgressReport:
 def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep, loader, sampler,
                     epoch: int, ctx: DistributedContext, optimizers,
                     report: ProgressReport | None = None) -> dict[str, Any]:
-    if config.method == "generator":
-        models.backbone.eval()
-        models.head.eval()
-        models.generator.train()
-    else:
-        for module in (models.backbone, models.head, models.generator):
-            if module is not None:
-                module.train()
+    trains = stage_spec(config.method).trains
+    for part in ("backbone", "head", "generator"):
+        module = getattr(models, part)
+        if module is not None:
+            module.train(part in trains)       # frozen parts run in eval mode (BatchNorm stats)
     sampler.set_epoch(epoch)
     lr = optimizers["main" if "main" in optimizers else "generator"].param_groups[0]["lr"]
     sums: dict[str, torch.Tensor] = {}
@@ -627,23 +335,6 @@ def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step
         raise NonFiniteLossError(f"stage {stage}, epoch {epoch}, step {first_step + k}: loss is "
                                  f"{float(values[k])}; stopping before any checkpoint of these weights "
                                  f"is written (lower lr, or check the data)")
-
-
-def checkpoint_state(config: TrainConfig, models: StageModels, optimizers, schedulers, epoch: int,
-                     metrics: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "stage": config.method,
-        "epoch": epoch,
-        "config": config.to_dict(),
-        "metrics": metrics,
-        "model": {k: getattr(config, k) for k in MODEL_KEYS},
-        "backbone": models.backbone.state_dict(),
-        "head": models.head.state_dict(),
-        "generator": models.generator.state_dict() if models.generator is not None else None,
-        "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
-        "schedulers": {k: v.state_dict() for k, v in schedulers.items()},
-        "best": best,
-    }
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -6,64 +6,17 @@ against a root folder (by default the list's own folder). :func:`write_image_fol
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, encode_png
+from torchvision.io import encode_png
 
 from virface.atomic import write_text_atomic
-from virface.data.sources import ImageSource, remap_labels
-from virface.errors import CorruptImageError, DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-def decode_rgb(data: bytes | bytearray | memoryview | np.ndarray, what: str) -> torch.Tensor:
-    """Decode encoded image bytes to a uint8 (3, H, W) RGB tensor.
-
-    ``what`` names the file/record for the error. Raises ``CorruptImageError``.
-    """
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
-        else np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    if buf.size == 0:
-        raise CorruptImageError(f"{what}: empty image data")
-    try:
-        # frombuffer shares memory with a possibly read-only buffer; the copy keeps torch quiet.
-        image = decode_image(torch.from_numpy(buf.copy()), mode=ImageReadMode.RGB)
-    except RuntimeError as torch_error:
-        # torchvision decodes jpeg/png/webp/gif only; BMP (and other PIL formats) go through PIL.
-        image = _decode_with_pil(buf, what, torch_error)
-    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-        image = (image.to(torch.float32) * (255.0 / torch.iinfo(image.dtype).max)).round()
-        image = image.to(torch.uint8)
-    return image
-
-
-def _decode_with_pil(buf: np.ndarray, what: str, torch_error: Exception) -> torch.Tensor:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency, but keep the real cause
-        raise CorruptImageError(f"{what}: cannot decode image ({torch_error})") from torch_error
-    try:
-        with Image.open(io.BytesIO(buf.tobytes())) as pil:
-            array = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-    except Exception as pil_error:  # PIL raises many types for bad data
-        raise CorruptImageError(f"{what}: cannot decode image ({torch_error}; "
-                                f"PIL: {pil_error})") from pil_error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def read_image_file(path: str) -> torch.Tensor:
-    """Read and decode one image file to uint8 (3, H, W) RGB; ``CorruptImageError`` names it."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CorruptImageError(f"{path}: cannot read image ({e})") from e
-    return decode_rgb(data, path)
+from virface.data.images import IMAGE_EXTENSIONS, read_image_file
+from virface.data.sources import ImageSource, raw_class_ids, remap_labels
+from virface.errors import DataError
 
 
 class FileListSource:
@@ -155,13 +108,6 @@ def _raise_if_missing(paths: Sequence[str], name: str) -> None:
         first = "\n  ".join(missing[:5])
         raise DataError(f"{name}: {len(missing)} of {len(paths)} image files are missing; "
                         f"the first {min(5, len(missing))}:\n  {first}")
-
-
-def raw_class_ids(source: ImageSource) -> np.ndarray:
-    """(N,) int64: each image's raw class id, ``source.classes[label]`` where the source has it."""
-    labels = np.asarray(source.labels, dtype=np.int64)
-    classes = getattr(source, "classes", None)
-    return labels if classes is None else np.asarray(classes, dtype=np.int64)[labels]
 
 
 def write_image_folder(source: ImageSource, out_dir: str, meta_list_name: str = "meta.txt") -> str:

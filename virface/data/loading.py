@@ -10,7 +10,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from virface.config import TrainConfig
 from virface.data.sampler import LabeledUnlabeledBatchSampler
-from virface.data.sources import ImageSource, open_image_source
+from virface.data.files import FileListSource
+from virface.data.recordio import RecordIOSource
+from virface.data.sources import ImageSource
 from virface.errors import ConfigError, CorruptImageError, DataError
 from virface.evaluation.pairs import PairSet
 
@@ -67,6 +69,28 @@ def build_stage_data(config: TrainConfig) -> StageData:
         raise ConfigError(f"num_ids: {config.num_ids} was given, but the labeled data "
                           f"{labeled.name} has {labeled.num_classes} identities")
     return StageData(labeled, unlabeled, pair_sets, input_size)
+
+
+def open_image_source(path: str, root: str | None = None) -> ImageSource:
+    """Open a data set from ``path``, choosing the format from what is there.
+
+    - ``*.rec`` file, or a folder holding ``train.rec``: insightface RecordIO (``train.idx``
+      beside it; read without mxnet).
+    - a folder: one sub-folder per identity.
+    - any other file: the reference's meta list, ``relative/path label`` per line, resolved
+      against ``root`` (default: the list's own folder).
+    """
+    if not os.path.exists(path):
+        raise DataError(f"data path does not exist: {path}")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "train.rec")):
+            return RecordIOSource(os.path.join(path, "train.rec"))
+        if root is not None:
+            raise DataError(f"{path}: a root folder is only used with a meta list, not a folder")
+        return FileListSource.from_image_folder(path)
+    if path.endswith(".rec"):
+        return RecordIOSource(path)
+    return FileListSource.from_meta_list(path, root=root)
 
 
 class LabeledUnlabeledDataset(Dataset):

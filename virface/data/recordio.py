@@ -26,8 +26,8 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from virface.atomic import write_text_atomic
-from virface.data.files import decode_rgb, raw_class_ids
-from virface.data.sources import ImageSource, remap_labels
+from virface.data.images import decode_rgb
+from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError, RecordIOError
 
 MAGIC = 0xCED7230A

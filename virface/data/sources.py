@@ -2,8 +2,7 @@
 
 Every source decodes to a uint8 RGB tensor of shape (3, H, W) and carries labels remapped to
 0..C-1. The formats themselves live in their own modules (``recordio``, ``files``); this module
-holds the interface, the in-memory source and :func:`open_image_source`, which picks a format
-from the path it is given.
+holds the interface and the in-memory source.
 """
 from __future__ import annotations
 
@@ -79,26 +78,8 @@ class ArraySource:
                            name or f"{self.name}[subset of {len(indices)}]")
 
 
-def open_image_source(path: str, root: str | None = None) -> ImageSource:
-    """Open a data set from ``path``, choosing the format from what is there.
-
-    - ``*.rec`` file, or a folder holding ``train.rec``: insightface RecordIO (``train.idx``
-      beside it; read without mxnet).
-    - a folder: one sub-folder per identity.
-    - any other file: the reference's meta list, ``relative/path label`` per line, resolved
-      against ``root`` (default: the list's own folder).
-    """
-    from virface.data.files import FileListSource
-    from virface.data.recordio import RecordIOSource
-
-    if not os.path.exists(path):
-        raise DataError(f"data path does not exist: {path}")
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "train.rec")):
-            return RecordIOSource(os.path.join(path, "train.rec"))
-        if root is not None:
-            raise DataError(f"{path}: a root folder is only used with a meta list, not a folder")
-        return FileListSource.from_image_folder(path)
-    if path.endswith(".rec"):
-        return RecordIOSource(path)
-    return FileListSource.from_meta_list(path, root=root)
+def raw_class_ids(source: ImageSource) -> np.ndarray:
+    """(N,) int64: each image's raw class id, ``source.classes[label]`` where the source has it."""
+    labels = np.asarray(source.labels, dtype=np.int64)
+    classes = getattr(source, "classes", None)
+    return labels if classes is None else np.asarray(classes, dtype=np.int64)[labels]

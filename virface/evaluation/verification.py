@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.io import encode_png
 
 from virface.atomic import atomic_open
-from virface.data.files import decode_rgb, read_image_file
+from virface.data.images import decode_rgb, normalize_pixels, read_image_file
 from virface.errors import CorruptImageError, PairSetError
 from virface.evaluation.pairs import PairSet
 
@@ -260,7 +260,7 @@ def extract_embeddings(backbone: torch.nn.Module, images_uint8: torch.Tensor,
     """Embed uint8 (N, 3, H, W) RGB images; returns float32 (N, D) on the CPU, each row
     L2-normalised.
 
-    Pixels map to [-1, 1] as ``(x / 255 - 0.5) / 0.5``. With ``flip`` the embedding is
+    Pixels map to [-1, 1] (:func:`~virface.data.images.normalize_pixels`). With ``flip`` the embedding is
     emb(x) + emb(hflip(x)) before normalising. Normalising per row keeps each image's
     embedding independent of the rest of its batch (the reference normalised over dim 0).
     The backbone runs in eval mode; every submodule's train/eval mode is restored after.
@@ -272,7 +272,7 @@ def extract_embeddings(backbone: torch.nn.Module, images_uint8: torch.Tensor,
         with torch.inference_mode():
             for start in range(0, len(images_uint8), batch_size):
                 x = images_uint8[start:start + batch_size].to(device, non_blocking=True)
-                x = (x.float() / 255.0 - 0.5) / 0.5
+                x = normalize_pixels(x)
                 emb = backbone(x)
                 if flip:
                     emb = emb + backbone(torch.flip(x, dims=[3]))
@@ -404,3 +404,17 @@ def evaluate_pair_set(backbone: torch.nn.Module, pair_set: PairSet,
     embeddings = extract_embeddings(backbone, pair_set.images, batch_size=batch_size,
                                     device=device, flip=flip)
     return verify_10fold(embeddings, pair_set.issame, n_folds=n_folds, far_target=far_target)
+
+
+def evaluate_pair_sets(backbone: torch.nn.Module, pair_sets: dict[str, PairSet],
+                       device: str | torch.device = "cpu", batch_size: int = 256,
+                       prefix: str = "") -> dict[str, float]:
+    """Every pair set's metrics as ``{<prefix><name>_acc, _acc_std, _tar_far1e-3: float}``: what
+    a stage reports per epoch and benchmarks report per run."""
+    metrics: dict[str, float] = {}
+    for name, pair_set in pair_sets.items():
+        result = evaluate_pair_set(backbone, pair_set, device=device, batch_size=batch_size)
+        metrics[f"{prefix}{name}_acc"] = float(result.acc)
+        metrics[f"{prefix}{name}_acc_std"] = float(result.acc_std)
+        metrics[f"{prefix}{name}_tar_far1e-3"] = float(result.tar_at_far)
+    return metrics

@@ -19,19 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from virface.atomic import write_text_atomic
-from virface.config import METHODS
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError, VirFaceError
+from virface.metrics import METRIC_MODES
+from virface.stage_table import STAGES, stage_spec
 
-# The stage whose best checkpoint each stage starts from.
-STAGE_UPSTREAM: dict[str, str | None] = {
-    "pretrain": None,
-    "generator": "pretrain",
-    "virclass": "pretrain",
-    "virface": "generator",
-}
 
 MANIFEST_NAME = "best.json"
-METRIC_MODES = ("max", "min")
 
 
 class ManifestError(VirFaceError):
@@ -66,19 +59,9 @@ _REQUIRED = [name for name, f in _FIELDS.items()
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
-def stage_chain(stage: str) -> list[str]:
-    """All stages from pretrain down to ``stage``, in run order: virface -> [pretrain, generator,
-    virface]."""
-    _check_stage(stage)
-    chain = [stage]
-    while STAGE_UPSTREAM[chain[0]] is not None:
-        chain.insert(0, STAGE_UPSTREAM[chain[0]])
-    return chain
-
-
 def manifest_path(storage: str | os.PathLike, experiment: str, stage: str) -> Path:
     """``<storage>/<experiment>/<stage>/best.json``, absolute."""
-    _check_stage(stage)
+    stage_spec(stage)
     return Path(os.path.abspath(storage)) / experiment / stage / MANIFEST_NAME
 
 
@@ -88,9 +71,9 @@ def write_manifest(manifest: StageManifest, path: str | os.PathLike) -> Path:
     Creates the folders. The checkpoint path must be absolute, since trials run in another
     working directory than the one that reads the manifest.
     """
-    if manifest.stage not in STAGE_UPSTREAM:
+    if manifest.stage not in STAGES:
         raise ManifestError(f"{os.fspath(path)}: stage: {manifest.stage!r} is not one of "
-                            f"{list(STAGE_UPSTREAM)}")
+                            f"{list(STAGES)}")
     if not os.path.isabs(manifest.checkpoint):
         raise ManifestError(f"{os.fspath(path)}: checkpoint: {manifest.checkpoint!r} must be "
                             "an absolute path")
@@ -131,8 +114,8 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
     for key in ("stage", "experiment", "trial_id", "metric_name", "checkpoint"):
         if not isinstance(data[key], str) or not data[key]:
             raise bad(key, "a non-empty string")
-    if data["stage"] not in STAGE_UPSTREAM:
-        raise bad("stage", f"one of {list(STAGE_UPSTREAM)}")
+    if data["stage"] not in STAGES:
+        raise bad("stage", f"one of {list(STAGES)}")
     if data["metric_mode"] not in METRIC_MODES:
         raise bad("metric_mode", f"one of {list(METRIC_MODES)}")
     value = data["metric_value"]
@@ -162,19 +145,19 @@ def plan_chain(stage: str, storage: str | os.PathLike, experiment: str,
     replaces every upstream stage). ``stage`` itself always runs. An existing upstream manifest
     is read, so a broken one fails here, before anything runs.
     """
-    _check_stage(stage)
+    stage_spec(stage)
     if from_checkpoint is not None:
         _check_user_checkpoint(stage, from_checkpoint)
         return [stage]
     chain = [stage]
-    upstream = STAGE_UPSTREAM[stage]
+    upstream = STAGES[stage].upstream
     while upstream is not None:
         path = manifest_path(storage, experiment, upstream)
         if path.exists():
             _read_stage_manifest(path, upstream)
             break
         chain.insert(0, upstream)
-        upstream = STAGE_UPSTREAM[upstream]
+        upstream = STAGES[upstream].upstream
     return chain
 
 
@@ -186,11 +169,11 @@ def upstream_checkpoint(stage: str, storage: str | os.PathLike, experiment: str,
     checkpoint in the upstream stage's manifest, which must exist by the time this is called
     (the upstream search ran, or ran in an earlier invocation).
     """
-    _check_stage(stage)
+    stage_spec(stage)
     if from_checkpoint is not None:
         path = _check_user_checkpoint(stage, from_checkpoint)
         return path, f"user checkpoint {path}"
-    upstream = STAGE_UPSTREAM[stage]
+    upstream = STAGES[stage].upstream
     if upstream is None:
         return None, "none: pretrain starts from scratch"
     path = manifest_path(storage, experiment, upstream)
@@ -212,15 +195,10 @@ def _read_stage_manifest(path: Path, stage: str) -> StageManifest:
 
 
 def _check_user_checkpoint(stage: str, from_checkpoint: str | os.PathLike) -> str:
-    if STAGE_UPSTREAM[stage] is None:
+    if STAGES[stage].is_first:
         raise ConfigError(f"from_checkpoint: stage {stage} has no upstream stage to replace; "
-                          f"it applies to {[s for s, up in STAGE_UPSTREAM.items() if up]}")
+                          f"it applies to {[name for name, spec in STAGES.items() if not spec.is_first]}")
     path = os.path.abspath(from_checkpoint)
     if not os.path.exists(path):
         raise CheckpointError(f"from_checkpoint: {path} does not exist")
     return path
-
-
-def _check_stage(stage: str) -> None:
-    if stage not in METHODS:
-        raise ConfigError(f"stage: {stage!r} is not one of {list(METHODS)}")

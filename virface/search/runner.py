@@ -25,11 +25,12 @@ from typing import Any, Iterator
 from virface.config import GROUP_MODEL, METHODS, TrainConfig, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
-                                     stage_chain, upstream_checkpoint, write_manifest)
+                                     upstream_checkpoint, write_manifest)
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
                                    write_optuna_plots, write_trials)
 from virface.search.space import SearchSpace, default_space_path, load_search_space
 from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources
+from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
 SMOKE_FIXED = {"max_epoch": 1, "steps_per_epoch": 3}
@@ -148,7 +149,7 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     path = options.space if (options.space and stage == options.stage) else default_space_path(stage)
     space = load_search_space(path, stage)
     fixed = dict(space.fixed)
-    if options.arch and stage == "pretrain":
+    if options.arch and stage_spec(stage).is_first:
         fixed["arch"] = options.arch
     budget, resources = space.budget, space.resources
     if options.budget == "smoke":
@@ -194,8 +195,8 @@ def prepare_space(options: SearchOptions, stage: str) -> SearchSpace:
     return space.resolve_metric(pair_set_names(base) if base.get("eval", True) else [])
 
 
-def check_data_paths(base: dict[str, Any]) -> None:
-    config = TrainConfig.from_dict({**base, "method": "pretrain"})
+def check_data_paths(base: dict[str, Any], stage: str) -> None:
+    config = TrainConfig.from_dict({**base, "method": stage})
     for key, path in [("labeled", config.labeled), ("unlabeled", config.unlabeled),
                       *((f"val {name}", p) for name, p in config.val.items())]:
         if path is not None and not os.path.exists(path):
@@ -205,14 +206,10 @@ def check_data_paths(base: dict[str, Any]) -> None:
 def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], space: SearchSpace) -> None:
     """Named errors before any trial starts: a checkpoint the stage cannot start from, or whose
     model does not fit what the stage would build."""
-    from virface.stages import build_models, load_models, read_start_checkpoint, resolve_config
+    from virface.checkpoint import check_start_checkpoint
 
-    config = TrainConfig.from_dict({**base, **space.fixed, "method": stage, "pretrained_file": checkpoint})
-    state, path = read_start_checkpoint(config)
-    if state is None:
-        return
-    resolved = resolve_config(config, state, path)
-    load_models(build_models(resolved), state, path, with_generator=True)
+    check_start_checkpoint(TrainConfig.from_dict({**base, **space.fixed, "method": stage,
+                                                  "pretrained_file": checkpoint}))
 
 
 def check_trial_fits(space: SearchSpace) -> None:
@@ -471,7 +468,7 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
     if plan:
         say(f"checking {', '.join(plan)}: search spaces, metrics and data ...")
         spaces = {stage: prepare_space(options, stage) for stage in plan}
-        check_data_paths(base_train_config(options))
+        check_data_paths(base_train_config(options), options.stage)
         with search_environment():
             started = init_ray(options, say)
             try:

@@ -38,11 +38,12 @@ import yaml
 
 from virface.config import INHERITED_FIELDS, METHODS, TrainConfig, config_field_names
 from virface.errors import ConfigError
+from virface.metrics import METRIC_MODES, metric_mode, selection_metric, stage_metric_names
+from virface.stage_table import stage_spec
 
 PARAMETER_TYPES = ("float", "int", "categorical")
 SEARCHER_TYPES = ("tpe", "random")
 SCHEDULER_TYPES = ("asha", "none")
-METRIC_MODES = ("max", "min")
 
 _TOP_LEVEL_KEYS = ("metric", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
 _PARAMETER_KEYS = ("type", "low", "high", "log", "step", "choices", "default", "when")
@@ -180,11 +181,9 @@ class SearchSpace:
         hardest pair set's accuracy; gen_loss for the generator). A named metric the stage cannot
         report with this data is a ConfigError listing the metrics it would report.
         """
-        from virface.stages import metric_mode, selection_metric, stage_metric_names
-
         available = stage_metric_names(self.stage, pair_set_names)
         if self.metric_name is None:
-            if self.fixed.get("eval") is False and self.stage != "generator":
+            if self.fixed.get("eval") is False and stage_spec(self.stage).default_metric is None:
                 raise ConfigError(f"{self.metric_where}: metric: eval is off, so no pair-set "
                                   f"accuracy exists to select on; name a metric (one of {available})")
             name, mode = selection_metric(self.stage, pair_set_names, True)
@@ -530,7 +529,7 @@ def _check_field_name(ctx: _Context, path: _KeyPath, name: Any, stage: str, verb
     if name in _RESERVED_FIELDS:
         reason = _RESERVED_FIELDS[name].format(stage=stage)
         raise ctx.error(path, f"{name!r} is {reason}; it cannot be {verb}")
-    if stage != "pretrain" and name in INHERITED_FIELDS:
+    if not stage_spec(stage).is_first and name in INHERITED_FIELDS:
         raise ctx.error(path, f"{name!r} is inherited from the upstream checkpoint; it cannot be "
                               f"{verb} in stage {stage} (inherited fields: {list(INHERITED_FIELDS)})")
 

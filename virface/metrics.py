@@ -1,0 +1,73 @@
+"""Metric names: what each stage reports per epoch, which one selects by default, and how each
+is shown in TensorBoard. Plain functions of names (no torch), shared by the stage loop and the
+search."""
+from __future__ import annotations
+
+from virface.stage_table import stage_spec
+
+METRIC_MODES = ("max", "min")
+
+# Verification sets from hardest to easiest on real data (CFP-FP's frontal-profile pairs and
+# CPLFW's poses are the hard ones; LFW is near saturation): the default selection metric is the
+# accuracy on the hardest set given. Names not listed rank after the hard ones, before the easy.
+PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
+EASY_PAIR_SETS = ("cfp_ff", "lfw")
+EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
+PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
+
+
+def hardest_pair_set(names: list[str]) -> str:
+    """The pair set whose accuracy selects by default: the first of PAIR_SET_HARDNESS found in a
+    name, else a name not known to be easy, else the first given."""
+    def rank(indexed: tuple[int, str]) -> tuple[int, int]:
+        i, name = indexed
+        lowered = name.lower()
+        for k, token in enumerate(PAIR_SET_HARDNESS):
+            if token in lowered:
+                return k, i
+        easy = [k for k, token in enumerate(EASY_PAIR_SETS) if token in lowered]
+        return (len(PAIR_SET_HARDNESS) + 1 + easy[0], i) if easy else (len(PAIR_SET_HARDNESS), i)
+
+    return min(enumerate(names), key=rank)[1]
+
+
+def metric_mode(metric: str) -> str:
+    """``min`` for losses, ``max`` for everything else (accuracies, TAR)."""
+    return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
+
+
+def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
+    """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
+    spec = stage_spec(method)
+    names = list(EPOCH_METRICS) + list(spec.loss_terms)
+    if spec.trains_backbone:      # a frozen backbone has nothing new to verify
+        names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
+    return names
+
+
+def selection_metric(method: str, pair_set_names: list[str], eval_on: bool = True,
+                     best_metric: str | None = None) -> tuple[str, str]:
+    """(metric, mode) that picks the best epoch, and by default a search's best trial: the
+    hardest pair set's accuracy; gen_loss for the generator; the loss without pair sets."""
+    spec = stage_spec(method)
+    if best_metric:
+        return best_metric, metric_mode(best_metric)
+    if spec.default_metric:
+        return spec.default_metric, metric_mode(spec.default_metric)
+    if eval_on and pair_set_names and spec.trains_backbone:
+        return f"{hardest_pair_set(pair_set_names)}_acc", "max"
+    return "loss", "min"
+
+
+# ---------------------------------------------------------------- one step per stage
+
+
+def tensorboard_tag(metric: str) -> str:
+    """The TensorBoard tag of a per-epoch metric: loss/..., val/..., best/... or train/..."""
+    if metric.startswith("best_"):
+        return f"best/{metric[5:]}"
+    if metric.startswith(("loss", "gen_")):
+        return f"loss/{metric}"
+    if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):
+        return f"val/{metric}"
+    return f"train/{metric}"

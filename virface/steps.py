@@ -1,0 +1,151 @@
+"""One training step per stage, and the machinery they share.
+
+:class:`StageStep` holds what every step needs (models, the DDP-wrapped backbone, optimisers,
+the distributed context, mixed precision) and calls the stage's step function from the stage
+table. A step function takes ``(step, images, labels)`` and returns the step's loss terms
+(detached by the caller), ``loss`` first.
+
+Per stage (x labeled features, u unlabeled features, W class weights, G the generator):
+  pretrain   ArcFace CE on x                                   -> backbone + W
+  generator  L2 * mse(G(x), W_y) + KL * kl, backbone frozen   -> G
+  virclass   CE of x against [W; u] (u are negative classes)  -> backbone + W
+  virface    virclass + CE of G's instances of u against [W; u.detach()]
+             + the generator loss; ``alternate``: a G step then a backbone/W step with G frozen;
+             ``joint``: one optimiser over everything (the reference code)
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from virface.config import TrainConfig
+from virface.data.images import normalize_pixels
+from virface.distributed import DistributedContext
+from virface.generator import generator_losses
+from virface.heads import overlap_keep_mask
+from virface.models import StageModels
+from virface.stage_table import stage_spec
+
+Terms = dict[str, torch.Tensor]
+
+
+class StageStep:
+    """One training step of a stage; returns the loss terms of the step."""
+
+    def __init__(self, config: TrainConfig, models: StageModels, backbone: nn.Module,
+                 optimizers: dict[str, torch.optim.Optimizer], ctx: DistributedContext,
+                 scaler: "torch.amp.GradScaler | None"):
+        self.config, self.models, self.backbone = config, models, backbone
+        self.optimizers, self.ctx, self.scaler = optimizers, ctx, scaler
+        self.device = ctx.device
+        amp = config.amp if self.device.type == "cuda" else "none"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.n_labeled = config.label_batch_size // ctx.world_size
+        self.step_function = stage_spec(config.method).step_function()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Terms:
+        return self.step_function(self, images, labels.to(self.device, non_blocking=True))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) float32 features of uint8 (B, 3, S, S) images, randomly flipped."""
+        x = normalize_pixels(images.to(self.device, non_blocking=True))
+        # Random horizontal flip, the reference's only augmentation at 112 px.
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            feats = self.backbone(x)
+        return feats.float()
+
+    def backward_step(self, loss: torch.Tensor, optimizer: str,
+                      manual_params: Iterable[nn.Parameter]) -> None:
+        """Backward, average the gradients DDP does not own (``manual_params``), step."""
+        opt = self.optimizers[optimizer]
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        self.ctx.average_gradients(manual_params)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+
+    def generator_terms(self, x: torch.Tensor, labels: torch.Tensor) -> Terms:
+        mse, kl = generator_losses(self.models.generator, x, self.models.head.weight[labels])
+        return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
+
+    def virtual_classes(self, feats: torch.Tensor, labels: torch.Tensor):
+        """VirClass on this batch: the labeled rows against [W; every rank's kept unlabeled
+        features]. Returns (loss_vc, terms, labeled x, labels y, local u, keep mask, centres)."""
+        cfg, head = self.config, self.models.head
+        x, y = feats[:self.n_labeled], labels[:self.n_labeled]
+        u_local = feats[self.n_labeled:]
+        u_all = self.ctx.all_gather_with_grad(u_local)     # every rank's virtual classes
+        if cfg.overlap_threshold is not None:
+            keep = overlap_keep_mask(u_all, head.weight, cfg.s, cfg.overlap_threshold)
+        else:
+            keep = torch.ones(u_all.shape[0], dtype=torch.bool, device=u_all.device)
+        centres = u_all[keep]
+        loss_vc = F.cross_entropy(head.virclass(x, y, centres), y)
+        terms = {"loss_vc": loss_vc, "virtual_classes": keep.sum().float(),
+                 "overlap_dropped": (~keep).sum().float()}
+        return loss_vc, terms, x, y, u_local, keep, centres
+
+
+def pretrain_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
+    feats = s.features(images)
+    loss = F.cross_entropy(s.models.head(feats, labels), labels)
+    s.backward_step(loss, "main", s.models.head.parameters())
+    return {"loss": loss, "loss_arcface": loss}
+
+
+def generator_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
+    with torch.no_grad():                 # the backbone is frozen: no graph through it
+        x = s.features(images)
+    terms = s.generator_terms(x, labels)
+    s.backward_step(terms["gen_loss"], "generator", s.models.generator.parameters())
+    return {"loss": terms["gen_loss"], **terms}
+
+
+def virclass_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
+    loss_vc, terms, *_ = s.virtual_classes(s.features(images), labels)
+    s.backward_step(loss_vc, "main", s.models.head.parameters())
+    return {"loss": loss_vc, **terms}
+
+
+def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
+    cfg, head, gen, ctx = s.config, s.models.head, s.models.generator, s.ctx
+    feats = s.features(images)
+    loss_vc, out, x, y, u_local, keep, centres = s.virtual_classes(feats, labels)
+    # VirInstance from this rank's kept unlabeled features.
+    n_local = u_local.shape[0]
+    local_keep = keep[ctx.rank * n_local:(ctx.rank + 1) * n_local]
+    offset = int(keep[:ctx.rank * n_local].sum())
+    sources = F.normalize(u_local[local_keep].detach(), dim=1)
+    joint = cfg.optim_mode == "joint"
+    if not joint:
+        # Alternate: first a generator step on detached features (backbone frozen) ...
+        terms = s.generator_terms(x, y)
+        s.backward_step(terms["gen_loss"], "generator", gen.parameters())
+    with torch.set_grad_enabled(joint):
+        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and len(sources) else None
+    if instances is not None:
+        logits_vi, target_vi = head.virinstance(instances, centres, cfg.gen_num, offset)
+        loss_vi = F.cross_entropy(logits_vi, target_vi)
+    else:
+        loss_vi = feats.new_zeros(())
+    if joint:
+        terms = s.generator_terms(x, y)
+        loss = loss_vc + loss_vi + terms["gen_loss"]
+        s.backward_step(loss, "main", [*head.parameters(), *gen.parameters()])
+    else:
+        # ... then a backbone/W step with the generator frozen.
+        s.backward_step(loss_vc + loss_vi, "main", head.parameters())
+        loss = loss_vc + loss_vi + terms["gen_loss"].detach()
+    return {"loss": loss, "loss_vi": loss_vi, **out, **terms}
