@@ -422,7 +422,7 @@ def start_ray(num_cpus: int) -> bool:
     # address="local": always a new Ray of our own, even when a `ray start` cluster runs on the
     # machine (a bare ray.init() would try to join that one, and reject num_cpus).
     ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=False)
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
 
 

@@ -52,7 +52,7 @@ from virface.data.loading import StageData  # noqa: E402
 from virface.data.sources import ArraySource  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIR_SETS = ("synth_lfw", "synth_cfp_ff", "synth_cfp_fp")
+from virface.data.synthetic import PAIR_SET_NAMES as PAIR_SETS  # noqa: E402
 METHODS = ("baseline", "virclass", "virface_alternate", "virface_joint")
 METHOD_LABELS = {"pretrain_start": "start (pretrain checkpoint)",
                  "baseline": "ArcFace baseline (labeled only)",
@@ -147,21 +147,10 @@ def unlabeled_subset(data: StageData, percent: int) -> StageData:
 
 def evaluate_checkpoint(path: str, data: StageData) -> dict[str, float]:
     """10-fold verification of the backbone saved in ``path`` on every pair set of ``data``."""
-    from virface.backbones import build_backbone
-    from virface.checkpoint import load_checkpoint, load_module_state, model_meta
-    from virface.evaluation.verification import evaluate_pair_set
+    from virface.checkpoint import load_backbone
+    from virface.evaluation.verification import evaluate_pair_sets
 
-    state = load_checkpoint(path)
-    meta = model_meta(state, path)
-    backbone = build_backbone(meta["arch"], feat_len=meta["feat_len"], input_size=meta["input_size"])
-    load_module_state(backbone, state["backbone"], "backbone", path)
-    metrics: dict[str, float] = {}
-    for name, pair_set in data.pair_sets.items():
-        result = evaluate_pair_set(backbone, pair_set, device="cpu")
-        metrics[f"{name}_acc"] = float(result.acc)
-        metrics[f"{name}_acc_std"] = float(result.acc_std)
-        metrics[f"{name}_tar_far1e-3"] = float(result.tar_at_far)
-    return metrics
+    return evaluate_pair_sets(load_backbone(path)[0], data.pair_sets)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -328,16 +317,13 @@ def virtual_geometry(path: str, data: StageData, plan: Plan, generator_path: str
       own_top1          fraction of instances whose nearest centre among [W; u] is their own
       ce_virinstance    the VirInstance CE (the loss_vi of training, without the randomness of G)
     """
-    from virface.backbones import build_backbone
-    from virface.checkpoint import load_checkpoint, load_module_state, model_meta
+    from virface.checkpoint import load_backbone, load_checkpoint, load_module_state, model_meta
+    from virface.data.images import normalize_pixels
     from virface.generator import FeatureVAE
     from virface.heads import virclass_logits, virinstance_logits
 
-    state = load_checkpoint(path)
+    backbone, state = load_backbone(path)
     meta = model_meta(state, path)
-    backbone = build_backbone(meta["arch"], feat_len=meta["feat_len"], input_size=meta["input_size"])
-    load_module_state(backbone, state["backbone"], "backbone", path)
-    backbone.eval()
     weight = state["head"]["weight"].float()
     gen_state = load_checkpoint(generator_path)["generator"] if generator_path else state.get("generator")
     generator = None
@@ -350,7 +336,7 @@ def virtual_geometry(path: str, data: StageData, plan: Plan, generator_path: str
     torch.manual_seed(seed)
 
     def embed(source, idx):
-        x = torch.from_numpy(source.images[np.sort(idx)]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = normalize_pixels(torch.from_numpy(source.images[np.sort(idx)]).permute(0, 3, 1, 2))
         return backbone(x), torch.from_numpy(source.labels[np.sort(idx)])
 
     lab_idx = rng.choice(len(data.labeled), min(n_labeled, len(data.labeled)), replace=False)

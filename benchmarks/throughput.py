@@ -39,6 +39,7 @@ def stage_config(method: str, steps: int, pretrained: str | None = None, **kw) -
 def bare_loop(config: TrainConfig, steps: int) -> float:
     """samples/s of a hand-written pretrain loop over the same backbone, head and optimiser."""
     from virface.backbones import build_backbone
+    from virface.data.images import normalize_pixels
     from virface.heads import ArcFaceHead
 
     backbone = build_backbone(config.arch, feat_len=512, input_size=32)
@@ -50,7 +51,7 @@ def bare_loop(config: TrainConfig, steps: int) -> float:
     backbone.train()
 
     def step():
-        x = images.float().div(127.5).sub(1.0)
+        x = normalize_pixels(images)
         loss = torch.nn.functional.cross_entropy(head(backbone(x), labels), labels)
         opt.zero_grad()
         loss.backward()
@@ -75,12 +76,13 @@ def tune_trial(config: TrainConfig, storage: str, workers: int, name: str) -> tu
     """(samples/s reported by the trial, wall seconds of the whole Tune run)."""
     from ray import tune
 
+    from virface.search.space import ResourcesSpec
     from virface.search.trial import TrialSetup, run_trial, trial_resources
 
     setup = TrialSetup(stage=config.method, base_config=config.to_dict(),
                        upstream_checkpoint=config.pretrained_file,
                        tb_root=os.path.join(storage, name, "tb"), train_storage=os.path.join(storage, name),
-                       metric="loss", mode="min", workers=workers)
+                       metric="loss", mode="min", resources=ResourcesSpec(workers=workers))
     base = {k: v for k, v in config.to_dict().items() if k != "pretrained_file"}
     setup.base_config = base
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
@@ -98,12 +100,13 @@ def trial_overhead(storage: str, workers: int, n_trials: int, name: str) -> floa
     """Seconds per trial of trials that train one step, evaluate nothing and checkpoint once."""
     from ray import tune
 
+    from virface.search.space import ResourcesSpec
     from virface.search.trial import TrialSetup, run_trial, trial_resources
 
     config = stage_config("pretrain", steps=1).replace(label_batch_size=8, max_epoch=1)
     setup = TrialSetup(stage="pretrain", base_config=config.to_dict(), upstream_checkpoint=None,
                        tb_root=os.path.join(storage, name, "tb"), train_storage=os.path.join(storage, name),
-                       metric="loss", mode="min", workers=workers)
+                       metric="loss", mode="min", resources=ResourcesSpec(workers=workers))
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     start = time.perf_counter()
     tune.Tuner(trainable, param_space={"seed": tune.grid_search(list(range(n_trials)))},
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
         figures["bare_pretrain"] = bare_loop(configs["pretrain"], steps)
         for stage, config in configs.items():
             figures[f"core_{stage}"] = core_loop(config, work)
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
         try:
             storage = os.path.join(work, "ray")
             for stage, config in configs.items():

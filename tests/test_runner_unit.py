@@ -54,4 +54,6 @@ def test_nan_epochs_are_never_the_best():
 
 def test_smoke_budget_keeps_asha_grace_within_its_single_epoch():
     space = stage_space(SearchOptions(stage="pretrain", budget="smoke"), "pretrain")
-    assert space.max_epochs == 1 and space.scheduler.grace_period == 1
+    assert space.max_epochs == 1 and space.scheduler.grace_period == 2      # the file's
+    # ASHA's first rung is its grace period: cut to the run's single epoch.
+    assert [milestone for milestone, _ in space.make_scheduler()._brackets[0]._rungs] == [1]

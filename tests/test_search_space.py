@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from virface.config import METHODS
+from virface.config import METHODS, TrainConfig
 from virface.errors import ConfigError
 from virface.search.space import (
     SearchSpace,
@@ -118,17 +118,16 @@ def test_parse_reads_every_section(tmp_path):
           KL: {type: float, low: 0.1, high: 10.0, log: true, default: 2.0}
         """)
     assert (space.metric_name, space.metric_mode) == ("synth_cfp_fp_acc", "max")
-    assert (space.searcher.type, space.searcher.seed, space.searcher.n_startup_trials) == ("tpe", 7, 4)
-    assert (space.scheduler.type, space.scheduler.grace_period, space.scheduler.reduction_factor) \
-        == ("asha", 2, 3.0)
+    assert (space.searcher.type, space.searcher.arguments) == ("tpe", {"seed": 7, "n_startup_trials": 4})
+    assert (space.scheduler.type, space.scheduler.arguments) == ("asha", {"grace_period": 2, "reduction_factor": 3})
     assert (space.budget.num_samples, space.budget.time_budget_s,
             space.budget.max_concurrent_trials) == (6, 600.0, 2)
     assert (space.resources.workers, space.resources.cpus_per_worker,
             space.resources.gpus_per_worker) == (2, 0.5, 1.0)
     assert space.fixed == {"max_epoch": 3}
     [kl] = space.parameters
-    assert (kl.name, kl.type, kl.low, kl.high, kl.log, kl.default) == ("KL", "float", 0.1, 10.0,
-                                                                        True, 2.0)
+    assert (kl.name, kl.type, kl.default) == ("KL", "float", 2.0)
+    assert kl.distribution == optuna.distributions.FloatDistribution(0.1, 10.0, log=True)
     assert space.max_epochs == 3
     assert Path(space.path).is_absolute()
 
@@ -143,12 +142,12 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
         """)
     assert space.fixed["weight_decay"] == 5e-4
     [l2] = space.parameters
-    assert (l2.low, l2.high, l2.default) == (500.0, 50000.0, 5000.0)
+    assert (l2.distribution.low, l2.distribution.high, l2.default) == (500.0, 50000.0, 5000.0)
 
 
 def test_optional_sections_take_documented_defaults(tmp_path):
     space = load(tmp_path, "metric: {name: acc, mode: min}\n")
-    assert (space.searcher.type, space.searcher.seed) == ("tpe", 0)
+    assert (space.searcher.type, space.searcher.arguments) == ("tpe", {"seed": 0})
     assert space.scheduler.type == "asha" and space.budget.num_samples == 10
     assert space.fixed == {} and space.parameters == [] and space.points_to_evaluate() == []
 
@@ -158,7 +157,7 @@ def test_parse_search_space_accepts_a_dict_and_names_where_it_came_from():
                "parameters": {"m": {"type": "float", "low": 0.2, "high": 0.6, "default": 0.5}}}
     assert parse_search_space(mapping, "cli", "pretrain").parameters[0].name == "m"
     mapping["parameters"]["m"]["high"] = 0.1
-    with pytest.raises(ConfigError, match=r"^cli: parameters\.m\.low: 0\.2 must be less than high"):
+    with pytest.raises(ConfigError, match=r"^cli: parameters\.m\.low: optuna.distributions.FloatDistribution: `low <= high`"):
         parse_search_space(mapping, "cli", "pretrain")
 
 
@@ -186,11 +185,11 @@ ERRORS = [
         searcher:
           type: tpe
           sead: 1
-        """, "virface", 4, "searcher.sead", "allowed keys: ['type', 'seed', 'n_startup_trials']"),
+        """, "virface", 4, "searcher.sead", "unknown key (did you mean 'seed'?); allowed keys: ['type', "),
     ("unknown searcher type", """
         metric: {name: acc, mode: max}
         searcher: {type: grid}
-        """, "virface", 2, "searcher.type", "'grid' is not one of ['tpe', 'random']"),
+        """, "virface", 2, "searcher.type", "'grid' is not one of ['tpe', 'random', 'qmc', 'gp', 'nsga2']"),
     ("unknown scheduler type", """
         metric: {name: acc, mode: max}
         scheduler: {type: pbt}
@@ -211,7 +210,7 @@ ERRORS = [
     ("reduction_factor <= 1", """
         metric: {name: acc, mode: max}
         scheduler: {reduction_factor: 1}
-        """, "virface", 2, "scheduler.reduction_factor", "must be a number > 1.0"),
+        """, "virface", 2, "scheduler", "ASHAScheduler({'reduction_factor': 1}) fails: Reduction Factor not valid!"),
     ("grace period beyond max_epoch", """
         metric: {name: acc, mode: max}
         scheduler: {grace_period: 4}
@@ -244,8 +243,8 @@ ERRORS = [
           KL:
             type: float
             low: 2.0
-            high: 2.0
-        """, "virface", 5, "parameters.KL.low", "2.0 must be less than high (2.0)"),
+            high: 1.0
+        """, "virface", 5, "parameters.KL.low", "FloatDistribution: `low <= high` must hold"),
     ("log with low <= 0", """
         metric: {name: acc, mode: max}
         parameters:
@@ -254,7 +253,7 @@ ERRORS = [
             low: 0.0
             high: 1.0
             log: true
-        """, "virface", 5, "parameters.KL.low", "must be > 0 when log is true"),
+        """, "virface", 5, "parameters.KL.low", "`low > 0` must hold for `log=True`"),
     ("step <= 0", """
         metric: {name: acc, mode: max}
         parameters:
@@ -263,7 +262,7 @@ ERRORS = [
             low: 1
             high: 9
             step: 0
-        """, "virface", 7, "parameters.gen_num.step", "0 must be > 0"),
+        """, "virface", 7, "parameters.gen_num.step", "IntDistribution: `step > 0` must hold"),
     ("log with step", """
         metric: {name: acc, mode: max}
         parameters:
@@ -273,7 +272,7 @@ ERRORS = [
             high: 1.0
             log: true
             step: 0.1
-        """, "virface", 8, "parameters.KL.step", "log and step are exclusive"),
+        """, "virface", 8, "parameters.KL.step", "`step` is not supported when `log` is true"),
     ("int bounds", """
         metric: {name: acc, mode: max}
         parameters:
@@ -503,10 +502,19 @@ def test_points_to_evaluate_skip_a_parameter_whose_condition_fails(tmp_path):
     assert point["optim_mode"] == "joint" and "g_lr" not in point
 
 
-def test_no_point_to_evaluate_when_a_default_is_missing(tmp_path):
+def test_a_parameter_without_default_starts_from_the_train_config_default(tmp_path):
     space = load(tmp_path, SMALL.replace("low: 0.1, high: 10.0, log: true, default: 2.0",
-                                         "low: 0.1, high: 10.0, log: true"))
-    assert space.points_to_evaluate() == []
+                                         "low: 0.5, high: 10.0, log: true"))
+    [point] = space.points_to_evaluate()
+    assert point["KL"] == TrainConfig().KL == 2.0
+
+
+def test_a_parameter_whose_train_config_default_is_outside_its_range_needs_a_default(tmp_path):
+    with pytest.raises(ConfigError, match=r"space.yaml:\d+: parameters.KL: no default given, and "
+                                          r"TrainConfig's default 2.0 is not a value of KL: float in "
+                                          r"\[3.0, 10.0\], log scale; add default:"):
+        load(tmp_path, SMALL.replace("low: 0.1, high: 10.0, log: true, default: 2.0",
+                                     "low: 3.0, high: 10.0, log: true"))
 
 
 def test_enqueued_defaults_are_what_the_first_trial_runs(tmp_path):

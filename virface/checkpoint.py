@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from virface.atomic import atomic_open
+from virface.fileio import atomic_open
 from virface.config import INHERITED_FIELDS, TrainConfig
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError
 from virface.stage_table import producer_of, stage_spec

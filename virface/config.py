@@ -41,8 +41,21 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, group: str,
     return dataclasses.field(default=default, metadata=metadata)
 
 
+class ConfigDataclass:
+    """``to_dict`` / ``from_dict`` for the config dataclasses (TrainConfig, SyntheticSpec):
+    tuples become lists (JSON and YAML have no tuples); unknown keys are a named error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "config"):
+        """Build from a mapping, rejecting unknown keys with the list of known ones."""
+        return dataclass_from_dict(cls, values, where)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDataclass):
     """Everything one stage run needs. Defaults are the reference's unless the help says why not."""
 
     method: str = setting("pretrain", group=GROUP_RUN, choices=METHODS,
@@ -205,16 +218,6 @@ class TrainConfig:
         if self.resume_file and self.pretrained_file:
             raise ConfigError("resume_file and pretrained_file are exclusive: resume restores "
                               "everything, pretrained loads the models only")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["decay_steps"] = list(self.decay_steps)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> "TrainConfig":
-        """Build from a mapping, rejecting unknown keys with the list of known ones."""
-        return dataclass_from_dict(cls, values, where)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})

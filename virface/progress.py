@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from virface.atomic import write_text_atomic
+from virface.fileio import write_text_atomic
 
 PROGRESS_FILE = "progress.json"
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from virface.atomic import write_text_atomic
+from virface.fileio import write_text_atomic
 from virface.checkpoint import (checkpoint_state, copy_checkpoint, inherit_model_fields, load_models,
                                 read_start_checkpoint, save_checkpoint)
 from virface.config import TrainConfig

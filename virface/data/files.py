@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.io import encode_png
 
-from virface.atomic import write_text_atomic
+from virface.fileio import read_two_field_lines, write_text_atomic
 from virface.data.images import IMAGE_EXTENSIONS, read_image_file
 from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError
@@ -72,21 +72,8 @@ class FileListSource:
             raise DataError(f"meta list does not exist: {list_path}")
         if root is None:
             root = os.path.dirname(os.path.abspath(list_path))
-        items = []
-        with open(list_path, "r", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                text = line.strip()
-                if not text:
-                    continue
-                fields = text.rsplit(maxsplit=1)
-                try:
-                    if len(fields) != 2:
-                        raise ValueError
-                    label = int(fields[1])
-                except ValueError:
-                    raise DataError(f"{list_path}:{line_no}: expected 'relative/path label', "
-                                    f"got {text!r}") from None
-                items.append((os.path.join(root, fields[0]), label))
+        items = [(os.path.join(root, relative), label) for _, relative, label
+                 in read_two_field_lines(list_path, 1, "relative/path label", DataError)]
         if not items:
             raise DataError(f"{list_path}: the meta list has no entries")
         return cls(items, name or os.path.basename(list_path))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from virface.atomic import write_text_atomic
+from virface.fileio import write_text_atomic
 from virface.data.images import decode_rgb
 from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError, RecordIOError

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from virface.atomic import atomic_open
+from virface.config import ConfigDataclass
+from virface.fileio import atomic_open
 from virface.data.sources import ArraySource
 from virface.errors import ConfigError, DataError
 from virface.evaluation.pairs import PairSet
@@ -53,7 +54,7 @@ PROFILE_THRESHOLD_DEG = 45.0
 
 
 @dataclass
-class SyntheticSpec:
+class SyntheticSpec(ConfigDataclass):
     """What to generate. Defaults build ~9.6k images at 32x32 in a few seconds on 2 cores."""
 
     image_size: int = 32                  # pixels, square; divisible by 16 like the backbones need
@@ -109,18 +110,6 @@ class SyntheticSpec:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not 0.0 <= value <= 1.0):
                 raise ConfigError(f"{name}: {value!r} is outside [0, 1]")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["unlabeled_images_per_id"] = list(self.unlabeled_images_per_id)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str = "synthetic") -> "SyntheticSpec":
-        """Build from a mapping (e.g. ``TrainConfig.synthetic``), rejecting unknown keys."""
-        from virface.config import dataclass_from_dict
-
-        return dataclass_from_dict(cls, values, where)
 
     def cache_key(self) -> str:
         """Hex digest of the fields and the renderer version; names the cache file."""

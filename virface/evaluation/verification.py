@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import encode_png
 
-from virface.atomic import atomic_open
+from virface.fileio import atomic_open, read_two_field_lines
 from virface.data.images import decode_rgb, normalize_pixels, read_image_file
 from virface.errors import CorruptImageError, PairSetError
 from virface.evaluation.pairs import PairSet
@@ -162,22 +162,8 @@ def _read_cfp_pair_list(path: str) -> dict[int, str]:
     if not os.path.isfile(path):
         raise PairSetError(f"CFP pair list does not exist: {path}")
     folder = os.path.dirname(path)
-    images = {}
-    with open(path, "r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            fields = text.split(maxsplit=1)
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                index = int(fields[0])
-            except ValueError:
-                raise PairSetError(f"{path}:{line_no}: expected 'index relative/path', "
-                                   f"got {text!r}") from None
-            images[index] = os.path.normpath(os.path.join(folder, fields[1]))
-    return images
+    return {index: os.path.normpath(os.path.join(folder, relative)) for _, relative, index
+            in read_two_field_lines(path, 0, "index relative/path", PairSetError)}
 
 
 def load_cfp_folder(root: str, protocol: str, image_size: int | None = None,

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from virface.atomic import write_text_atomic
+from virface.fileio import read_text, write_text_atomic
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError, VirFaceError
 from virface.metrics import METRIC_MODES
 from virface.stage_table import STAGES, stage_spec
@@ -87,13 +87,7 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
     """Read and check a manifest. A relative ``checkpoint`` (hand-written manifests) is taken
     relative to the manifest's folder; the checkpoint must exist."""
     where = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ManifestError(f"{where}: manifest not found") from None
-    except OSError as e:
-        raise ManifestError(f"{where}: cannot read the manifest: {e}") from None
+    text = read_text(path, "manifest", ManifestError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from virface.atomic import write_text_atomic
+from virface.fileio import write_text_atomic
 from virface.errors import VirFaceError
 
 TRIALS_FILE = "trials.json"

@@ -162,11 +162,7 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
         if getattr(options, key) is not None:
             resources = replace(resources, **{key: getattr(options, key)})
-    space = replace(space, fixed=fixed, budget=budget, resources=resources)
-    if space.scheduler.grace_period > space.max_epochs:
-        # A shorter run (--budget smoke) than the file's grace period: ASHA needs grace <= max_t.
-        space = replace(space, scheduler=replace(space.scheduler, grace_period=space.max_epochs))
-    return space
+    return replace(space, fixed=fixed, budget=budget, resources=resources)
 
 
 def base_train_config(options: SearchOptions) -> dict[str, Any]:
@@ -293,7 +289,6 @@ def init_ray(options: SearchOptions, say) -> bool:
 def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) -> StageOutcome:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     from virface.search.callbacks import TrialProgress
     from virface.search.searcher import StageOptunaSearch
@@ -315,8 +310,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         stage=stage, base_config={**base, **space.fixed, "best_metric": metric},
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
-        workers=space.resources.workers, cpus_per_worker=space.resources.cpus_per_worker,
-        gpus_per_worker=space.resources.gpus_per_worker)
+        resources=space.resources)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     progress = TrialProgress(stage, metric, space.parameter_names, space.budget.num_samples,
                              space.max_epochs, space.budget.max_concurrent_trials or 1,
@@ -339,17 +333,12 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
             points_to_evaluate=space.points_to_evaluate() or None, sampler=space.make_sampler(),
             study_name=f"{options.name}-{stage}", storage=storage, objective_name=metric,
             max_epochs=space.max_epochs)
-        scheduler = None
-        if space.scheduler.type == "asha":
-            # On the best epoch so far: what the search selects a trial by.
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs,
-                                      grace_period=space.scheduler.grace_period,
-                                      reduction_factor=space.scheduler.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
+                # ASHA decides on the best epoch so far: what the search selects a trial by.
                 metric=selection, mode=space.metric_mode, search_alg=searcher,
-                scheduler=scheduler, num_samples=space.budget.num_samples,
+                scheduler=space.make_scheduler(), num_samples=space.budget.num_samples,
                 max_concurrent_trials=space.budget.max_concurrent_trials,
                 time_budget_s=space.budget.time_budget_s,
                 trial_dirname_creator=lambda t: f"{stage}_{t.trial_id}",

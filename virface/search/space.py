@@ -4,19 +4,24 @@ A file names the metric, the searcher, the scheduler, the budget, the resources 
 ``fixed`` TrainConfig fields every trial shares and the ``parameters`` Optuna samples::
 
     metric: {name: cfp_fp_acc, mode: max}     # optional: the hardest pair set's accuracy
-    searcher: {type: tpe, seed: 0, n_startup_trials: 4}
-    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+    searcher: {type: tpe, seed: 0, n_startup_trials: 4}    # any TPESampler argument
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # any ASHAScheduler argument
     budget: {num_samples: 6, time_budget_s: null, max_concurrent_trials: 1}
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     fixed: {max_epoch: 3}
     parameters:
-      KL: {type: float, low: 0.1, high: 10.0, log: true, default: 2.0}
-      optim_mode: {type: categorical, choices: [alternate, joint], default: alternate}
+      KL: {type: float, low: 0.1, high: 10.0, log: true}     # first trial: TrainConfig's KL
+      optim_mode: {type: categorical, choices: [alternate, joint]}
       g_lr: {type: float, low: 1.0e-3, high: 0.3, log: true, default: 0.1,
              when: {optim_mode: alternate}}
 
-Every mistake is reported before any trial starts, as a :class:`ConfigError` that reads
-``search_spaces/virface.yaml:12: parameters.KL.low: ...`` (file, line, key path, what is allowed).
+Parameters are Optuna distributions (FloatDistribution, IntDistribution, CategoricalDistribution),
+samplers are Optuna's (``searcher.type``: tpe, random, qmc, gp, nsga2; the other keys are the
+sampler's own arguments) and the scheduler is Ray Tune's ASHA (its own arguments), so their own
+checks apply. This module adds what they lack: errors that read
+``search_spaces/virface.yaml:12: parameters.KL.low: ...`` (file, line, key path, what is allowed),
+reported before any trial starts; ``when:`` conditions; and the first trial, which takes each
+parameter's ``default`` (else TrainConfig's default).
 
 The search is define-by-run (:meth:`SearchSpace.define_by_run`) because that is the form of
 Ray's ``OptunaSearch`` in which conditional parameters work; the ``fixed`` fields are returned
@@ -27,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -34,16 +40,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import optuna
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from virface.config import INHERITED_FIELDS, METHODS, TrainConfig, config_field_names
 from virface.errors import ConfigError
+from virface.fileio import read_text
 from virface.metrics import METRIC_MODES, metric_mode, selection_metric, stage_metric_names
 from virface.stage_table import stage_spec
 
 PARAMETER_TYPES = ("float", "int", "categorical")
-SEARCHER_TYPES = ("tpe", "random")
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
 SCHEDULER_TYPES = ("asha", "none")
+# ASHA arguments the search sets itself: epochs are its time, max_t is the stage's max_epoch.
+_SCHEDULER_SET_BY_SEARCH = ("time_attr", "metric", "mode", "max_t")
 
 _TOP_LEVEL_KEYS = ("metric", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
 _PARAMETER_KEYS = ("type", "low", "high", "log", "step", "choices", "default", "when")
@@ -73,16 +90,25 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class SearcherSpec:
-    type: str = "tpe"              # "tpe" | "random"
-    seed: int | None = 0
-    n_startup_trials: int = 10     # TPE only: random trials before the model is used
+    """An Optuna sampler: ``SAMPLERS[type](**arguments)``."""
+
+    type: str = "tpe"
+    arguments: dict[str, Any] = field(default_factory=lambda: {"seed": 0})
+
+    def make(self):
+        return SAMPLERS[self.type](**self.arguments)
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    type: str = "asha"             # "asha" | "none"
-    grace_period: int = 1          # epochs every trial runs before ASHA may stop it
-    reduction_factor: float = 2.0
+    """Ray Tune's ASHA with these arguments (``type: none``: every trial runs every epoch)."""
+
+    type: str = "asha"
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grace_period(self) -> int:
+        return int(self.arguments.get("grace_period", 1))
 
 
 @dataclass(frozen=True)
@@ -100,23 +126,20 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
-class ParameterSpec:
-    """One searched TrainConfig field.
-
-    ``when`` maps an earlier parameter's name to the values it must take for this one to be
-    sampled (all entries must hold); empty means always sampled.
-    """
+class Parameter:
+    """One searched TrainConfig field: an Optuna distribution, the first trial's value and the
+    conditions under which it is sampled (``when``: an earlier parameter's name -> the values it
+    must take; all must hold; empty means always)."""
 
     name: str
-    type: str                                   # "float" | "int" | "categorical"
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple[Any, ...] | None = None
+    distribution: BaseDistribution
     default: Any = None
-    has_default: bool = False                   # a default of None is a real value (a choice)
     when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return {FloatDistribution: "float", IntDistribution: "int",
+                CategoricalDistribution: "categorical"}[type(self.distribution)]
 
     def applies(self, values: Mapping[str, Any]) -> bool:
         """Whether this parameter is sampled, given the values sampled before it."""
@@ -125,33 +148,42 @@ class ParameterSpec:
 
     def suggest(self, trial: Any) -> Any:
         """Ask an ``optuna.Trial`` (or Ray's wrapper around one) for this parameter's value."""
-        if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-        if self.type == "int":
-            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1,
-                                     log=self.log)
-        return trial.suggest_categorical(self.name, list(self.choices))
+        d = self.distribution
+        if isinstance(d, FloatDistribution):
+            return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
+        if isinstance(d, IntDistribution):
+            return trial.suggest_int(self.name, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_categorical(self.name, list(d.choices))
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is one this parameter can take."""
-        if self.type == "categorical":
-            return any(_same_value(value, c) for c in self.choices)
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            return any(_same_value(value, c) for c in d.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        if self.type == "int" and not isinstance(value, int):
+        if isinstance(d, IntDistribution) and not isinstance(value, int):
             return False
-        if not self.low <= value <= self.high:
+        if not d.low <= value <= d.high:
             return False
-        if self.step is not None:
-            k = (value - self.low) / self.step
+        if d.step is not None:
+            k = (value - d.low) / d.step
             return abs(k - round(k)) < 1e-9
         return True
 
+    def describe(self) -> str:
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            return f"one of {list(d.choices)}"
+        extra = f", step {d.step}" if d.step not in (None, 1) else (", log scale" if d.log else "")
+        return f"{self.type} in [{d.low}, {d.high}]{extra}"
+
     def candidates(self) -> list[tuple[Any, _KeyPath]]:
         """The extreme values of the range (or every choice), with the key that gave each."""
-        if self.type == "categorical":
-            return [(c, ("choices", i)) for i, c in enumerate(self.choices)]
-        return [(self.low, ("low",)), (self.high, ("high",))]
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            return [(c, ("choices", i)) for i, c in enumerate(d.choices)]
+        return [(d.low, ("low",)), (d.high, ("high",))]
 
 
 @dataclass
@@ -167,12 +199,21 @@ class SearchSpace:
     budget: BudgetSpec
     resources: ResourcesSpec
     fixed: dict[str, Any]
-    parameters: list[ParameterSpec]
+    parameters: list[Parameter]
     metric_where: str = ""         # "file:line" of the metric key, for errors found later
 
     @property
     def parameter_names(self) -> list[str]:
         return [p.name for p in self.parameters]
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs one trial can run (ASHA's ``max_t``)."""
+        for p in self.parameters:
+            if p.name == "max_epoch":
+                d = p.distribution
+                return int(max(d.choices) if isinstance(d, CategoricalDistribution) else d.high)
+        return int(self.fixed.get("max_epoch", TrainConfig.max_epoch))
 
     def resolve_metric(self, pair_set_names: list[str]) -> "SearchSpace":
         """This space with its metric named and its mode set, for data with these pair sets.
@@ -201,14 +242,6 @@ class SearchSpace:
             mode = metric_mode(name)
         return dataclasses.replace(self, metric_name=name, metric_mode=self.metric_mode or mode)
 
-    @property
-    def max_epochs(self) -> int:
-        """The most epochs one trial can run (ASHA's ``max_t``)."""
-        for p in self.parameters:
-            if p.name == "max_epoch":
-                return int(max(p.choices) if p.type == "categorical" else p.high)
-        return int(self.fixed.get("max_epoch", TrainConfig.max_epoch))
-
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run function for ``OptunaSearch(space=space.define_by_run)``.
 
@@ -222,28 +255,31 @@ class SearchSpace:
         return copy.deepcopy(self.fixed)
 
     def points_to_evaluate(self) -> list[dict[str, Any]]:
-        """``[defaults]``: the first trial runs the file's defaults, so the search starts from a
-        known-good configuration. Conditional parameters whose condition fails under the
-        defaults are left out. ``[]`` when a parameter that would be in the point has no default.
-        """
+        """``[first trial]``: each parameter's default (the YAML's, else TrainConfig's), so the
+        search starts from a known configuration. Conditional parameters whose condition fails
+        under the defaults are left out."""
         point: dict[str, Any] = {}
         for p in self.parameters:
-            if not p.applies(point):
-                continue
-            if not p.has_default:
-                return []
-            point[p.name] = p.default
+            if p.applies(point):
+                point[p.name] = p.default
         return [point] if point else []
 
     def make_sampler(self):
-        """The Optuna sampler the file asks for, seeded. Pass it to ``OptunaSearch(sampler=...)``
-        and leave OptunaSearch's own ``seed`` unset (Ray ignores it next to a sampler)."""
-        import optuna  # deferred: reading and validating a file does not need Optuna
+        """The Optuna sampler the file asks for (seeded: 0 unless the file says otherwise). Pass
+        it to ``OptunaSearch(sampler=...)``; Ray ignores OptunaSearch's own ``seed`` beside it."""
+        return self.searcher.make()
 
-        if self.searcher.type == "random":
-            return optuna.samplers.RandomSampler(seed=self.searcher.seed)
-        return optuna.samplers.TPESampler(seed=self.searcher.seed,
-                                          n_startup_trials=self.searcher.n_startup_trials)
+    def make_scheduler(self, metric: str | None = None, mode: str | None = None):
+        """Ray Tune's scheduler for this space, counting epochs, or None (``type: none``). A
+        grace period longer than a shortened run (``--budget smoke``) is cut to the run."""
+        if self.scheduler.type == "none":
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        arguments = dict(self.scheduler.arguments)
+        arguments["grace_period"] = min(self.scheduler.grace_period, self.max_epochs)
+        return ASHAScheduler(time_attr="epoch", max_t=self.max_epochs, metric=metric, mode=mode,
+                             **arguments)
 
     def trial_config(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The TrainConfig fields of one trial: ``fixed`` overlaid with the sampled ``params``."""
@@ -274,13 +310,7 @@ def default_space_path(stage: str) -> Path:
 def load_search_space(path: str | os.PathLike, stage: str) -> SearchSpace:
     """Read and validate a search-space YAML file for ``stage`` (one of METHODS)."""
     where = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: search space file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read the search space file: {e}") from None
+    text = read_text(path, "search space file", ConfigError)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -386,42 +416,36 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
                             f"got {type(data).__name__}")
     _check_keys(ctx, (), data, _TOP_LEVEL_KEYS)
     metric = _parse_metric(ctx, data.get("metric"))
-    searcher = _parse_searcher(ctx, data.get("searcher"))
-    scheduler = _parse_scheduler(ctx, data.get("scheduler"))
-    budget = _parse_budget(ctx, data.get("budget"))
-    resources = _parse_resources(ctx, data.get("resources"))
     fixed = _parse_fixed(ctx, data.get("fixed"), stage)
     parameters = _parse_parameters(ctx, data.get("parameters"), stage, fixed)
-
     line = ctx.lines.line(("metric",))
     space = SearchSpace(path=None, stage=stage, metric_name=metric.name, metric_mode=metric.mode,
-                        searcher=searcher, scheduler=scheduler, budget=budget,
-                        resources=resources, fixed=fixed, parameters=parameters,
-                        metric_where=f"{ctx.where}:{line}" if line else ctx.where)
+                        searcher=_parse_searcher(ctx, data.get("searcher")),
+                        scheduler=SchedulerSpec(), budget=_parse_budget(ctx, data.get("budget")),
+                        resources=_parse_resources(ctx, data.get("resources")), fixed=fixed,
+                        parameters=parameters, metric_where=f"{ctx.where}:{line}" if line else ctx.where)
+    space.scheduler = _parse_scheduler(ctx, data.get("scheduler"), space.max_epochs)
     _check_train_configs(ctx, space)
-    if scheduler.type == "asha" and scheduler.grace_period > space.max_epochs:
-        raise ctx.error(("scheduler", "grace_period"),
-                        f"{scheduler.grace_period} is more than the {space.max_epochs} epoch(s) "
-                        "a trial runs (max_epoch); it must be <= max_epoch")
     return space
 
 
-def _check_keys(ctx: _Context, path: _KeyPath, mapping: Mapping, allowed: tuple[str, ...]) -> None:
+def _check_keys(ctx: _Context, path: _KeyPath, mapping: Mapping, allowed) -> None:
     for key in mapping:
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = difflib.get_close_matches(str(key), list(allowed), n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ctx.error(path + (key,), f"unknown key{did_you_mean}; allowed keys: "
                                            f"{list(allowed)}")
 
 
-def _section(ctx: _Context, key: str, value: Any, allowed: tuple[str, ...]) -> Mapping:
+def _section(ctx: _Context, key: str, value: Any, allowed=None) -> Mapping:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ctx.error((key,), f"expected a mapping with keys {list(allowed)}, "
-                                f"got {type(value).__name__} {value!r}")
-    _check_keys(ctx, (key,), value, allowed)
+        expected = f"a mapping with keys {list(allowed)}" if allowed else "a mapping"
+        raise ctx.error((key,), f"expected {expected}, got {type(value).__name__} {value!r}")
+    if allowed is not None:
+        _check_keys(ctx, (key,), value, allowed)
     return value
 
 
@@ -452,7 +476,7 @@ def _number(ctx: _Context, path: _KeyPath, value: Any, minimum: float, strict: b
     return float(value)
 
 
-def _choice(ctx: _Context, path: _KeyPath, value: Any, allowed: tuple[str, ...]) -> str:
+def _choice(ctx: _Context, path: _KeyPath, value: Any, allowed) -> str:
     if value not in allowed:
         raise ctx.error(path, f"{value!r} is not one of {list(allowed)}")
     return value
@@ -475,25 +499,48 @@ def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:
     return MetricSpec(name, mode)
 
 
+def _arguments_of(ctx: _Context, path: _KeyPath, section: Mapping, target, exclude=()) -> dict:
+    """``section`` minus ``type``, checked against ``target``'s keyword arguments."""
+    accepted = [name for name, p in inspect.signature(target).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in exclude]
+    arguments = {k: v for k, v in section.items() if k != "type"}
+    _check_keys(ctx, path, arguments, ["type", *accepted])
+    return arguments
+
+
 def _parse_searcher(ctx: _Context, value: Any) -> SearcherSpec:
-    s = _section(ctx, "searcher", value, ("type", "seed", "n_startup_trials"))
-    d = SearcherSpec()
-    return SearcherSpec(
-        type=_choice(ctx, ("searcher", "type"), s.get("type", d.type), SEARCHER_TYPES),
-        seed=_int(ctx, ("searcher", "seed"), s.get("seed", d.seed), 0, allow_none=True),
-        n_startup_trials=_int(ctx, ("searcher", "n_startup_trials"),
-                              s.get("n_startup_trials", d.n_startup_trials), 0))
+    section = _section(ctx, "searcher", value)
+    kind = _choice(ctx, ("searcher", "type"), section.get("type", "tpe"), tuple(SAMPLERS))
+    sampler = SAMPLERS[kind]
+    arguments = _arguments_of(ctx, ("searcher",), section, sampler)
+    if "seed" in inspect.signature(sampler).parameters:
+        arguments.setdefault("seed", 0)          # reproducible unless the file says otherwise
+    try:
+        sampler(**arguments)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ctx.error(("searcher",), f"optuna.samplers.{sampler.__name__}({arguments}) fails: "
+                                       f"{exc}") from None
+    return SearcherSpec(kind, arguments)
 
 
-def _parse_scheduler(ctx: _Context, value: Any) -> SchedulerSpec:
-    s = _section(ctx, "scheduler", value, ("type", "grace_period", "reduction_factor"))
-    d = SchedulerSpec()
-    return SchedulerSpec(
-        type=_choice(ctx, ("scheduler", "type"), s.get("type", d.type), SCHEDULER_TYPES),
-        grace_period=_int(ctx, ("scheduler", "grace_period"),
-                          s.get("grace_period", d.grace_period), 1),
-        reduction_factor=_number(ctx, ("scheduler", "reduction_factor"),
-                                 s.get("reduction_factor", d.reduction_factor), 1.0, strict=True))
+def _parse_scheduler(ctx: _Context, value: Any, max_epochs: int) -> SchedulerSpec:
+    section = _section(ctx, "scheduler", value)
+    kind = _choice(ctx, ("scheduler", "type"), section.get("type", "asha"), SCHEDULER_TYPES)
+    if kind == "none":
+        _check_keys(ctx, ("scheduler",), section, ("type",))
+        return SchedulerSpec("none", {})
+    from ray.tune.schedulers import ASHAScheduler
+
+    arguments = _arguments_of(ctx, ("scheduler",), section, ASHAScheduler, _SCHEDULER_SET_BY_SEARCH)
+    if arguments.get("grace_period", 1) > max_epochs:
+        raise ctx.error(("scheduler", "grace_period"),
+                        f"{arguments['grace_period']} is more than the {max_epochs} epoch(s) a "
+                        "trial runs (max_epoch); it must be <= max_epoch")
+    try:
+        ASHAScheduler(time_attr="epoch", max_t=max_epochs, **arguments)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ctx.error(("scheduler",), f"ASHAScheduler({arguments}) fails: {exc or 'invalid value'}") from None
+    return SchedulerSpec("asha", arguments)
 
 
 def _parse_budget(ctx: _Context, value: Any) -> BudgetSpec:
@@ -545,15 +592,14 @@ def _parse_fixed(ctx: _Context, value: Any, stage: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _parse_parameters(ctx: _Context, value: Any, stage: str,
-                      fixed: Mapping[str, Any]) -> list[ParameterSpec]:
+def _parse_parameters(ctx: _Context, value: Any, stage: str, fixed: Mapping[str, Any]) -> list[Parameter]:
     if value is None:
         return []
     if not isinstance(value, Mapping):
         raise ctx.error(("parameters",), f"expected a mapping of TrainConfig field -> "
                                          f"{{type: {'|'.join(PARAMETER_TYPES)}, ...}}, "
                                          f"got {type(value).__name__}")
-    parsed: list[ParameterSpec] = []
+    parsed: list[Parameter] = []
     for name, spec in value.items():
         path = ("parameters", name)
         _check_field_name(ctx, path, name, stage, "searched")
@@ -565,7 +611,7 @@ def _parse_parameters(ctx: _Context, value: Any, stage: str,
 
 
 def _parse_parameter(ctx: _Context, path: _KeyPath, name: str, spec: Any,
-                     earlier: list[ParameterSpec], all_names: list[str]) -> ParameterSpec:
+                     earlier: list[Parameter], all_names: list[str]) -> Parameter:
     if not isinstance(spec, Mapping):
         raise ctx.error(path, f"expected a mapping {{type: {'|'.join(PARAMETER_TYPES)}, ...}}, "
                               f"got {spec!r}")
@@ -573,27 +619,28 @@ def _parse_parameter(ctx: _Context, path: _KeyPath, name: str, spec: Any,
     if "type" not in spec:
         raise ctx.error(path, f"missing key 'type' (one of {list(PARAMETER_TYPES)})")
     kind = _choice(ctx, path + ("type",), spec["type"], PARAMETER_TYPES)
-    if kind == "categorical":
-        p = _parse_categorical(ctx, path, name, spec)
-    else:
-        p = _parse_range(ctx, path, name, kind, spec)
-    when = _parse_when(ctx, path, spec.get("when"), name, earlier, all_names)
+    distribution = (_categorical(ctx, path, spec) if kind == "categorical"
+                    else _range(ctx, path, kind, spec))
+    p = Parameter(name, distribution, when=_parse_when(ctx, path, spec.get("when"), name, earlier, all_names))
     if "default" in spec:
-        default = spec["default"]
+        default, where = spec["default"], path + ("default",)
         if kind == "float" and _is_number(default):
             default = float(default)
-        p = dataclasses.replace(p, default=default, has_default=True)
+    else:
+        # No default in the file: the first trial uses TrainConfig's own default.
+        default, where = dataclasses.fields(TrainConfig)[config_field_names().index(name)].default, path
         if not p.contains(default):
-            raise ctx.error(path + ("default",), f"{default!r} is not a value of {name}: "
-                                                 f"{_describe(p)}")
-    return dataclasses.replace(p, when=when)
+            raise ctx.error(path, f"no default given, and TrainConfig's default {default!r} is not "
+                                  f"a value of {name}: {p.describe()}; add default: to the parameter")
+    if not p.contains(default):
+        raise ctx.error(where, f"{default!r} is not a value of {name}: {p.describe()}")
+    return dataclasses.replace(p, default=default)
 
 
-def _parse_categorical(ctx: _Context, path: _KeyPath, name: str, spec: Mapping) -> ParameterSpec:
+def _categorical(ctx: _Context, path: _KeyPath, spec: Mapping) -> CategoricalDistribution:
     for key in _RANGE_ONLY_KEYS:
         if key in spec:
-            raise ctx.error(path + (key,), f"not allowed for a categorical parameter "
-                                           "(it takes 'choices')")
+            raise ctx.error(path + (key,), "not allowed for a categorical parameter (it takes 'choices')")
     if "choices" not in spec:
         raise ctx.error(path, "missing key 'choices' (a list of at least two values)")
     choices = spec["choices"]
@@ -606,42 +653,37 @@ def _parse_categorical(ctx: _Context, path: _KeyPath, name: str, spec: Mapping) 
                                                    "strings, numbers, booleans or null")
         if any(_same_value(c, other) for other in choices[:i]):
             raise ctx.error(path + ("choices", i), f"{c!r} is listed twice")
-    return ParameterSpec(name=name, type="categorical", choices=tuple(choices))
+    return CategoricalDistribution(choices)
 
 
-def _parse_range(ctx: _Context, path: _KeyPath, name: str, kind: str,
-                 spec: Mapping) -> ParameterSpec:
+def _range(ctx: _Context, path: _KeyPath, kind: str, spec: Mapping) -> BaseDistribution:
     if "choices" in spec:
         raise ctx.error(path + ("choices",), f"not allowed for a {kind} parameter (it takes "
                                              "low/high; use type: categorical for choices)")
     for key in ("low", "high"):
         if key not in spec:
             raise ctx.error(path, f"missing key {key!r} (a {kind} parameter needs low and high)")
-    check = _is_int if kind == "int" else _is_number
-    what = "an integer" if kind == "int" else "a finite number"
-    values = {}
+    check, what = (_is_int, "an integer") if kind == "int" else (_is_number, "a finite number")
     for key in ("low", "high", "step"):
-        if key in spec:
-            if not check(spec[key]):
-                raise ctx.error(path + (key,), f"{spec[key]!r} must be {what}")
-            values[key] = float(spec[key]) if kind == "float" else spec[key]
-    low, high, step = values["low"], values["high"], values.get("step")
+        if key in spec and not check(spec[key]):
+            raise ctx.error(path + (key,), f"{spec[key]!r} must be {what}")
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise ctx.error(path + ("log",), f"{log!r} must be true or false")
-    if low >= high:
-        raise ctx.error(path + ("low",), f"{low!r} must be less than high ({high!r})")
-    if step is not None and step <= 0:
-        raise ctx.error(path + ("step",), f"{step!r} must be > 0")
-    if log and step is not None:
-        raise ctx.error(path + ("step",), "log and step are exclusive; drop one of them")
-    if log and low <= 0:
-        raise ctx.error(path + ("low",), f"{low!r} must be > 0 when log is true")
-    return ParameterSpec(name=name, type=kind, low=low, high=high, log=log, step=step)
+    distribution = FloatDistribution if kind == "float" else IntDistribution
+    arguments = {"low": spec["low"], "high": spec["high"], "log": log}
+    if "step" in spec:
+        arguments["step"] = spec["step"]
+    try:
+        return distribution(**arguments)
+    except ValueError as exc:     # Optuna's own checks: low <= high, log needs low > 0, ...
+        message = str(exc)
+        key = "step" if "step" in message else ("low" if "low" in message else "high")
+        raise ctx.error(path + (key,), f"optuna.distributions.{distribution.__name__}: {message}") from None
 
 
 def _parse_when(ctx: _Context, path: _KeyPath, when: Any, name: str,
-                earlier: list[ParameterSpec], all_names: list[str]) -> dict[str, tuple[Any, ...]]:
+                earlier: list[Parameter], all_names: list[str]) -> dict[str, tuple[Any, ...]]:
     if when is None:
         return {}
     path = path + ("when",)
@@ -666,16 +708,9 @@ def _parse_when(ctx: _Context, path: _KeyPath, when: Any, name: str,
         for v in values:
             if not by_name[ref].contains(v):
                 raise ctx.error(path + (ref,), f"{v!r} is not a value of {ref}: "
-                                               f"{_describe(by_name[ref])}")
+                                               f"{by_name[ref].describe()}")
         parsed[ref] = tuple(values)
     return parsed
-
-
-def _describe(p: ParameterSpec) -> str:
-    if p.type == "categorical":
-        return f"one of {list(p.choices)}"
-    extra = f", step {p.step}" if p.step is not None else (", log scale" if p.log else "")
-    return f"{p.type} in [{p.low}, {p.high}]{extra}"
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -686,7 +721,7 @@ def _same_value(a: Any, b: Any) -> bool:
 def _check_train_configs(ctx: _Context, space: SearchSpace) -> None:
     """Build a TrainConfig from fixed + defaults, then once per range end or choice, so a value
     the trainer would reject fails here rather than in the middle of a search."""
-    defaults = {p.name: p.default for p in space.parameters if p.has_default}
+    defaults = {p.name: p.default for p in space.parameters}
     base = {"method": space.stage, **space.fixed, **defaults}
     try:
         TrainConfig.from_dict(base)

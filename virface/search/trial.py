@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from virface.progress import write_progress
+from virface.search.space import ResourcesSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -32,9 +33,7 @@ class TrialSetup:
     train_storage: str                   # where Ray Train runs keep their checkpoints
     metric: str
     mode: str
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     worker_max_failures: int = 1
 
 
@@ -42,7 +41,7 @@ def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, A
     values = {**setup.base_config, **params, "method": setup.stage,
               "pretrained_file": setup.upstream_checkpoint, "resume_file": None,
               "snapshot_prefix": None, "tensorboard": True}
-    if setup.gpus_per_worker == 0:
+    if setup.resources.gpus_per_worker == 0:
         values["device"] = "cpu"
     return values
 
@@ -54,10 +53,10 @@ def trial_resources(setup: TrialSetup) -> dict[str, float]:
     trial only drives the Train workers; it must not hold the CPU they need (on 2 cores that
     deadlocks: notes/RAY.md), and Ray rejects an all-zero request, hence the token memory.
     """
-    if setup.workers == 1:
-        res = {"cpu": setup.cpus_per_worker}
-        if setup.gpus_per_worker:
-            res["gpu"] = setup.gpus_per_worker
+    if setup.resources.workers == 1:
+        res = {"cpu": setup.resources.cpus_per_worker}
+        if setup.resources.gpus_per_worker:
+            res["gpu"] = setup.resources.gpus_per_worker
         return res
     return {"cpu": 0, "memory": 1}
 
@@ -69,7 +68,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     train_config = trial_train_config(setup, params)
     tb_dir = os.path.join(setup.tb_root, f"{setup.stage}_{trial_id}")
-    if setup.workers == 1:
+    if setup.resources.workers == 1:
         _run_in_process(train_config, tb_dir)
     else:
         _run_with_train_workers(train_config, tb_dir, setup, trial_id)
@@ -151,15 +150,15 @@ def _run_with_train_workers(train_config: dict[str, Any], tb_dir: str, setup: Tr
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    use_gpu = setup.gpus_per_worker > 0
-    per_worker = {"CPU": setup.cpus_per_worker}
+    use_gpu = setup.resources.gpus_per_worker > 0
+    per_worker = {"CPU": setup.resources.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = setup.gpus_per_worker
+        per_worker["GPU"] = setup.resources.gpus_per_worker
     trainer = TorchTrainer(
         train_worker_loop,
         train_loop_config={"train": train_config, "tb_dir": tb_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=setup.resources.workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             # Deterministic name: a restored Tune trial finds its Train run and checkpoints again.
