@@ -89,11 +89,11 @@ def test_the_installed_wheel_searches_from_outside_the_checkout(tmp_path):
                             "-q", "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = glob.glob(str(wheels / "virface-*.whl"))
-    prefix = tmp_path / "prefix"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix",
-                                str(prefix), wheel], capture_output=True, text=True, timeout=300)
+    # --target, not --prefix: pip would uninstall this environment's own (editable) virface first.
+    site = str(tmp_path / "site")
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                                site, wheel], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr[-3000:]
-    [site] = glob.glob(str(prefix / "lib" / "python*" / "site-packages"))
     assert sorted(os.listdir(os.path.join(site, "virface", "search", "default_spaces"))) == \
         ["generator.yaml", "pretrain.yaml", "virclass.yaml", "virface.yaml"]
 
@@ -102,8 +102,11 @@ def test_the_installed_wheel_searches_from_outside_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": site}
     where = search([sys.executable, "-c", "import virface; print(virface.__file__)"], cwd=str(elsewhere), env=env)
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr
-    done = search([str(prefix / "bin" / "virface-search"), "--budget", "smoke"], cwd=str(elsewhere), env=env)
+    done = search([os.path.join(site, "bin", "virface-search"), "--budget", "smoke"], cwd=str(elsewhere), env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert os.path.join(site, "virface", "search", "default_spaces", "virface.yaml") in done.stdout
     for stage in ("pretrain", "generator", "virface"):
         assert read_manifest(elsewhere / "experiments" / "default" / stage / "best.json").stage == stage
+    # The environment's own install is untouched.
+    mine = search([sys.executable, "-c", "import virface; print(virface.__file__)"], cwd=str(elsewhere))
+    assert mine.stdout.strip() == os.path.join(REPO, "virface", "__init__.py"), mine.stdout + mine.stderr

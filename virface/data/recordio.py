@@ -15,9 +15,9 @@ image.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-import tempfile
 import threading
 from typing import NamedTuple, Sequence
 
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from virface.fileio import write_text_atomic
 from virface.data.images import decode_rgb
 from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError, RecordIOError
+from virface.fileio import atomic_open, write_text_atomic
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -306,20 +306,12 @@ class RecordIOWriter:
         self.rec_path = str(rec_path)
         self.idx_path = str(idx_path) if idx_path is not None \
             else os.path.splitext(self.rec_path)[0] + ".idx"
-        self._tmp_rec = self._tmp_idx = None
-        self._rec = self._idx = None
-        try:
-            fd, self._tmp_rec = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(self.rec_path)),
-                prefix=os.path.basename(self.rec_path) + ".", suffix=".tmp")
-            self._rec = os.fdopen(fd, "wb")
-            fd, self._tmp_idx = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(self.idx_path)),
-                prefix=os.path.basename(self.idx_path) + ".", suffix=".tmp")
-            self._idx = os.fdopen(fd, "w", encoding="ascii")
-        except BaseException:
-            self.abort()
-            raise
+        # Both files go through fileio.atomic_open; the stack commits both on close, or
+        # removes both temporary files when unwound by an error.
+        with contextlib.ExitStack() as files:
+            self._rec = files.enter_context(atomic_open(self.rec_path, "wb"))
+            self._idx = files.enter_context(atomic_open(self.idx_path, "w"))
+            self._files = files.pop_all()
         self._pos = 0
         self._keys: set[int] = set()
         self._closed = False
@@ -339,29 +331,15 @@ class RecordIOWriter:
 
     def close(self) -> None:
         """Finish and move both files into place."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            for f in (self._rec, self._idx):
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-            os.replace(self._tmp_rec, self.rec_path)
-            os.replace(self._tmp_idx, self.idx_path)
-        except BaseException:
-            self.abort()
-            raise
+        if not self._closed:
+            self._closed = True
+            self._files.close()
 
     def abort(self) -> None:
         """Drop everything written; the target paths are left untouched."""
-        self._closed = True
-        for f in (self._rec, self._idx):
-            if f is not None:
-                f.close()
-        for tmp in (self._tmp_rec, self._tmp_idx):
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+        if not self._closed:
+            self._closed = True
+            self._files.__exit__(RecordIOError, RecordIOError("aborted"), None)
 
     def __enter__(self) -> "RecordIOWriter":
         return self

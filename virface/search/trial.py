@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from virface.checkpoint import copy_checkpoint
 from virface.progress import write_progress
 from virface.search.space import ResourcesSpec
 
@@ -86,14 +87,14 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
         if checkpoint is not None:
             # Tune restored this trial: continue from its last reported epoch.
             with checkpoint.as_directory() as d:
-                shutil.copyfile(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
+                copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
             train_config = {**train_config, "resume_file": os.path.join(work, "resume.pt"),
                             "pretrained_file": None}
         config = TrainConfig.from_dict(train_config)
 
         def report(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
             with tempfile.TemporaryDirectory(dir=work) as d:
-                shutil.copyfile(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
+                copy_checkpoint(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
         run_stage(config, os.path.join(work, "run"), on_epoch_end=report, tb_dir=tb_dir,
@@ -120,7 +121,7 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            shutil.copyfile(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
+            copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
         train_config.update(resume_file=os.path.join(work, "resume.pt"), pretrained_file=None)
     config = TrainConfig.from_dict(train_config)
 
@@ -130,7 +131,7 @@ def train_worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint_dir_name=name)
             return
         with tempfile.TemporaryDirectory(dir=work) as d:
-            shutil.copyfile(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
+            copy_checkpoint(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=name)
 
