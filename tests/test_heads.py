@@ -67,12 +67,32 @@ def test_overlap_filter_drops_samples_confidently_inside_a_labeled_class():
     assert overlap_keep_mask(u, weight, s=32.0, threshold=0.8).tolist() == [False, True]
 
 
-def test_dropout_applies_to_labeled_features_in_virclass_only():
+def test_dropout_applies_to_labeled_features_in_both_logits_and_zero_draws_nothing():
     head = ArcFaceHead(2, 4, s=1.0, m=0.0, dropout=0.99).train()
     x = torch.ones(64, 4)
     labels = torch.zeros(64, dtype=torch.long)
     torch.manual_seed(0)
     plain = head(x, labels)
-    assert torch.allclose(plain, plain[0].expand_as(plain))     # no dropout in plain ArcFace
+    assert not torch.allclose(plain, plain[0].expand_as(plain))   # rows differ: dropped out
     vc = head.virclass(x, labels, torch.ones(1, 4))
-    assert not torch.allclose(vc, vc[0].expand_as(vc))          # rows differ: dropped out
+    assert not torch.allclose(vc, vc[0].expand_as(vc))
+    # p = 0: identical rows, and the random stream is untouched (a run without dropout repeats).
+    off = ArcFaceHead(2, 4, s=1.0, m=0.0, dropout=0.0).train()
+    torch.manual_seed(0)
+    plain = off(x, labels)
+    assert torch.allclose(plain, plain[0].expand_as(plain))
+    assert torch.equal(torch.rand(3), _rand_after_seed())
+
+
+def test_the_default_dropout_is_the_references_per_stage():
+    from virface.config import TrainConfig
+
+    assert TrainConfig(method="pretrain").resolved_dropout == 0.0
+    assert TrainConfig(method="virclass").resolved_dropout == 0.5
+    assert TrainConfig(method="virface").resolved_dropout == 0.5
+    assert TrainConfig(method="pretrain", dropout=0.3).resolved_dropout == 0.3
+
+
+def _rand_after_seed():
+    torch.manual_seed(0)
+    return torch.rand(3)

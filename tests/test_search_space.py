@@ -311,7 +311,7 @@ ERRORS = [
         metric: {name: acc, mode: max}
         fixed:
           max_epochs: 3
-        """, "virface", 3, "fixed.max_epochs", "close matches: ['max_epoch']"),
+        """, "virface", 3, "fixed.max_epochs", "close matches: ['max_epoch'"),
     ("both fixed and searched", """
         metric: {name: acc, mode: max}
         fixed: {KL: 2.0}
@@ -380,6 +380,7 @@ ERRORS = [
             type: float
             low: 0.0
             high: 1.0
+            default: 0.5
         """, "virface", 6, "parameters.dropout.high", "dropout: 1.0 is outside [0, 1)"),
     ("choice TrainConfig rejects", """
         metric: {name: acc, mode: max}

@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 
 from virface.fileio import atomic_open
-from virface.config import INHERITED_FIELDS, TrainConfig
+from virface.config import GENERATOR_FIELDS, TrainConfig, inherited_fields
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError
 from virface.stage_table import producer_of, stage_spec
 
 FORMAT = "virface-checkpoint"
 VERSION = 1
-MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")
+MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")   # required in every checkpoint
 
 
 # ---------------------------------------------------------------- format and file I/O
@@ -37,7 +37,9 @@ def checkpoint_state(config: TrainConfig, models, optimizers: Mapping, scheduler
         "epoch": epoch,
         "config": config.to_dict(),
         "metrics": metrics,
-        "model": {k: getattr(config, k) for k in MODEL_KEYS},
+        # The generator's fields only where there is a generator to describe.
+        "model": {k: getattr(config, k) for k in MODEL_KEYS
+                  + (GENERATOR_FIELDS if models.generator is not None else ())},
         "backbone": models.backbone.state_dict(),
         "head": models.head.state_dict(),
         "generator": models.generator.state_dict() if models.generator is not None else None,
@@ -173,7 +175,9 @@ def inherit_model_fields(config: TrainConfig, state: dict | None, path: str | No
         return config
     meta = model_meta(state, path)
     changes: dict[str, Any] = {}
-    for key in INHERITED_FIELDS:
+    for key in inherited_fields(config.method):
+        if meta.get(key) is None:       # an older checkpoint, or one without a generator
+            continue
         given = getattr(config, key)
         if given is not None and given != meta[key]:
             raise ConfigError(f"{key}: {given!r} was given, but {path} was trained with "

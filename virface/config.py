@@ -19,8 +19,19 @@ METHODS = tuple(STAGES)
 OPTIM_MODES = ("alternate", "joint")
 AMP_MODES = ("none", "bf16", "fp16")
 
-# What a later stage must take over from the checkpoint it starts from (it shapes the weights).
-INHERITED_FIELDS = ("arch", "feat_len", "input_size", "num_ids")
+# What a later stage takes over from the checkpoint it starts from: the model's shape, chosen by
+# the first stage, and what the generator's output means, chosen by the stage that first trains it.
+MODEL_FIELDS = ("arch", "feat_len", "input_size", "num_ids")
+GENERATOR_FIELDS = ("gen_residual",)
+INHERITED_FIELDS = MODEL_FIELDS + GENERATOR_FIELDS
+
+
+def inherited_fields(stage: str) -> tuple[str, ...]:
+    """The fields ``stage`` takes from its start checkpoint (setting them otherwise is an error)."""
+    spec = STAGES[stage]
+    return (() if spec.is_first else MODEL_FIELDS) + (GENERATOR_FIELDS if spec.needs_generator else ())
+# Metrics of --test pair sets start with this: they are reported, never selected on.
+TEST_PREFIX = "test_"
 
 # Option groups, in the order ``--help`` lists them.
 GROUP_MODEL, GROUP_LOSSES, GROUP_OPTIM = "model", "losses", "optimisation"
@@ -76,8 +87,10 @@ class TrainConfig(ConfigDataclass):
     # losses
     s: float = setting(32.0, group=GROUP_LOSSES, help="ArcFace scale")
     m: float = setting(0.5, group=GROUP_LOSSES, help="ArcFace additive angular margin (radians)")
-    dropout: float = setting(0.5, group=GROUP_LOSSES,
-                             help="dropout on labeled features in virclass/virface (the reference's)")
+    dropout: float | None = setting(
+        None, group=GROUP_LOSSES,
+        help="dropout on labeled features before the softmax, in every stage that trains the "
+             "backbone (default: the reference's: 0.5 in virclass and virface, none otherwise)")
     gen_num: int = setting(5, group=GROUP_LOSSES,
                            help="virtual instances drawn per unlabeled feature (virface)")
     KL: float = setting(2.0, group=GROUP_LOSSES, help="weight of the generator's KL term")
@@ -89,6 +102,24 @@ class TrainConfig(ConfigDataclass):
     optim_mode: str = setting("alternate", group=GROUP_LOSSES, choices=OPTIM_MODES,
                               help="virface: alternate G and backbone steps (the authors' "
                                    "scheme), or one joint optimiser (the reference code)")
+    vi_weight: float = setting(1.0, group=GROUP_LOSSES,
+                               help="virface: weight of the VirInstance loss L_vi")
+    vi_warmup_epochs: float = setting(
+        0.0, group=GROUP_LOSSES,
+        help="virface: ramp L_vi's weight linearly from 0 over this many epochs (0: no warm-up)")
+    vi_to_backbone: bool = setting(
+        False, group=GROUP_LOSSES,
+        help="virface, not the reference's: L_vi also reaches the backbone, through the "
+             "generator's input (the generator itself stays frozen for L_vi)")
+    gen_target_grad: bool = setting(
+        False, group=GROUP_LOSSES,
+        help="virface with --optim_mode joint: the generator's MSE also pulls W_y, exactly as the "
+             "reference's single optimiser does (default: W_y is a fixed target)")
+    gen_residual: bool | None = setting(
+        None, group=GROUP_LOSSES,
+        help="not the reference's: the generator draws u + delta (a residual on its input) "
+             "instead of a free feature; chosen in the generator stage and inherited by virface "
+             "(default: off, or the upstream generator's)")
 
     # optimisation
     label_batch_size: int = setting(128, group=GROUP_OPTIM,
@@ -129,9 +160,15 @@ class TrainConfig(ConfigDataclass):
                                               "folder)")
     val: dict[str, str] = setting(
         default_factory=dict, group=GROUP_DATA, metavar="NAME=PATH",
-        help="a verification pair set to evaluate and select on: a .bin pack, an LFW folder "
-             "(pairs.txt) or a CFP folder (name ending in _ff or _fp); repeatable (default: the "
-             "synthetic faces' pair sets on synthetic data, none otherwise)")
+        help="a verification pair set to evaluate and select on (best epoch, best trial): a .bin "
+             "pack, an LFW folder (pairs.txt) or a CFP folder (name ending in _ff or _fp); "
+             "repeatable (default: the synthetic faces' validation pair sets on synthetic data, "
+             "none otherwise)")
+    test: dict[str, str] = setting(
+        default_factory=dict, group=GROUP_DATA, metavar="NAME=PATH",
+        help="a pair set to evaluate and report as test_<NAME>_acc, never selected on; the same "
+             "forms as --val; repeatable (default: the synthetic faces' test pair sets on "
+             "synthetic data, none otherwise)")
     input_size: int | None = setting(
         None, group=GROUP_DATA,
         help="side of the square input, divisible by 16 (default: 112; the synthetic faces' size)")
@@ -178,6 +215,13 @@ class TrainConfig(ConfigDataclass):
         return self.labeled is None
 
     @property
+    def resolved_dropout(self) -> float:
+        """The labeled-feature dropout in effect (``dropout``, else the reference's choice)."""
+        if self.dropout is not None:
+            return self.dropout
+        return 0.5 if self.uses_unlabeled else 0.0
+
+    @property
     def uses_unlabeled(self) -> bool:
         return STAGES[self.method].uses_unlabeled
 
@@ -202,8 +246,14 @@ class TrainConfig(ConfigDataclass):
         _non_negative("weight_decay", self.weight_decay)
         if not 0.0 <= self.m < 3.14159:
             raise ConfigError(f"m: {self.m} is outside [0, pi)")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: {self.dropout} is outside [0, 1)")
+        _non_negative("vi_weight", self.vi_weight)
+        _non_negative("vi_warmup_epochs", self.vi_warmup_epochs)
+        if self.gen_target_grad and self.optim_mode != "joint":
+            raise ConfigError("gen_target_grad: letting the MSE pull W_y is the reference's joint "
+                              "optimiser; it needs optim_mode joint (in alternate mode the "
+                              "generator's step never updates W)")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum: {self.momentum} is outside [0, 1)")
         if self.overlap_threshold is not None and not 0.0 < self.overlap_threshold <= 1.0:
@@ -212,6 +262,14 @@ class TrainConfig(ConfigDataclass):
             raise ConfigError(f"decay_steps: {list(self.decay_steps)} must be increasing positive epochs")
         for name in self.val:
             check_pair_set_name(name, "val")
+            if name.startswith(TEST_PREFIX):
+                raise ConfigError(f"val: {name!r}: a --val name may not start with {TEST_PREFIX!r}; "
+                                  f"that prefix marks the --test pair sets' metrics")
+        for name in self.test:
+            check_pair_set_name(name, "test")
+        if self.best_metric and self.best_metric.startswith(TEST_PREFIX):
+            raise ConfigError(f"best_metric: {self.best_metric!r} is a test pair set's metric; test "
+                              f"pair sets are reported, never selected on (use a --val set)")
         if self.unlabeled is not None and self.labeled is None:
             raise ConfigError("unlabeled: given without labeled data; give --labeled too, or "
                               "neither for the built-in synthetic faces")

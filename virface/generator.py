@@ -12,8 +12,15 @@ import torch.nn.functional as F
 
 
 class FeatureVAE(nn.Module):
-    def __init__(self, feat_len: int = 512, hidden: int = 256, latent: int = 128):
+    """``residual=False`` (the reference): the decoder's output is the generated feature.
+    ``residual=True`` (not the reference's): it is a step from the input, x + decoder(z), so an
+    unlabeled feature's instances stay around it (and, trained towards W_y, move the way a
+    labeled feature would towards its class centre)."""
+
+    def __init__(self, feat_len: int = 512, hidden: int = 256, latent: int = 128,
+                 residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.encoder = nn.Sequential(nn.Linear(feat_len, hidden), nn.ReLU(inplace=True))
         self.to_mu = nn.Linear(hidden, latent)
         self.to_logvar = nn.Linear(hidden, latent)
@@ -32,7 +39,8 @@ class FeatureVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, D) -> (decoded (B, D), mu, logvar)."""
         mu, logvar = self.encode(x)
-        return self.decoder(self.reparameterise(mu, logvar)), mu, logvar
+        decoded = self.decoder(self.reparameterise(mu, logvar))
+        return (x + decoded if self.residual else decoded), mu, logvar
 
     def sample(self, x: torch.Tensor, gen_num: int) -> torch.Tensor:
         """Virtual instances: encode each row once, decode ``gen_num`` draws, L2-normalise.
@@ -44,23 +52,27 @@ class FeatureVAE(nn.Module):
         mu, logvar = self.encode(x)
         mu = mu.repeat(gen_num, 1)
         logvar = logvar.repeat(gen_num, 1)
-        return F.normalize(self.decoder(self.reparameterise(mu, logvar)), dim=1)
+        decoded = self.decoder(self.reparameterise(mu, logvar))
+        if self.residual:
+            decoded = x.repeat(gen_num, 1) + decoded
+        return F.normalize(decoded, dim=1)
 
 
-def generator_losses(generator: FeatureVAE, x: torch.Tensor, class_weight: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def generator_losses(generator: FeatureVAE, x: torch.Tensor, class_weight: torch.Tensor,
+                     target_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's reconstruction and KL terms, both means over elements.
 
     x: (B, D) labeled features; class_weight: (B, D) the rows W_y of their labels. Both are
     normalised and detached here: the generator learns from the backbone and head but never
     moves them (the reference let the 5e3-weighted MSE pull W; the authors' alternating scheme
-    does not). Returns (mse, kl):
+    does not). ``target_grad=True`` keeps W_y attached, as the reference's joint optimiser
+    did. Returns (mse, kl):
       mse = mean((norm(G(x)) - norm(W_y))^2) over B x D elements  (= batch mean of 2(1-cos)/D)
       kl  = -0.5 * mean(1 + logvar - mu^2 - exp(logvar)) over B x latent elements
     The caller weights them: L2 * mse + KL * kl (defaults 5e3 and 2.0).
     """
     decoded, mu, logvar = generator(F.normalize(x.detach(), dim=1))
-    target = F.normalize(class_weight.detach(), dim=1)
+    target = F.normalize(class_weight if target_grad else class_weight.detach(), dim=1)
     mse = (F.normalize(decoded, dim=1) - target).pow(2).mean()
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean()
     return mse, kl

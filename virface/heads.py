@@ -79,8 +79,9 @@ def overlap_keep_mask(u: torch.Tensor, weight: torch.Tensor, s: float, threshold
 class ArcFaceHead(nn.Module):
     """Owns the class weights W (num_classes, feat_len), Xavier-uniform initialised.
 
-    ``dropout`` is applied to labeled features only when unlabeled data joins the softmax
-    (virclass / virface), as in the reference; plain ArcFace training never drops.
+    ``dropout`` is applied to the labeled features before their logits. The reference used 0.5
+    in virclass / virface and none in plain ArcFace training (the TrainConfig default); here it
+    is one setting for every stage, so a baseline can be given the same.
     """
 
     def __init__(self, num_classes: int, feat_len: int, s: float = 32.0, m: float = 0.5,
@@ -95,14 +96,19 @@ class ArcFaceHead(nn.Module):
     def num_classes(self) -> int:
         return self.weight.shape[0]
 
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        # p = 0 skips the module: even a no-op dropout draws random numbers, and a run without
+        # dropout should see the same random stream whatever this setting's history.
+        return self.dropout(x) if self.dropout.p > 0 else x
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Plain ArcFace logits (B, C)."""
-        cos = F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+        """Plain ArcFace logits (B, C), with dropout on the features."""
+        cos = F.normalize(self.drop(x), dim=1) @ F.normalize(self.weight, dim=1).t()
         return arcface_margin_logits(cos, labels, self.s, self.m)
 
     def virclass(self, x: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """VirClass logits (B, C + U) with dropout on the labeled features."""
-        return virclass_logits(self.dropout(x), labels, self.weight, u, self.s, self.m)
+        return virclass_logits(self.drop(x), labels, self.weight, u, self.s, self.m)
 
     def virinstance(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
                     source_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ is shown in TensorBoard. Plain functions of names (no torch), shared by the stag
 search."""
 from __future__ import annotations
 
+from virface.config import TEST_PREFIX
 from virface.stage_table import stage_spec
 
 METRIC_MODES = ("max", "min")
@@ -66,6 +67,8 @@ def tensorboard_tag(metric: str) -> str:
     """The TensorBoard tag of a per-epoch metric: loss/..., val/..., best/... or train/..."""
     if metric.startswith("best_"):
         return f"best/{metric[5:]}"
+    if metric.startswith(TEST_PREFIX):
+        return f"test/{metric[len(TEST_PREFIX):]}"
     if metric.startswith(("loss", "gen_")):
         return f"loss/{metric}"
     if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):

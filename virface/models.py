@@ -28,8 +28,10 @@ def build_models(config: TrainConfig) -> StageModels:
     """Fresh modules for ``config`` (arch, feat_len, input_size and num_ids resolved); the
     generator only for the stages that need or train one."""
     backbone = build_backbone(config.arch, feat_len=config.feat_len, input_size=config.input_size)
-    head = ArcFaceHead(config.num_ids, config.feat_len, s=config.s, m=config.m, dropout=config.dropout)
-    generator = FeatureVAE(config.feat_len) if stage_spec(config.method).builds_generator else None
+    head = ArcFaceHead(config.num_ids, config.feat_len, s=config.s, m=config.m,
+                       dropout=config.resolved_dropout)
+    generator = (FeatureVAE(config.feat_len, residual=bool(config.gen_residual))
+                 if stage_spec(config.method).builds_generator else None)
     return StageModels(backbone, head, generator)
 
 

@@ -38,8 +38,13 @@ class StageSpec:
         return "generator" in self.trains
 
     @property
+    def needs_generator(self) -> bool:
+        """It starts from a trained generator (and so takes over what its output means)."""
+        return "generator" in self.needs
+
+    @property
     def builds_generator(self) -> bool:
-        return "generator" in self.needs or self.trains_generator
+        return self.needs_generator or self.trains_generator
 
     @property
     def is_first(self) -> bool:

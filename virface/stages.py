@@ -21,7 +21,7 @@ import torch.nn as nn
 from virface.fileio import write_text_atomic
 from virface.checkpoint import (checkpoint_state, copy_checkpoint, inherit_model_fields, load_models,
                                 read_start_checkpoint, save_checkpoint)
-from virface.config import TrainConfig
+from virface.config import TEST_PREFIX, TrainConfig
 from virface.data.loading import StageData, build_stage_data, make_train_loader
 from virface.distributed import DistributedContext
 from virface.errors import ConfigError, DataError, NonFiniteLossError, VirFaceError
@@ -56,8 +56,9 @@ def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
     if config.num_ids is not None and config.num_ids != num_ids:
         raise ConfigError(f"num_ids: {config.num_ids} (from the config or the start checkpoint), but "
                           f"the labeled data {data.labeled.name} has {num_ids} identities")
+    generator = {"gen_residual": bool(config.gen_residual)} if stage_spec(config.method).builds_generator else {}
     return config.replace(arch=arch, num_ids=num_ids, input_size=data.input_size,
-                          feat_len=config.feat_len or DEFAULT_FEAT_LEN)
+                          feat_len=config.feat_len or DEFAULT_FEAT_LEN, **generator)
 
 
 # ---------------------------------------------------------------- evaluation and logging
@@ -233,6 +234,9 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
             if pair_set_names and ctx.is_main:
                 eval_start = time.perf_counter()
                 metrics.update(evaluate_pair_sets(models.backbone, data.pair_sets, ctx.device))
+                # Reported every epoch, never selected on: selection reads val metrics only.
+                metrics.update(evaluate_pair_sets(models.backbone, data.test_pair_sets, ctx.device,
+                                                  prefix=TEST_PREFIX))
                 clock.eval_s = time.perf_counter() - eval_start
             metrics = ctx.broadcast_object(metrics)
             if metric_name not in metrics:
@@ -296,6 +300,7 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
     n_steps = len(loader)
     start = time.perf_counter()
     for step, (images, labels, n_skipped) in enumerate(loader, start=1):
+        step_fn.epochs_done = (epoch - 1) + (step - 1) / max(n_steps, 1)
         terms = step_fn(images, labels)
         pending.append(terms["loss"].detach())
         for key, value in terms.items():

@@ -45,6 +45,7 @@ class StageStep:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.n_labeled = config.label_batch_size // ctx.world_size
         self.step_function = stage_spec(config.method).step_function()
+        self.epochs_done = 0.0        # set by the loop before each step: (epoch - 1) + step fraction
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Terms:
         return self.step_function(self, images, labels.to(self.device, non_blocking=True))
@@ -77,8 +78,16 @@ class StageStep:
             opt.step()
 
     def generator_terms(self, x: torch.Tensor, labels: torch.Tensor) -> Terms:
-        mse, kl = generator_losses(self.models.generator, x, self.models.head.weight[labels])
+        mse, kl = generator_losses(self.models.generator, x, self.models.head.weight[labels],
+                                   target_grad=self.config.gen_target_grad)
         return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
+
+    def vi_weight(self) -> float:
+        """L_vi's weight now: ``vi_weight``, ramped linearly over ``vi_warmup_epochs``."""
+        cfg = self.config
+        if cfg.vi_warmup_epochs <= 0:
+            return cfg.vi_weight
+        return cfg.vi_weight * min(1.0, self.epochs_done / cfg.vi_warmup_epochs)
 
     def virtual_classes(self, feats: torch.Tensor, labels: torch.Tensor):
         """VirClass on this batch: the labeled rows against [W; every rank's kept unlabeled
@@ -127,25 +136,30 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
     n_local = u_local.shape[0]
     local_keep = keep[ctx.rank * n_local:(ctx.rank + 1) * n_local]
     offset = int(keep[:ctx.rank * n_local].sum())
-    sources = F.normalize(u_local[local_keep].detach(), dim=1)
+    # The reference detaches the sources: L_vi reaches W (and G) only. vi_to_backbone lets it
+    # reach the backbone too, through the generator's input.
+    kept = u_local[local_keep]
+    sources = F.normalize(kept if cfg.vi_to_backbone else kept.detach(), dim=1)
     joint = cfg.optim_mode == "joint"
     if not joint:
         # Alternate: first a generator step on detached features (backbone frozen) ...
         terms = s.generator_terms(x, y)
         s.backward_step(terms["gen_loss"], "generator", gen.parameters())
-    with torch.set_grad_enabled(joint):
+    with torch.set_grad_enabled(joint or cfg.vi_to_backbone):
         instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and len(sources) else None
     if instances is not None:
         logits_vi, target_vi = head.virinstance(instances, centres, cfg.gen_num, offset)
         loss_vi = F.cross_entropy(logits_vi, target_vi)
     else:
         loss_vi = feats.new_zeros(())
+    weighted_vi = s.vi_weight() * loss_vi
     if joint:
         terms = s.generator_terms(x, y)
-        loss = loss_vc + loss_vi + terms["gen_loss"]
+        loss = loss_vc + weighted_vi + terms["gen_loss"]
         s.backward_step(loss, "main", [*head.parameters(), *gen.parameters()])
     else:
-        # ... then a backbone/W step with the generator frozen.
-        s.backward_step(loss_vc + loss_vi, "main", head.parameters())
-        loss = loss_vc + loss_vi + terms["gen_loss"].detach()
+        # ... then a backbone/W step with the generator frozen (its optimiser does not step
+        # here; gradients L_vi leaves on it are cleared before its next step).
+        s.backward_step(loss_vc + weighted_vi, "main", head.parameters())
+        loss = loss_vc + weighted_vi + terms["gen_loss"].detach()
     return {"loss": loss, "loss_vi": loss_vi, **out, **terms}

@@ -21,12 +21,14 @@ DEFAULT_REAL_INPUT_SIZE = 112
 
 @dataclass
 class StageData:
-    """What a stage reads. ``unlabeled`` is None for pretrain and generator."""
+    """What a stage reads. ``unlabeled`` is None for pretrain and generator. ``pair_sets``
+    select (best epoch, best trial); ``test_pair_sets`` are only reported."""
 
     labeled: ImageSource
     unlabeled: ImageSource | None
     pair_sets: dict[str, PairSet] = field(default_factory=dict)
     input_size: int = DEFAULT_REAL_INPUT_SIZE
+    test_pair_sets: dict[str, PairSet] = field(default_factory=dict)
 
 
 def synthetic_cache_dir() -> str:
@@ -41,6 +43,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
     from virface.evaluation.verification import open_pair_set
 
     pair_sets: dict[str, PairSet] = {}
+    test_pair_sets: dict[str, PairSet] = {}
     if config.uses_synthetic:
         from virface.data.synthetic import SyntheticSpec, load_synthetic
 
@@ -49,6 +52,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
         input_size = config.input_size or spec.image_size
         labeled, unlabeled = faces.labeled, faces.unlabeled
         pair_sets.update(faces.pair_sets)
+        test_pair_sets.update(getattr(faces, "test_pair_sets", {}))
     else:
         input_size = config.input_size or DEFAULT_REAL_INPUT_SIZE
         labeled = open_image_source(config.labeled, config.labeled_root)
@@ -56,10 +60,13 @@ def build_stage_data(config: TrainConfig) -> StageData:
                      if config.unlabeled else None)
     for name, path in config.val.items():
         pair_sets[name] = open_pair_set(name, path, image_size=input_size)
-    for name, ps in pair_sets.items():
-        if ps.images.shape[-1] != input_size:
-            pair_sets[name] = PairSet(name, TF.resize(ps.images, [input_size, input_size], antialias=True),
-                                      ps.issame)
+    for name, path in config.test.items():
+        test_pair_sets[name] = open_pair_set(name, path, image_size=input_size)
+    for sets in (pair_sets, test_pair_sets):
+        for name, ps in sets.items():
+            if ps.images.shape[-1] != input_size:
+                sets[name] = PairSet(name, TF.resize(ps.images, [input_size, input_size], antialias=True),
+                                     ps.issame)
     if not config.uses_unlabeled:
         unlabeled = None
     elif unlabeled is None or len(unlabeled) == 0:
@@ -68,7 +75,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
     if config.num_ids is not None and config.num_ids != labeled.num_classes:
         raise ConfigError(f"num_ids: {config.num_ids} was given, but the labeled data "
                           f"{labeled.name} has {labeled.num_classes} identities")
-    return StageData(labeled, unlabeled, pair_sets, input_size)
+    return StageData(labeled, unlabeled, pair_sets, input_size, test_pair_sets)
 
 
 def open_image_source(path: str, root: str | None = None) -> ImageSource:

@@ -49,6 +49,8 @@ class StageManifest:
     checkpoint: str                    # absolute path of the best epoch's checkpoint
     upstream: str | None = None        # upstream manifest or user checkpoint; None for pretrain
     created: str = field(default_factory=_now)   # ISO 8601, UTC
+    # The chosen checkpoint's --test pair-set figures: reported, never selected on.
+    test_metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +122,8 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
     for key in ("upstream", "created"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise bad(key, "a string or null")
+    if "test_metrics" in data and not isinstance(data["test_metrics"], dict):
+        raise bad("test_metrics", "a JSON object of metric -> value")
 
     checkpoint = os.path.join(os.path.dirname(os.path.abspath(where)), data["checkpoint"])
     checkpoint = os.path.normpath(checkpoint)

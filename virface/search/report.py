@@ -76,6 +76,10 @@ def format_table(stage: str, metric: str, rows: list[TrialRow], *, reused: bool 
             lines.append(f"{r.trial_id:<10} {value:>22}  {r.epochs:>6}  {r.status:<18} {params}")
     if manifest is not None:
         lines.append(f"best: trial {manifest.trial_id} {manifest.metric_name}={manifest.metric_value:.4f}")
+        accuracies = {k: v for k, v in manifest.test_metrics.items() if k.endswith("_acc")}
+        if accuracies:
+            lines.append("test (reported, not selected on): "
+                         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(accuracies.items())))
         lines.append(f"manifest: {manifest_path}")
         lines.append(f"checkpoint: {manifest.checkpoint}")
     if error:

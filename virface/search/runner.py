@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
-from virface.config import GROUP_MODEL, METHODS, TrainConfig, setting
+from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
                                      upstream_checkpoint, write_manifest)
@@ -194,7 +194,8 @@ def prepare_space(options: SearchOptions, stage: str) -> SearchSpace:
 def check_data_paths(base: dict[str, Any], stage: str) -> None:
     config = TrainConfig.from_dict({**base, "method": stage})
     for key, path in [("labeled", config.labeled), ("unlabeled", config.unlabeled),
-                      *((f"val {name}", p) for name, p in config.val.items())]:
+                      *((f"val {name}", p) for name, p in config.val.items()),
+                      *((f"test {name}", p) for name, p in config.test.items())]:
         if path is not None and not os.path.exists(path):
             raise SearchError(f"{key}: {path} does not exist")
 
@@ -366,11 +367,13 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         return StageOutcome(stage, None, None, rows, metric, error=f"stage {stage}: no trial reported a checkpoint")
     from virface.checkpoint import load_checkpoint
 
+    chosen = load_checkpoint(best_path)
     manifest = StageManifest(
         stage=stage, experiment=options.name, trial_id=_trial_id(best_result),
-        config=load_checkpoint(best_path)["config"], metric_name=metric,
+        config=chosen["config"], metric_name=metric,
         metric_value=float(best_value), metric_mode=space.metric_mode, checkpoint=best_path,
-        upstream=upstream)
+        upstream=upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
+                                         if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))})
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
                  space.max_epochs, rows)
     path = manifest_path(options.storage, options.name, stage)

@@ -44,7 +44,7 @@ import optuna
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from virface.config import INHERITED_FIELDS, METHODS, TrainConfig, config_field_names
+from virface.config import METHODS, TEST_PREFIX, TrainConfig, config_field_names, inherited_fields
 from virface.errors import ConfigError
 from virface.fileio import read_text
 from virface.metrics import METRIC_MODES, metric_mode, selection_metric, stage_metric_names
@@ -230,6 +230,10 @@ class SearchSpace:
             name, mode = selection_metric(self.stage, pair_set_names, True)
         else:
             name = self.metric_name
+            if name.startswith(TEST_PREFIX):
+                raise ConfigError(f"{self.metric_where}: metric.name: {name!r} is a --test pair set's "
+                                  f"metric; test pairs are reported, never selected on; select on "
+                                  f"a --val set (one of {available})")
             if name not in available:
                 close = difflib.get_close_matches(name, available, n=3)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -576,9 +580,9 @@ def _check_field_name(ctx: _Context, path: _KeyPath, name: Any, stage: str, verb
     if name in _RESERVED_FIELDS:
         reason = _RESERVED_FIELDS[name].format(stage=stage)
         raise ctx.error(path, f"{name!r} is {reason}; it cannot be {verb}")
-    if not stage_spec(stage).is_first and name in INHERITED_FIELDS:
+    if name in inherited_fields(stage):
         raise ctx.error(path, f"{name!r} is inherited from the upstream checkpoint; it cannot be "
-                              f"{verb} in stage {stage} (inherited fields: {list(INHERITED_FIELDS)})")
+                              f"{verb} in stage {stage} (inherited fields: {list(inherited_fields(stage))})")
 
 
 def _parse_fixed(ctx: _Context, value: Any, stage: str) -> dict[str, Any]:
