@@ -733,9 +733,11 @@ def _check_train_configs(ctx: _Context, space: SearchSpace) -> None:
         raise ctx.error(_blame(str(e), space), f"fixed values and defaults do not make a valid "
                                                f"TrainConfig: {e}") from None
     for p in space.parameters:
+        # A conditional parameter is checked where it applies: its conditions' first values.
+        context = {**base, **{ref: allowed[0] for ref, allowed in p.when.items()}}
         for value, key in p.candidates():
             try:
-                TrainConfig.from_dict({**base, p.name: value})
+                TrainConfig.from_dict({**context, p.name: value})
             except ConfigError as e:
                 raise ctx.error(("parameters", p.name) + key,
                                 f"{value!r} is not a valid {p.name}: {e}") from None
