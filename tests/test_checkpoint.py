@@ -68,3 +68,25 @@ def test_stage_preconditions():
         check_stage_preconditions("virface", pretrained, "p.pt")
     with pytest.raises(StagePreconditionError, match="--pretrained_file"):
         check_stage_preconditions("generator", None, None)
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_intact(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from virface.checkpoint import copy_checkpoint
+    from virface.errors import WriteError
+
+    source, target = tmp_path / "epoch_002.pt", tmp_path / "best.pt"
+    source.write_bytes(b"new weights")
+    target.write_bytes(b"old weights")
+
+    def disk_full(src, dst, *args):
+        dst.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    with pytest.raises(WriteError, match=r"best.pt: cannot write \(No space left on device\); the file is as it was"):
+        copy_checkpoint(str(source), str(target))
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch_002.pt"]
+    assert target.read_bytes() == b"old weights"

@@ -7,7 +7,7 @@ import torch
 
 from virface.checkpoint import load_checkpoint
 from virface.config import TrainConfig
-from virface.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError,
+from virface.errors import (CheckpointError, ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError,
                             StagePreconditionError, VirFaceError)
 from virface.stages import run_stage
 from virface.steps import StageStep
@@ -117,6 +117,14 @@ def test_nan_loss_stops_with_stage_epoch_and_step_and_writes_no_checkpoint(tmp_p
     monkeypatch.setattr(StageStep, "__call__", poisoned)
     with pytest.raises(NonFiniteLossError, match="stage pretrain, epoch 1, step 2"):
         run(tmp_path, tiny_data, "pretrain")
+    assert not os.listdir(tmp_path / "pretrain" / "checkpoints")
+    assert not (tmp_path / "pretrain" / "best.pt").exists()
+
+
+def test_weights_that_overflow_while_the_loss_stays_finite_are_caught_and_never_saved(tmp_path, tiny_data):
+    # One step at lr 1e38: the loss of that step is finite, the weights after it are not.
+    with pytest.raises(NonFiniteWeightsError, match=r"stage pretrain, epoch 1: \w+ \S+ holds inf or NaN"):
+        run(tmp_path, tiny_data, "pretrain", lr=1e38, steps_per_epoch=1, max_epoch=1)
     assert not os.listdir(tmp_path / "pretrain" / "checkpoints")
     assert not (tmp_path / "pretrain" / "best.pt").exists()
 

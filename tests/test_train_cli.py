@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 
 from virface.train import build_parser, config_from_args, main
@@ -116,3 +117,18 @@ def test_unknown_synthetic_key_is_named(tmp_path, capsys):
     assert main(["--method", "pretrain", "--snapshot_prefix", str(tmp_path / "r"), *FAST,
                  "--synthetic", "n_identities=5"]) == 2
     assert "synthetic: unknown key(s) ['n_identities']" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_named_error_and_leaves_no_half_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    run = tmp_path / "run"
+    assert main(["--method", "pretrain", "--snapshot_prefix", str(run), *FAST, *TINY_SYNTHETIC]) == 2
+    err = capsys.readouterr().err
+    assert "epoch_001.pt: cannot write (No space left on device)" in err
+    assert os.listdir(run / "checkpoints") == []

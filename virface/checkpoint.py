@@ -30,11 +30,12 @@ MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")   # required in every
 
 
 def checkpoint_state(config: TrainConfig, models, optimizers: Mapping, schedulers: Mapping, epoch: int,
-                     metrics: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint of ``models`` (a StageModels) after ``epoch``."""
+                     metrics: dict[str, Any], best: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The checkpoint of ``models`` (a StageModels) after ``epoch`` of the run in ``run_dir``."""
     return {
         "stage": config.method,
         "epoch": epoch,
+        "run_dir": os.path.abspath(run_dir),
         "config": config.to_dict(),
         "metrics": metrics,
         # The generator's fields only where there is a generator to describe.
@@ -198,3 +199,58 @@ def check_start_checkpoint(config: TrainConfig) -> None:
     state, path = read_start_checkpoint(config)
     if state is not None:
         load_models(build_models(inherit_model_fields(config, state, path)), state, path)
+
+
+# ---------------------------------------------------------------- resuming a run
+
+# What a resumed run may set anew; everything else is the checkpoint's (a resumed run that
+# silently trained with other settings would be another run under the old one's name).
+RESUME_MAY_CHANGE = ("max_epoch", "log_every", "device", "loader_workers", "tensorboard",
+                     "strict_data", "amp", "resume_file", "snapshot_prefix")
+# Set per invocation, not part of what was trained.
+_NOT_COMPARED = ("resume_file", "pretrained_file", "snapshot_prefix")
+
+
+def checkpoint_run_dir(state: Mapping[str, Any], path: str) -> str:
+    """The run folder a checkpoint belongs to: recorded in it, else the folder holding
+    ``checkpoints/`` (or best.pt)."""
+    if state.get("run_dir"):
+        return state["run_dir"]
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def resume_config(state: Mapping[str, Any], path: str, given: Mapping[str, Any]) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's, with the options ``given`` that may change
+    (RESUME_MAY_CHANGE); another value for any other setting is a ConfigError naming it."""
+    saved = dict(state.get("config") or {})
+    for key, value in given.items():
+        if key in RESUME_MAY_CHANGE or key == "method":
+            continue
+        if value != saved.get(key):
+            raise ConfigError(f"{key}: {value!r} was given, but the run in {path} was trained with "
+                              f"{key}={saved.get(key)!r}; a resumed run keeps its settings (it may "
+                              f"change only {list(RESUME_MAY_CHANGE[:-2])})")
+    values = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    values["resume_file"] = path
+    values["pretrained_file"] = None
+    values.setdefault("snapshot_prefix", checkpoint_run_dir(state, path))
+    return TrainConfig.from_dict(values)
+
+
+def check_resume(config: TrainConfig, state: Mapping[str, Any], path: str, run_dir: str) -> None:
+    """Before a resumed run writes anything: its settings are the checkpoint's (but for those
+    that may change; a None means "derive" and fits any value), and ``run_dir`` is its own run
+    folder or a new one, never another run's."""
+    saved = state.get("config") or {}
+    for key, value in config.to_dict().items():
+        if key in RESUME_MAY_CHANGE or key in _NOT_COMPARED or value is None or key not in saved:
+            continue
+        if value != saved[key] and not (isinstance(value, list) and list(saved[key] or []) == value):
+            raise ConfigError(f"{key}: {value!r}, but the run in {path} was trained with "
+                              f"{key}={saved[key]!r}; a resumed run keeps its settings")
+    own = checkpoint_run_dir(state, path)
+    holds_a_run = os.path.exists(os.path.join(run_dir, "config.json"))
+    if holds_a_run and os.path.abspath(run_dir) != os.path.abspath(own):
+        raise ConfigError(f"run folder {run_dir} holds another run than the one {path} belongs to "
+                          f"({own}); a resumed run writes only into its own run folder")

@@ -9,6 +9,8 @@ written down once. Configuration is data: nothing here is edited to configure a 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -205,8 +207,10 @@ class TrainConfig(ConfigDataclass):
     seed: int = setting(0, group=GROUP_RUN, help="seed of weights, sampling and augmentation")
 
     def __post_init__(self):
-        self.decay_steps = tuple(int(x) for x in self.decay_steps)
+        check_field_types(self)
+        self.decay_steps = tuple(self.decay_steps)
         self.val = dict(self.val)
+        self.test = dict(self.test)
         self.synthetic = dict(self.synthetic)
         self.validate()
 
@@ -301,6 +305,48 @@ def check_pair_set_name(name: str, option: str) -> None:
     if not name or not all(c.isalnum() or c in "_-." for c in name):
         raise ConfigError(f"{option}: pair-set name {name!r} must be non-empty and made of letters, "
                           f"digits, '_', '-' and '.' (it names the metrics, e.g. {name or 'lfw'}_acc)")
+
+
+def _type_names(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_names(a) for a in args)
+    if typing.get_origin(annotation) is tuple:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], "values")
+    if typing.get_origin(annotation) is dict or annotation is dict:
+        return "a mapping"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):   # numbers: an int is a float, a bool is neither
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def check_field_types(config: Any) -> None:
+    """Every field holds a value of its declared type (YAML and JSON can hand in anything):
+    a ConfigError naming the field, what it holds and what it takes."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _fits(value, hints[f.name]):
+            example = " (e.g. [8, 12])" if typing.get_origin(hints[f.name]) is tuple else ""
+            raise ConfigError(f"{f.name}: {value!r} must be {_type_names(hints[f.name])}{example}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -35,3 +35,12 @@ class StagePreconditionError(VirFaceError):
 
 class NonFiniteLossError(VirFaceError, FloatingPointError):
     """A loss became NaN or inf; the message names stage, epoch and step."""
+
+
+class NonFiniteWeightsError(VirFaceError, FloatingPointError):
+    """A weight or buffer became NaN or inf; the message names stage, epoch and tensor."""
+
+
+class WriteError(VirFaceError, OSError):
+    """A file could not be written (a full disk, a read-only folder); the message names it, and
+    the file is left as it was."""

@@ -7,27 +7,36 @@ import os
 import tempfile
 from typing import IO, Iterator
 
+from virface.errors import WriteError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on a clean exit it replaces ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. Folders are
-    created. The temporary name starts with a dot so that listings of the folder skip it.
+    On an exception the temporary file is removed and ``path`` is left as it was; a failed
+    write (a full disk, a read-only folder) raises :class:`WriteError` naming ``path``. Folders
+    are created. The temporary name starts with a dot so that listings of the folder skip it.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); nothing was changed") from exc
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); the file is as it "
+                             f"was before") from exc
         raise
 
 

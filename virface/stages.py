@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 
 from virface.fileio import write_text_atomic
-from virface.checkpoint import (checkpoint_state, copy_checkpoint, inherit_model_fields, load_models,
-                                read_start_checkpoint, save_checkpoint)
+from virface.checkpoint import (check_resume, checkpoint_state, copy_checkpoint, inherit_model_fields,
+                                load_models, read_start_checkpoint, save_checkpoint)
 from virface.config import TEST_PREFIX, TrainConfig
 from virface.data.loading import StageData, build_stage_data, make_train_loader
 from virface.distributed import DistributedContext
-from virface.errors import ConfigError, DataError, NonFiniteLossError, VirFaceError
+from virface.errors import ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError, VirFaceError
 from virface.evaluation.verification import evaluate_pair_sets
 from virface.metrics import selection_metric, tensorboard_tag
 from virface.models import StageModels, build_models, build_optimizers
@@ -126,6 +126,31 @@ class RunLog:
             self.writer.close()
 
 
+def forget_abandoned_epochs(run_dir: str, resumed_epoch: int, best: dict[str, Any],
+                            resume_file: str) -> str | None:
+    """A run resumed after epoch E drops what its abandoned later epochs left (checkpoints after
+    E; metrics lines are cut by RunLog) and rebuilds best.pt from epochs 1..E. Returns best.pt's
+    path, or None when no checkpoint of the best epoch is left to rebuild it from."""
+    folder = os.path.join(run_dir, "checkpoints")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("epoch_") and name.endswith(".pt") and int(name[6:-3]) > resumed_epoch:
+            os.unlink(os.path.join(folder, name))
+    best_path = os.path.join(run_dir, "best.pt")
+    source = os.path.join(folder, f"epoch_{best.get('epoch', 0):03d}.pt")
+    if best.get("epoch") == resumed_epoch:
+        source = resume_file
+    if best and os.path.isfile(source):
+        if os.path.abspath(source) != os.path.abspath(best_path):
+            return copy_checkpoint(source, best_path)
+        return best_path
+    if os.path.exists(best_path):
+        # best.pt may come from an abandoned epoch; without the best epoch's file, drop it.
+        log.warning("%s: removed best.pt: the checkpoint of the resumed run's best epoch %s is gone",
+                    run_dir, best.get("epoch"))
+        os.unlink(best_path)
+    return None
+
+
 def check_run_dir(run_dir: str, resuming: bool) -> None:
     """Never write into an earlier run's folder unless resuming it."""
     if resuming or not os.path.isdir(run_dir):
@@ -155,6 +180,8 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
     run_dir = os.path.abspath(run_dir)
     state, start_path = read_start_checkpoint(config)
     resuming = config.resume_file is not None
+    if resuming:
+        check_resume(config, state, start_path, run_dir)
     if ctx.is_main:
         check_run_dir(run_dir, resuming)
     config = inherit_model_fields(config, state, start_path)
@@ -218,7 +245,9 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
                      start_epoch - 1 if resuming else None)
     history: list[dict[str, Any]] = []
     last_ckpt = None
-    best_ckpt = os.path.join(run_dir, "best.pt") if best else None
+    best_ckpt = None
+    if resuming and ctx.is_main:
+        best_ckpt = forget_abandoned_epochs(run_dir, start_epoch - 1, best, config.resume_file)
     clock = RunClock(config.method, config.max_epoch)
     if on_progress is None:
         def on_progress(progress: StepProgress) -> None:
@@ -251,7 +280,7 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
             if ctx.is_main:
                 ckpt_path = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
                 save_checkpoint(checkpoint_state(config, models, optimizers, schedulers, epoch,
-                                                 metrics, best), ckpt_path)
+                                                 metrics, best, run_dir), ckpt_path)
                 if is_best:
                     best_ckpt = copy_checkpoint(ckpt_path, os.path.join(run_dir, "best.pt"))
                 if last_ckpt and not keep_epoch_checkpoints:
@@ -315,6 +344,7 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
         if report is not None:
             report(step, n_steps, terms["loss"], time.perf_counter() - start, n_images * ctx.world_size)
     _check_finite(pending, config.method, epoch, steps - len(pending) + 1)
+    check_finite_weights(models, config.method, epoch)
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     # Collectives on the device: NCCL reduces CUDA tensors only.
@@ -328,6 +358,21 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
         log.warning("%s epoch %d: skipped %d corrupt image(s) on rank 0 (--strict-data raises instead)",
                     config.method, epoch, skipped)
     return metrics
+
+
+def check_finite_weights(models: StageModels, stage: str, epoch: int) -> None:
+    """Weights can overflow while the loss stays finite (a huge lr): check every parameter and
+    buffer after each epoch, before anything is evaluated or saved."""
+    for part in ("backbone", "head", "generator"):
+        module = getattr(models, part)
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteWeightsError(
+                    f"stage {stage}, epoch {epoch}: {part} {name} holds inf or NaN after training; "
+                    f"stopping before any checkpoint of these weights is written (lower lr, or "
+                    f"check the data)")
 
 
 def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step: int) -> None:

@@ -15,8 +15,9 @@ import logging
 import os
 import sys
 
+from virface.checkpoint import checkpoint_run_dir, load_checkpoint, resume_config
 from virface.config import METHODS, TrainConfig, config_field_names
-from virface.errors import VirFaceError
+from virface.errors import ConfigError, VirFaceError
 from virface.options import HelpFormatter, add_dataclass_options, given_options
 
 
@@ -30,11 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from the given options; a resume continues in its checkpoint's run folder."""
+    """TrainConfig from the given options. A resume takes the checkpoint's settings (options
+    given may change only what is safe to change) and continues in the checkpoint's own run
+    folder: another --snapshot_prefix is an error."""
     values = given_options(args, config_field_names())
-    if values.get("resume_file") and not values.get("snapshot_prefix"):
-        folder = os.path.dirname(os.path.abspath(values["resume_file"]))
-        values["snapshot_prefix"] = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    if values.get("resume_file"):
+        state = load_checkpoint(values["resume_file"])
+        if state.get("stage") != values["method"]:
+            raise ConfigError(f"method: {values['method']!r}, but {values['resume_file']} is a "
+                              f"{state.get('stage')} checkpoint")
+        own = checkpoint_run_dir(state, values["resume_file"])
+        given_folder = values.get("snapshot_prefix")
+        if given_folder and os.path.abspath(given_folder) != os.path.abspath(own):
+            raise ConfigError(f"snapshot_prefix: {given_folder} is not the run folder of "
+                              f"{values['resume_file']} ({own}); a resumed run writes only into "
+                              f"its own folder (leave --snapshot_prefix out)")
+        values["snapshot_prefix"] = own
+        return resume_config(state, values["resume_file"], values)
     values.setdefault("snapshot_prefix", os.path.join("runs", values["method"]))
     return TrainConfig.from_dict(values)
 

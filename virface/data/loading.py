@@ -1,9 +1,11 @@
 """From a TrainConfig to the data a stage needs: sources, pair sets, and the batch loader."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
@@ -116,26 +118,38 @@ class LabeledUnlabeledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labeled) + (len(self.unlabeled) if self.unlabeled is not None else 0)
 
-    def _read(self, source: ImageSource, index: int) -> tuple[torch.Tensor, int]:
-        for skipped in range(len(source)):
-            j = (index + skipped) % len(source)
+    def _read(self, source: ImageSource, index: int, same_identity: bool) -> tuple[torch.Tensor, int, int]:
+        """(image, index it came from, corrupt images skipped). A corrupt image is replaced by
+        the next readable image of the same identity (``same_identity``; its label stays
+        true), else of any identity (the caller takes that image's own label)."""
+        n = len(source)
+        candidates = range(index, index + n)
+        if same_identity:
+            own = np.flatnonzero(source.labels == source.labels[index])
+            start = int(np.searchsorted(own, index))
+            others = (j for j in range(index, index + n) if source.labels[j % n] != source.labels[index])
+            candidates = itertools.chain(np.roll(own, -start).tolist(), others)
+        skipped = 0
+        for j in candidates:
+            j %= n
             try:
                 image = source.read(j)
             except CorruptImageError:
                 if self.strict:
                     raise
+                skipped += 1
                 continue
             if image.shape[-1] != self.input_size or image.shape[-2] != self.input_size:
                 image = TF.resize(image, [self.input_size, self.input_size], antialias=True)
-            return image, skipped
+            return image, j, skipped
         raise DataError(f"{source.name}: no image could be decoded")
 
     def __getitem__(self, index: int):
         n_l = len(self.labeled)
         if index < n_l:
-            image, skipped = self._read(self.labeled, index)
-            return image, int(self.labeled.labels[index]), skipped
-        image, skipped = self._read(self.unlabeled, index - n_l)
+            image, j, skipped = self._read(self.labeled, index, same_identity=True)
+            return image, int(self.labeled.labels[j]), skipped
+        image, _, skipped = self._read(self.unlabeled, index - n_l, same_identity=False)
         return image, -1, skipped
 
     def __getitems__(self, indices):

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
-from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, setting
+from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
                                      upstream_checkpoint, write_manifest)
@@ -120,10 +120,20 @@ class SearchOptions:
     data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
 
     def __post_init__(self):
+        check_field_types(self)
         if self.stage not in METHODS:
             raise ConfigError(f"stage: {self.stage!r} is not one of {list(METHODS)}")
         if self.budget not in BUDGETS:
             raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
+        # Before anything starts: -1 trials would search forever, 0 would "fail" every trial.
+        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name}: {value} must be >= {low}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker: {self.gpus_per_worker} must be >= 0")
         self.storage = resolve_storage(self.storage)
         if self.from_checkpoint:
             self.from_checkpoint = os.path.abspath(self.from_checkpoint)

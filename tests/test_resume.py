@@ -1,0 +1,86 @@
+"""virface-train --resume_file: the checkpoint's settings, its own run folder, a best.pt rebuilt
+from the resumed history, and a metrics.jsonl cut short by a crash."""
+import json
+import os
+
+import pytest
+
+import virface.stages
+from virface.checkpoint import load_checkpoint
+from virface.train import main
+
+TINY_SYNTHETIC = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
+                  "--synthetic", "n_unlabeled_ids=12", "--synthetic", "n_val_ids=20",
+                  "--synthetic", "val_pairs=40", "--synthetic", "image_size=16"]
+RUN = ["--method", "pretrain", "--arch", "mobilefacenet_s", "--feat_len", "16", "--steps_per_epoch", "1",
+       "--device", "cpu", "--no-tensorboard", *TINY_SYNTHETIC]
+
+
+@pytest.fixture
+def scripted_accuracy(monkeypatch):
+    """Validation accuracy per evaluation, in the order given (test sets score 0.5)."""
+    queue = []
+
+    def scripted(backbone, pair_sets, device, batch_size=256, prefix=""):
+        value = queue.pop(0) if pair_sets and not prefix else 0.5
+        return {f"{prefix}{name}_{key}": (value if key == "acc" else 0.0)
+                for name in pair_sets for key in ("acc", "acc_std", "tar_far1e-3")}
+
+    monkeypatch.setattr(virface.stages, "evaluate_pair_sets", scripted)
+    return queue
+
+
+def test_a_resumed_run_keeps_its_checkpoints_settings(tmp_path):
+    run = str(tmp_path / "a")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "2", "--s", "64", "--label_batch_size", "16"]) == 0
+    os.unlink(f"{run}/checkpoints/epoch_002.pt")                    # as if killed during epoch 2
+    assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt"]) == 0
+    config = load_checkpoint(f"{run}/checkpoints/epoch_002.pt")["config"]
+    assert (config["max_epoch"], config["s"], config["label_batch_size"]) == (2, 64.0, 16)
+
+
+def test_a_resumed_run_may_train_longer_but_not_change_what_it_trained_with(tmp_path, capsys):
+    run = str(tmp_path / "a")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "1"]) == 0
+    resume = ["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt"]
+    assert main([*resume, "--s", "16"]) == 2
+    assert "s: 16.0 was given, but the run in" in capsys.readouterr().err
+    assert main([*resume, "--max_epoch", "2"]) == 0
+    assert load_checkpoint(f"{run}/checkpoints/epoch_002.pt")["config"]["max_epoch"] == 2
+
+
+def test_a_resume_writes_only_into_its_own_run_folder(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main([*RUN, "--snapshot_prefix", a, "--max_epoch", "1"]) == 0
+    assert main([*RUN, "--snapshot_prefix", b, "--max_epoch", "1"]) == 0
+    before = {name: open(os.path.join(b, name), "rb").read() for name in ("metrics.jsonl", "best.pt")}
+    assert main(["--method", "pretrain", "--resume_file", f"{a}/checkpoints/epoch_001.pt",
+                 "--snapshot_prefix", b, "--max_epoch", "2"]) == 2
+    assert "is not the run folder of" in capsys.readouterr().err
+    assert {name: open(os.path.join(b, name), "rb").read() for name in before} == before
+
+
+def test_best_pt_is_rebuilt_from_the_resumed_history(tmp_path, scripted_accuracy):
+    run = str(tmp_path / "a")
+    scripted_accuracy += [0.7, 0.9, 0.8]                 # first run: best at epoch 2
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "3"]) == 0
+    assert load_checkpoint(f"{run}/best.pt")["epoch"] == 2
+    # Resumed after epoch 1, epochs 2 and 3 now score below epoch 1: epoch 1 is the best.
+    scripted_accuracy += [0.6, 0.65]
+    assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt"]) == 0
+    best = load_checkpoint(f"{run}/best.pt")
+    assert best["epoch"] == 1 and best["best"]["value"] == 0.7
+    lines = [json.loads(x) for x in open(f"{run}/metrics.jsonl").read().splitlines()]
+    assert [(x["epoch"], x["pretrain_acc"] if "pretrain_acc" in x else x["synth_cfp_fp_acc"])
+            for x in lines] == [(1, 0.7), (2, 0.6), (3, 0.65)]
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
+    run = str(tmp_path / "a")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "2"]) == 0
+    with open(f"{run}/metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "loss": 1.2')                     # no newline: the crash
+    os.unlink(f"{run}/checkpoints/epoch_002.pt")
+    assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt"]) == 0
+    epochs = [json.loads(x)["epoch"] for x in open(f"{run}/metrics.jsonl").read().splitlines()]
+    assert epochs == [1, 2]
