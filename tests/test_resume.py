@@ -84,3 +84,30 @@ def test_a_metrics_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path):
     assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt"]) == 0
     epochs = [json.loads(x)["epoch"] for x in open(f"{run}/metrics.jsonl").read().splitlines()]
     assert epochs == [1, 2]
+
+
+def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path, tiny_data):
+    import torch
+
+    from virface.config import TrainConfig
+    from virface.stages import run_stage
+
+    tiny = dict(method="virface", arch="mobilefacenet_s", feat_len=16, label_batch_size=8,
+                unlabel_batch_size=4, steps_per_epoch=2, gen_num=2, tensorboard=False, device="cpu")
+    pre = run_stage(TrainConfig(method="pretrain", arch="mobilefacenet_s", feat_len=16, label_batch_size=8,
+                                steps_per_epoch=1, max_epoch=1, tensorboard=False, device="cpu"),
+                    str(tmp_path / "pre"), data=tiny_data)
+    gen = run_stage(TrainConfig(**{**tiny, "method": "generator"}, max_epoch=1, pretrained_file=pre.best_checkpoint),
+                    str(tmp_path / "gen"), data=tiny_data)
+    whole = run_stage(TrainConfig(**tiny, max_epoch=2, pretrained_file=gen.best_checkpoint),
+                      str(tmp_path / "whole"), data=tiny_data)
+    first = run_stage(TrainConfig(**tiny, max_epoch=2, pretrained_file=gen.best_checkpoint),
+                      str(tmp_path / "cut"), data=tiny_data)
+    os.unlink(tmp_path / "cut" / "checkpoints" / "epoch_002.pt")            # killed in epoch 2
+    run_stage(TrainConfig(**tiny, max_epoch=2, resume_file=str(tmp_path / "cut" / "checkpoints" / "epoch_001.pt")),
+              str(tmp_path / "cut"), data=tiny_data)
+    a = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "epoch_002.pt"))
+    b = load_checkpoint(str(tmp_path / "cut" / "checkpoints" / "epoch_002.pt"))
+    for part in ("backbone", "head", "generator"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert first.history[0]["loss"] == whole.history[0]["loss"]

@@ -120,3 +120,43 @@ def test_the_trial_table_round_trips_through_trials_json(tmp_path):
     write_trials(str(tmp_path / "trials.json"), "pretrain", "lfw_acc", "max", 6, rows)
     assert read_trials(str(tmp_path / "trials.json")) == ("lfw_acc", rows)
     assert rows[1].status == "ERROR: NonFiniteLossError: loss is nan"
+
+
+def lr_space(trial):
+    trial.suggest_float("lr", 0.01, 0.1, log=True)
+    return {}
+
+
+def journal_searcher(tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    space = lr_space
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return StageOptunaSearch(space=space, metric="best_acc", mode="max", study_name="s", storage=storage,
+                             sampler=optuna.samplers.RandomSampler(seed=0), objective_name="acc", max_epochs=2)
+
+
+def test_a_journal_ahead_of_tunes_restored_state_is_accepted(tmp_path):
+    # The driver died after the journal recorded trial t1's end and before Tune saved its state:
+    # the restored search runs t1's last epoch again and reports it. That must not crash.
+    search = journal_searcher(tmp_path)
+    search.suggest("t1")
+    search._ot_study.tell(search._ot_trials["t1"].number, 0.8)     # what the journal holds
+    search.on_trial_result("t1", {"best_acc": 0.7, "epoch": 2})
+    search.on_trial_complete("t1", {"best_acc": 0.7, "epoch": 2})
+    [trial] = search._ot_study.trials
+    assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.8)
+
+
+def test_a_trial_the_journal_started_but_tune_never_recorded_is_marked_abandoned(tmp_path):
+    search = journal_searcher(tmp_path)
+    search.suggest("t1")
+    search.save(str(tmp_path / "searcher.pkl"))       # Tune's last snapshot
+    search.suggest("t2")                               # then the driver died
+    restored = journal_searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    states = [t.state for t in restored._ot_study.trials]
+    assert states == [TrialState.RUNNING, TrialState.FAIL]
+    restored.on_trial_complete("t1", {"best_acc": 0.9, "epoch": 2})
+    assert restored._ot_study.trials[0].value == 0.9

@@ -231,6 +231,10 @@ class TrainConfig(ConfigDataclass):
 
     def validate(self) -> None:
         _choice("method", self.method, tuple(STAGES))
+        if self.arch is not None:
+            from virface.backbones.registry import check_arch   # the registry imports torch
+
+            check_arch(self.arch)
         _choice("optim_mode", self.optim_mode, OPTIM_MODES)
         _choice("amp", self.amp, AMP_MODES)
         for name in ("label_batch_size", "max_epoch", "loader_workers", "log_every"):

@@ -228,7 +228,6 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
                                                 config.best_metric)
     if best.get("metric") not in (None, metric_name):
         raise ConfigError(f"best_metric: the resumed run tracked {best['metric']!r}, not {metric_name!r}")
-    torch.manual_seed(config.seed * 1000 + ctx.rank + start_epoch)
 
     backbone = models.backbone
     if ctx.is_distributed and spec.trains_backbone:
@@ -254,6 +253,9 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
             log.info("%s", progress.line())
     try:
         for epoch in range(start_epoch, config.max_epoch + 1):
+            # Seeded per epoch (augmentation, dropout, the generator's draws): a run resumed
+            # after epoch E trains epoch E + 1 exactly as the uninterrupted run did.
+            torch.manual_seed(config.seed * 1000 + ctx.rank + epoch)
             report = ProgressReport(config, clock, epoch, run_log,
                                     on_progress if ctx.is_main else None)
             metrics = train_one_epoch(config, models, step_fn, loader, sampler, epoch, ctx,

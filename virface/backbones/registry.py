@@ -76,20 +76,29 @@ def build_backbone(name: str, feat_len: int = 512, input_size: int = 112) -> nn.
     """
     _check_feat_len(feat_len)
     check_input_size(input_size)
+    check_arch(name)
+    if ":" in name:
+        return _build_user_backbone(name, feat_len, input_size)
+    return _BUILDERS[name](feat_len=feat_len, input_size=input_size)
+
+
+def check_arch(name: str) -> None:
+    """ConfigError unless ``name`` is a registered backbone or an importable
+    ``module.path:callable`` (checked without building it, so a search fails before it starts)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"arch: {name!r} is not a backbone name")
     if ":" in name:
-        return _build_user_backbone(name, feat_len, input_size)
+        _user_callable(name)
+        return
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, _BUILDERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"arch: unknown backbone {name!r}{hint}; registered backbones: "
                           f"{', '.join(list_backbones())}; or name a user architecture as "
                           "'module.path:callable'")
-    return _BUILDERS[name](feat_len=feat_len, input_size=input_size)
 
 
-def _build_user_backbone(spec: str, feat_len: int, input_size: int) -> nn.Module:
+def _user_callable(spec: str):
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise ConfigError(f"arch: {spec!r} is not of the form 'module.path:callable'")
@@ -109,7 +118,11 @@ def _build_user_backbone(spec: str, feat_len: int, input_size: int) -> nn.Module
     if not callable(target):
         raise ConfigError(f"arch: {spec!r}: {attr_path!r} is a {type(target).__name__}, "
                           "not a callable")
+    return target
 
+
+def _build_user_backbone(spec: str, feat_len: int, input_size: int) -> nn.Module:
+    target = _user_callable(spec)
     kwargs: dict[str, int] = {"feat_len": feat_len}
     try:
         params = inspect.signature(target).parameters

@@ -37,6 +37,16 @@ def synthetic_cache_dir() -> str:
     return os.environ.get("VIRFACE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "virface"))
 
 
+def count_labeled_identities(config: TrainConfig) -> int:
+    """The number of identities in ``config``'s labeled data, reading nothing else."""
+    if config.uses_synthetic:
+        from virface.data.synthetic import SyntheticSpec, load_synthetic
+
+        spec = SyntheticSpec.from_dict(config.synthetic, where="synthetic")
+        return load_synthetic(spec, cache_dir=synthetic_cache_dir()).labeled.num_classes
+    return open_image_source(config.labeled, config.labeled_root).num_classes
+
+
 def build_stage_data(config: TrainConfig) -> StageData:
     """Open the labeled, unlabeled and verification data ``config`` names.
 

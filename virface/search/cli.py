@@ -44,16 +44,22 @@ def options_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
     args = build_parser(prog).parse_args(argv)
-    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
         # The local Ray the search starts uses token authentication, Ray's default; choosing it
-        # explicitly, before Ray is imported (it reads the setting once), is what keeps Ray from
-        # printing a warning that it chose it.
+        # explicitly is what keeps Ray from printing a warning that it chose it. Ray reads the
+        # setting once, when imported: in a process that imported Ray already, leave it to Ray.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from virface.search.runner import run_search
+
+    from virface.search.runner import SearchInterrupted
 
     try:
         options = options_from_args(args)
         outcomes = run_search(options)
+    except (SearchInterrupted, KeyboardInterrupt) as exc:
+        print(f"{prog}: interrupted: {exc or 'continue with the same command and --resume'}",
+              file=sys.stderr)
+        return 130
     except VirFaceError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -19,11 +19,14 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
+from virface.fileio import write_text_atomic
+from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
                                      upstream_checkpoint, write_manifest)
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
@@ -45,6 +48,28 @@ GROUP_SEARCH, GROUP_CLUSTER = "search", "cluster and resources (override the YAM
 
 class SearchError(VirFaceError):
     """A stage's search produced no usable trial, or cannot start."""
+
+
+class SearchInterrupted(VirFaceError):
+    """The search was stopped (Ctrl-C, SIGTERM) before its stage finished; --resume continues."""
+
+
+@contextlib.contextmanager
+def sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
+    and returns, and no manifest is written for the unfinished stage."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -213,10 +238,20 @@ def check_data_paths(base: dict[str, Any], stage: str) -> None:
 def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], space: SearchSpace) -> None:
     """Named errors before any trial starts: a checkpoint the stage cannot start from, or whose
     model does not fit what the stage would build."""
-    from virface.checkpoint import check_start_checkpoint
+    from virface.checkpoint import check_start_checkpoint, inherit_model_fields, read_start_checkpoint
+    from virface.data.loading import count_labeled_identities
 
-    check_start_checkpoint(TrainConfig.from_dict({**base, **space.fixed, "method": stage,
-                                                  "pretrained_file": checkpoint}))
+    config = TrainConfig.from_dict({**base, **space.fixed, "method": stage, "pretrained_file": checkpoint})
+    check_start_checkpoint(config)
+    if checkpoint is None:
+        return
+    state, path = read_start_checkpoint(config)
+    expected = inherit_model_fields(config, state, path).num_ids
+    found = count_labeled_identities(inherit_model_fields(config, state, path))
+    if found != expected:
+        raise SearchError(f"stage {stage} starts from {path}, trained on {expected} labeled "
+                          f"identities, but the labeled data given has {found}; give the data the "
+                          f"upstream stage was trained on")
 
 
 def check_trial_fits(space: SearchSpace) -> None:
@@ -329,7 +364,9 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     if os.path.exists(search_dir) and not options.resume:
         raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
                           f"it with --resume, or choose another --name")
+    space_record = os.path.join(stage_dir, SPACE_RECORD)
     if options.resume and tune.Tuner.can_restore(search_dir):
+        check_same_space(space, space_record)
         say(f"[{stage}] resuming the interrupted search in {search_dir}")
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -338,6 +375,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         from optuna.storages.journal import JournalFileBackend
 
         os.makedirs(stage_dir, exist_ok=True)
+        write_text_atomic(space_record, json.dumps(space.describe(), indent=2, sort_keys=True) + "\n")
         storage = JournalStorage(JournalFileBackend(os.path.join(stage_dir, "optuna.journal")))
         searcher = StageOptunaSearch(
             space=space.define_by_run, metric=selection, mode=space.metric_mode,
@@ -362,7 +400,11 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
                     checkpoint_score_order=space.metric_mode),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
+    started = time.time()
     results = tuner.fit()
+    if stage_interrupted(results, space, time.time() - started):
+        raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
+                                f"continue it with the same command and --resume")
     rows = [trial_row(r, space) for r in results]
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
@@ -389,6 +431,35 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     path = manifest_path(options.storage, options.name, stage)
     write_manifest(manifest, path)
     return StageOutcome(stage, manifest, str(path), rows, metric)
+
+
+SPACE_RECORD = "search_space.json"
+
+
+def check_same_space(space: SearchSpace, record: str) -> None:
+    """A resumed search continues with the space it started with (Tune restores that one); a
+    space edited meanwhile is an error naming what changed, not a silent mix."""
+    if not os.path.exists(record):
+        return
+    with open(record, encoding="utf-8") as f:
+        before = json.load(f)
+    now = json.loads(json.dumps(space.describe(), sort_keys=True))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise SearchError(f"the search space of stage {space.stage} changed since the search "
+                          f"started ({', '.join(changed)} differ from {record}); --resume continues "
+                          f"the search it started: restore the file and options, or search anew "
+                          f"under another --name")
+
+
+def stage_interrupted(results, space: SearchSpace, elapsed_s: float) -> bool:
+    """Whether Tune returned because it was stopped (Ctrl-C, SIGTERM) rather than done: a trial
+    still pending, running or paused, or fewer trials than the budget with time left."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+        return True
+    budget = space.budget.time_budget_s
+    return len(results) < space.budget.num_samples and (budget is None or elapsed_s < budget)
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -471,14 +542,20 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
         say(f"checking {', '.join(plan)}: search spaces, metrics and data ...")
         spaces = {stage: prepare_space(options, stage) for stage in plan}
         check_data_paths(base_train_config(options), options.stage)
-        with search_environment():
+        first_upstream, _ = upstream_checkpoint(
+            plan[0], options.storage, options.name,
+            options.from_checkpoint if plan[0] == options.stage else None)
+        check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
+        with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
             started = init_ray(options, say)
             try:
-                for stage in plan:
-                    outcome = search_stage(options, stage, spaces[stage], say)
-                    outcomes.append(outcome)
-                    if outcome.manifest is None:
-                        break
+                # After ray.init, which installs a SIGTERM handler of its own that aborts.
+                with sigterm_as_sigint():
+                    for stage in plan:
+                        outcome = search_stage(options, stage, spaces[stage], say)
+                        outcomes.append(outcome)
+                        if outcome.manifest is None:
+                            break
             finally:
                 if started:
                     import ray

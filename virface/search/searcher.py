@@ -8,6 +8,12 @@ what the manifest picks a trial by, so here:
 - a trial that ends before its last epoch without an error is PRUNED (Optuna then records its
   last intermediate value, the best so far); a full trial is COMPLETE with its best value;
 - the study's objective carries the metric's name (Optuna's dashboard labels the axis with it).
+
+The study lives in a journal file, written at once; Tune's state (this searcher's pickle
+included) is saved a moment later. A driver killed in between leaves a journal ahead of Tune's
+state, which the restored search must accept rather than crash on (Optuna refuses to update a
+finished trial): results and completions of trials the journal already finished are skipped,
+and trials the journal started that Tune never recorded are marked FAIL (abandoned).
 """
 from __future__ import annotations
 
@@ -37,6 +43,24 @@ class StageOptunaSearch(OptunaSearch):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._ot_study.set_metric_names([self._objective_name])
 
+    def _finished_in_study(self, trial_id: str) -> bool:
+        from optuna.trial import TrialState
+
+        number = self._ot_trials[trial_id].number
+        state = self._ot_study.get_trials(deepcopy=False)[number].state
+        return state != TrialState.RUNNING
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        from optuna.trial import TrialState
+
+        known = {t.number for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in known:
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+                log.warning("optuna trial %d was started by a driver that died before Tune "
+                            "recorded it; marked FAIL", frozen.number)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._completed_trials:
             self._report(trial_id, result)
@@ -45,6 +69,8 @@ class StageOptunaSearch(OptunaSearch):
         """The best-so-far value at step ``epoch``, once per epoch (a resumed trial repeats one)."""
         if not result or self.metric not in result or trial_id not in self._ot_trials:
             return
+        if self._finished_in_study(trial_id):
+            return                  # the journal is ahead of Tune's restored state
         reported = self.__dict__.setdefault("_reported_epochs", {}).setdefault(trial_id, set())
         epoch = int(result.get("epoch", 0))
         if epoch not in reported:
@@ -56,6 +82,9 @@ class StageOptunaSearch(OptunaSearch):
             return
         from optuna.trial import TrialState
 
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)     # recorded before the driver died
+            return
         ot_trial = self._ot_trials[trial_id]
         # Tune does not pass the result that ends a trial (ASHA's stop at a rung, the last
         # epoch) to on_trial_result: report it here, so a PRUNED trial keeps its final value.

@@ -285,6 +285,20 @@ class SearchSpace:
         return ASHAScheduler(time_attr="epoch", max_t=self.max_epochs, metric=metric, mode=mode,
                              **arguments)
 
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides which trials run, as plain JSON values (no file path): what a
+        resumed search must still agree with."""
+        return {
+            "stage": self.stage, "metric": [self.metric_name, self.metric_mode],
+            "searcher": {"type": self.searcher.type, **self.searcher.arguments},
+            "scheduler": {"type": self.scheduler.type, **self.scheduler.arguments},
+            "budget": dataclasses.asdict(self.budget), "resources": dataclasses.asdict(self.resources),
+            "fixed": copy.deepcopy(self.fixed),
+            "parameters": {p.name: {"distribution": repr(p.distribution), "default": p.default,
+                                    "when": {k: list(v) for k, v in p.when.items()}}
+                           for p in self.parameters},
+        }
+
     def trial_config(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The TrainConfig fields of one trial: ``fixed`` overlaid with the sampled ``params``."""
         return {**copy.deepcopy(self.fixed), **dict(params)}

@@ -1,0 +1,159 @@
+"""The search driver under faults: a second driver, Ctrl-C and SIGTERM, a kill between the Optuna
+journal's write and Tune's snapshot. Each ends in a search that completes on --resume with every
+trial, the study and Tune agreeing, and nothing lost."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from virface.search.manifest import read_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+SPACE = """\
+scheduler: {type: none}
+budget: {num_samples: 3, max_concurrent_trials: 1}
+fixed: {arch: mobilefacenet_s, max_epoch: 2, label_batch_size: 8}
+parameters:
+  lr: {type: float, low: 0.01, high: 0.1, log: true, default: 0.05}
+"""
+# 16 ids x 20 images in batches of 8: 40 steps an epoch, long enough to interrupt mid-run.
+DATA = ["--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=20",
+        "--synthetic", "n_unlabeled_ids=40", "--synthetic", "n_val_ids=16", "--synthetic", "val_pairs=100"]
+
+
+@pytest.fixture
+def search(tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+
+    def command(*extra):
+        return [sys.executable, os.path.join(REPO, "tune", "run_search.py"), "--stage", "pretrain",
+                "--space", str(tmp_path / "space.yaml"), "--storage", str(tmp_path / "exp"), *DATA, *extra]
+    return command
+
+
+def start(command, env=None):
+    """The driver, its output drained into ``process.lines`` (a full pipe would block it)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env=env)
+    process.lines = []
+    threading.Thread(target=lambda: process.lines.extend(process.stdout), daemon=True).start()
+    return process
+
+
+def wait_for(process, pattern, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in list(process.lines):
+            if re.search(pattern, line):
+                return line
+        if process.poll() is not None and not any(re.search(pattern, x) for x in process.lines):
+            time.sleep(0.5)
+            if not any(re.search(pattern, x) for x in process.lines):
+                raise AssertionError(f"the driver ended before printing {pattern}:\n"
+                                     + "".join(process.lines[-20:]))
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern} in time:\n" + "".join(process.lines[-20:]))
+
+
+def finish(process, timeout=120) -> str:
+    process.wait(timeout=timeout)
+    time.sleep(0.5)                 # the drain thread's last lines
+    return "".join(process.lines)
+
+
+def finished_search_agrees_with_the_study(storage):
+    """Every trial finished once, in Tune and in the study; the manifest names the best one."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    manifest = read_manifest(storage / "default" / "pretrain" / "best.json")
+    trials = json.loads((storage / "default" / "pretrain" / "trials.json").read_text())["trials"]
+    study = optuna.load_study(study_name="default-pretrain", storage=JournalStorage(
+        JournalFileBackend(str(storage / "default" / "pretrain" / "optuna.journal"))))
+    states = [t.state.name for t in study.trials]
+    assert len(trials) == 3 and states.count("COMPLETE") == 3 and "RUNNING" not in states, states
+    assert max(t["metric"] for t in trials) == manifest.metric_value
+    assert sorted(round(t.value, 6) for t in study.trials if t.state.name == "COMPLETE") == \
+        sorted(round(t["metric"], 6) for t in trials)
+    for path in (storage / "default" / "search_pretrain").glob("*/result.json"):
+        epochs = [json.loads(x)["epoch"] for x in path.read_text().splitlines() if x.strip()]
+        assert epochs.count(1) == 1, (path, epochs)              # no trial started over
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_search_exits_non_zero_writes_no_manifest_and_resumes(search, tmp_path, stop):
+    driver = start(search())
+    wait_for(driver, r"\| epoch 1/2:")
+    os.kill(driver.pid, stop)
+    output = finish(driver)
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "--resume" in output
+    assert not (tmp_path / "exp" / "default" / "pretrain" / "best.json").exists()
+    assert not (tmp_path / "exp" / "default" / "driver.lock").exists()
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finished_search_agrees_with_the_study(tmp_path / "exp")
+
+
+def test_one_driver_per_experiment_and_a_dead_drivers_lock_is_taken_over(search, tmp_path):
+    # Long trials: the first driver must still be running while the others try.
+    (tmp_path / "space.yaml").write_text(SPACE.replace("max_epoch: 2", "max_epoch: 8"))
+    first = start(search())
+    wait_for(first, r"started:")
+    for extra in ((), ("--resume",)):
+        second = subprocess.run(search(*extra), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"being searched by another driver (pid {first.pid} on this machine" in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)                      # dies holding the lock
+    first.wait()
+    assert (tmp_path / "exp" / "default" / "driver.lock").exists()
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finished_search_agrees_with_the_study(tmp_path / "exp")
+
+
+KILL_AFTER_JOURNAL = """\
+import os, signal, sys
+if sys.argv and sys.argv[0].endswith("run_search.py"):
+    from virface.search.searcher import StageOptunaSearch
+    original = StageOptunaSearch.on_trial_complete
+
+    def complete_then_die(self, trial_id, result=None, error=False):
+        original(self, trial_id, result, error)        # the journal has the trial's end ...
+        os.kill(os.getpid(), signal.SIGKILL)             # ... Tune's snapshot never will
+    StageOptunaSearch.on_trial_complete = complete_then_die
+"""
+
+
+def test_a_kill_between_the_optuna_journal_and_tunes_snapshot_resumes(search, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_JOURNAL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), REPO])}
+    killed = subprocess.run(search(), capture_output=True, text=True, timeout=600, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    journal = (tmp_path / "exp" / "default" / "pretrain" / "optuna.journal").read_text()
+    assert '"state":1' in journal.replace(' ', '')   # the study recorded a COMPLETE trial Tune never saw end
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finished_search_agrees_with_the_study(tmp_path / "exp")
+
+
+def test_a_space_edited_before_resuming_is_an_error_not_a_silent_mix(search, tmp_path):
+    driver = start(search())
+    wait_for(driver, r"\| epoch 1/2:")
+    os.kill(driver.pid, signal.SIGINT)
+    finish(driver)
+    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 3", "num_samples: 5"))
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2
+    assert "the search space of stage pretrain changed since the search started (budget differ" in resumed.stderr

@@ -1,0 +1,117 @@
+"""One driver per experiment: a lock file in the experiment folder, naming its holder.
+
+Two drivers on one experiment would share Tune's state and the Optuna study and delete each
+other's checkpoints. The lock (``<storage>/<name>/driver.lock``: host, pid, the process's start
+time) is created with O_EXCL, so of two drivers starting at once one wins. A lock whose holder
+is gone (same host, no such process, or a new process under a reused pid) is stale and taken
+over; a lock held from another host cannot be checked and is reported with its path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+
+from virface.errors import VirFaceError
+
+LOCK_NAME = "driver.lock"
+
+
+class ExperimentLockedError(VirFaceError):
+    """Another driver holds the experiment."""
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), None if there is no
+    such process. Without /proc only whether it exists is known (0.0)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # Field 22 counts from after the parenthesised command name, which may hold spaces.
+            return float(f.read().rsplit(")", 1)[1].split()[19])
+    except FileNotFoundError:
+        if os.path.isdir("/proc"):
+            return None
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0.0
+
+
+def _holder_alive(holder: dict) -> bool:
+    started = _process_start(int(holder.get("pid", -1)))
+    # A pid reused by a later process is not the holder.
+    return started is not None and started == float(holder.get("process_start") or started)
+
+
+class ExperimentLock:
+    """``with ExperimentLock(folder):`` holds the experiment for this process."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "process_start": _process_start(os.getpid()),
+              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder == {}:
+                    continue              # released meanwhile
+                if holder is None or (holder.get("host") == me["host"] and not _holder_alive(holder)):
+                    self._remove_stale()
+                    continue
+                where = "this machine" if holder.get("host") == me["host"] else f"host {holder.get('host')}"
+                raise ExperimentLockedError(
+                    f"{os.path.dirname(self.path)} is being searched by another driver (pid "
+                    f"{holder.get('pid')} on {where}, since {holder.get('since')}); wait for it "
+                    f"to finish or stop it, then run again (with --resume if it was interrupted). "
+                    f"If that driver is gone, delete {self.path}") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise ExperimentLockedError(f"{self.path}: could not take the lock (it keeps changing hands)")
+
+    def _read_holder(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}             # released meanwhile: try again
+        except (OSError, ValueError):
+            # Half-written by a driver killed while taking it: stale once it is a little old.
+            try:
+                age = time.time() - os.path.getmtime(self.path)
+            except OSError:
+                return {}
+            return None if age > 5 else {"host": "?", "pid": "?", "since": "a moment ago"}
+
+    def _remove_stale(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if self.held:
+            self._remove_stale()
+            self.held = False
+
+    def __enter__(self) -> "ExperimentLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
