@@ -180,6 +180,12 @@ class TrialProgress(Callback):
         else:
             self.say(trial, f"FAILED: {last_error_line(trial.error_file)}")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The trial's process or node died: Tune starts it again from its last checkpoint.
+        result = trial.last_result or {}
+        self.say(trial, f"failed at epoch {result.get('epoch', 0)} ({last_error_line(trial.error_file)}); "
+                        f"retrying from its last checkpoint")
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
 

@@ -318,7 +318,11 @@ def init_ray(options: SearchOptions, say) -> bool:
     if options.address or os.environ.get("RAY_ADDRESS"):
         address = options.address or os.environ["RAY_ADDRESS"]
         say(f"connecting to the Ray cluster at {address} ...")
-        ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING)
+        # A cluster on loopback (a test, a laptop) has its raylet there too, not on the
+        # machine's network address, which Ray would otherwise assume for this driver.
+        local = address.split("://")[-1].startswith(("127.", "localhost"))
+        ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     import torch
 
