@@ -95,3 +95,8 @@ def test_storage_outside_a_job_defaults_to_experiments_in_the_working_directory(
     assert resolve_storage(None) == str(tmp_path / "experiments")
     job_env(monkeypatch, None)        # a job without a working dir runs where it was started
     assert resolve_storage("rel") == str(tmp_path / "rel")
+
+
+def test_storage_is_a_path_not_a_uri():
+    with pytest.raises(ConfigError, match="a URI is not supported.*path every node shares"):
+        resolve_storage("s3://bucket/experiments")
