@@ -144,6 +144,14 @@ class TrainConfig(ConfigDataclass):
                              help="epochs to train (exactly; the reference ran one more)")
     amp: str = setting("none", group=GROUP_OPTIM, choices=AMP_MODES,
                        help="mixed precision (autocast), CUDA only")
+    channels_last: bool = setting(
+        True, group=GROUP_OPTIM,
+        help="on CUDA, the backbone and its input in channels_last memory format (faster "
+             "convolutions with tensor cores); ignored on CPU")
+    compile: bool = setting(
+        False, group=GROUP_OPTIM,
+        help="torch.compile the backbone's training forward; an opt-in (see docs/RESULTS.md for "
+             "what it measured)")
 
     # data
     labeled: str | None = setting(

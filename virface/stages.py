@@ -23,6 +23,7 @@ from virface.checkpoint import (check_resume, checkpoint_state, copy_checkpoint,
                                 load_models, read_start_checkpoint, save_checkpoint)
 from virface.config import TEST_PREFIX, TrainConfig
 from virface.data.loading import StageData, build_stage_data, make_train_loader
+from virface.data.prefetch import DevicePrefetcher
 from virface.distributed import DistributedContext
 from virface.errors import ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError, VirFaceError
 from virface.evaluation.verification import evaluate_pair_sets
@@ -230,9 +231,14 @@ def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, 
         raise ConfigError(f"best_metric: the resumed run tracked {best['metric']!r}, not {metric_name!r}")
 
     backbone = models.backbone
+    if config.channels_last and ctx.device.type == "cuda":
+        backbone.to(memory_format=torch.channels_last)
     if ctx.is_distributed and spec.trains_backbone:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         backbone = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+    if config.compile:
+        # Training forward only; evaluation runs the eager module (other batch shapes).
+        backbone = torch.compile(backbone)
     scaler = (torch.amp.GradScaler("cuda") if config.amp == "fp16" and ctx.device.type == "cuda" else None)
     step_fn = StageStep(config, models, backbone, optimizers, ctx, scaler)
     loader, sampler = make_train_loader(data, config, ctx.rank, ctx.world_size)
@@ -330,7 +336,7 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
     n_images, skipped, steps = 0, 0, 0
     n_steps = len(loader)
     start = time.perf_counter()
-    for step, (images, labels, n_skipped) in enumerate(loader, start=1):
+    for step, (images, labels, n_skipped) in enumerate(DevicePrefetcher(loader, ctx.device), start=1):
         step_fn.epochs_done = (epoch - 1) + (step - 1) / max(n_steps, 1)
         terms = step_fn(images, labels)
         pending.append(terms["loss"].detach())

@@ -46,6 +46,9 @@ class StageStep:
         self.n_labeled = config.label_batch_size // ctx.world_size
         self.step_function = stage_spec(config.method).step_function()
         self.epochs_done = 0.0        # set by the loop before each step: (epoch - 1) + step fraction
+        # The backbone's memory format on CUDA (see run_stage): its input must match, also for
+        # torch.compile, which recompiles on an input of other strides.
+        self.channels_last = config.channels_last and self.device.type == "cuda"
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Terms:
         return self.step_function(self, images, labels.to(self.device, non_blocking=True))
@@ -56,6 +59,8 @@ class StageStep:
         # Random horizontal flip, the reference's only augmentation at 112 px.
         flip = torch.rand(x.shape[0], device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             feats = self.backbone(x)
@@ -98,12 +103,13 @@ class StageStep:
         u_all = self.ctx.all_gather_with_grad(u_local)     # every rank's virtual classes
         if cfg.overlap_threshold is not None:
             keep = overlap_keep_mask(u_all, head.weight, cfg.s, cfg.overlap_threshold)
+            centres = u_all[keep]          # boolean indexing waits for the GPU: only when filtering
+            kept, dropped = keep.sum().float(), (~keep).sum().float()
         else:
-            keep = torch.ones(u_all.shape[0], dtype=torch.bool, device=u_all.device)
-        centres = u_all[keep]
+            keep, centres = None, u_all
+            kept, dropped = feats.new_tensor(float(u_all.shape[0])), feats.new_zeros(())
         loss_vc = F.cross_entropy(head.virclass(x, y, centres), y)
-        terms = {"loss_vc": loss_vc, "virtual_classes": keep.sum().float(),
-                 "overlap_dropped": (~keep).sum().float()}
+        terms = {"loss_vc": loss_vc, "virtual_classes": kept, "overlap_dropped": dropped}
         return loss_vc, terms, x, y, u_local, keep, centres
 
 
@@ -132,13 +138,16 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
     cfg, head, gen, ctx = s.config, s.models.head, s.models.generator, s.ctx
     feats = s.features(images)
     loss_vc, out, x, y, u_local, keep, centres = s.virtual_classes(feats, labels)
-    # VirInstance from this rank's kept unlabeled features.
+    # VirInstance from this rank's kept unlabeled features (all of them without the overlap
+    # filter: then no count has to come back from the GPU).
     n_local = u_local.shape[0]
-    local_keep = keep[ctx.rank * n_local:(ctx.rank + 1) * n_local]
-    offset = int(keep[:ctx.rank * n_local].sum())
+    if keep is None:
+        kept, offset = u_local, ctx.rank * n_local
+    else:
+        kept = u_local[keep[ctx.rank * n_local:(ctx.rank + 1) * n_local]]
+        offset = int(keep[:ctx.rank * n_local].sum())
     # The reference detaches the sources: L_vi reaches W (and G) only. vi_to_backbone lets it
     # reach the backbone too, through the generator's input.
-    kept = u_local[local_keep]
     sources = F.normalize(kept if cfg.vi_to_backbone else kept.detach(), dim=1)
     joint = cfg.optim_mode == "joint"
     if not joint:
@@ -146,7 +155,7 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
         terms = s.generator_terms(x, y)
         s.backward_step(terms["gen_loss"], "generator", gen.parameters())
     with torch.set_grad_enabled(joint or cfg.vi_to_backbone):
-        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and len(sources) else None
+        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and sources.shape[0] else None
     if instances is not None:
         logits_vi, target_vi = head.virinstance(instances, centres, cfg.gen_num, offset)
         loss_vi = F.cross_entropy(logits_vi, target_vi)
