@@ -27,6 +27,18 @@ def test_gpu_throughput_cpu_smoke(tmp_path):
     assert "virface / pretrain throughput" in stdout
 
 
+def test_gpu_suite_cpu_smoke(tmp_path):
+    out = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh"), "--cpu-smoke"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    steps = json.loads((tmp_path / "steps.json").read_text())["results"]
+    assert "batch 256, 2M ids, full softmax" in steps
+    assert all(r["images_per_s"] > 0 for r in steps.values())
+    loop = json.loads((tmp_path / "loop.json").read_text())
+    assert loop["loop_images_per_s"] > 0 and 0 < loop["loop_over_step"]
+
+
 def test_data_eval_quick(tmp_path):
     out = tmp_path / "data.json"
     run_script("data_eval.py", "--quick", "--out", str(out))

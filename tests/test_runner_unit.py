@@ -57,3 +57,18 @@ def test_smoke_budget_keeps_asha_grace_within_its_single_epoch():
     assert space.max_epochs == 1 and space.scheduler.grace_period == 2      # the file's
     # ASHA's first rung is its grace period: cut to the run's single epoch.
     assert [milestone for milestone, _ in space.make_scheduler()._brackets[0]._rungs] == [1]
+
+
+def test_fractional_gpus_put_several_trials_on_one_gpu():
+    from virface.search.space import ResourcesSpec
+    from virface.search.trial import TrialSetup, trial_resources, trials_at_once
+
+    quarter = ResourcesSpec(workers=1, cpus_per_worker=2, gpus_per_worker=0.25)
+    setup = TrialSetup(stage="pretrain", base_config={}, upstream_checkpoint=None, tb_root="/tb",
+                       train_storage="/s", metric="acc", mode="max", resources=quarter)
+    assert trial_resources(setup) == {"cpu": 2, "gpu": 0.25}           # what Tune reserves
+    assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 1.0}) == 4      # four on one GPU
+    assert trials_at_once(quarter, {"CPU": 6.0, "GPU": 1.0}) == 3       # CPUs run out first
+    assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 2.0}) == 8
+    assert trials_at_once(ResourcesSpec(workers=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
+    assert trials_at_once(ResourcesSpec(workers=1, cpus_per_worker=1, gpus_per_worker=1), {"CPU": 8.0}) == 0

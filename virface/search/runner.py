@@ -32,7 +32,7 @@ from virface.search.manifest import (StageManifest, manifest_path, plan_chain, r
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
                                    write_optuna_plots, write_trials)
 from virface.search.space import SearchSpace, default_space_path, load_search_space
-from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources
+from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources, trials_at_once
 from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
@@ -371,9 +371,13 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
         resources=space.resources)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
+    import ray
+
+    at_once = min(trials_at_once(space.resources, ray.cluster_resources()),
+                  space.budget.max_concurrent_trials or space.budget.num_samples)
     progress = TrialProgress(stage, metric, space.parameter_names, space.budget.num_samples,
-                             space.max_epochs, space.budget.max_concurrent_trials or 1,
-                             setup.tb_root, print_lines=not options.quiet)
+                             space.max_epochs, max(1, at_once), setup.tb_root,
+                             print_lines=not options.quiet)
     if os.path.exists(search_dir) and not options.resume:
         raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
                           f"it with --resume, or choose another --name")

@@ -62,6 +62,17 @@ def trial_resources(setup: TrialSetup) -> dict[str, float]:
     return {"cpu": 0, "memory": 1}
 
 
+def trials_at_once(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
+    """How many trials of ``resources`` a cluster with these totals (``ray.cluster_resources()``)
+    runs side by side: its CPUs and GPUs divided among the trials' workers. Fractional GPUs
+    (``gpus_per_worker: 0.25``) put several small trials on one GPU, four here."""
+    cpus = resources.workers * resources.cpus_per_worker
+    fits = [int(cluster.get("CPU", 0.0) // cpus + 1e-9)]
+    if resources.gpus_per_worker:
+        fits.append(int(cluster.get("GPU", 0.0) / (resources.workers * resources.gpus_per_worker) + 1e-9))
+    return max(0, min(fits))
+
+
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable."""
     from ray import tune
