@@ -4,7 +4,7 @@ Prints samples/s of the pretrain and virface stages as
   1. a bare PyTorch loop of the same backbone and head (no loader, no logging),
   2. the core stage loop (``run_stage``) in one process,
   3. the stage loop as a one-worker Tune trial (in the trial's process),
-  4. the stage loop under Ray Train with 1 and with 2 workers (DDP, gloo on CPU),
+  4. the stage loop as a Tune trial with 1 and with 2 workers (DDP ranks as Ray actors, gloo on CPU),
 and the fixed cost of a trial that does (almost) no training: one step, no evaluation.
 
     python benchmarks/throughput.py            # about 4 minutes on 2 cores

@@ -166,142 +166,179 @@ def check_run_dir(run_dir: str, resuming: bool) -> None:
 # ---------------------------------------------------------------- the loop
 
 
+class StageRun:
+    """One stage run, an epoch at a time: ``StageRun(...)`` sets everything up (checkpoint, data,
+    models, optimisers, loader, logs), each ``run_epoch()`` trains, evaluates and saves one epoch,
+    ``close()`` ends the logs. :func:`run_stage` drives it to the end; a search trial whose ranks
+    are separate processes drives it epoch by epoch (virface.search.trial).
+
+    ``run_dir`` gets checkpoints/epoch_NNN.pt, best.pt, metrics.jsonl and tb/ (rank 0 only).
+    ``on_progress(StepProgress)`` is called on rank 0 every ``config.log_every`` steps (default: a
+    log line). ``data`` defaults to what ``config`` names.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str, data: StageData | None = None, *,
+                 ctx: DistributedContext | None = None, on_progress: ProgressCallback | None = None,
+                 tb_dir: str | None = None, keep_epoch_checkpoints: bool = True):
+        ctx = ctx or DistributedContext.current(config.device)
+        run_dir = os.path.abspath(run_dir)
+        state, start_path = read_start_checkpoint(config)
+        resuming = config.resume_file is not None
+        if resuming:
+            check_resume(config, state, start_path, run_dir)
+        if ctx.is_main:
+            check_run_dir(run_dir, resuming)
+        config = inherit_model_fields(config, state, start_path)
+        spec = stage_spec(config.method)
+        if data is None:
+            if ctx.is_main:
+                log.info("%s: reading the data (%s)", config.method,
+                         "built-in synthetic faces" if config.uses_synthetic else config.labeled)
+            data = build_stage_data(config)
+        if not config.uses_unlabeled:
+            data = dataclasses.replace(data, unlabeled=None)
+        elif data.unlabeled is None or len(data.unlabeled) == 0:
+            raise DataError(f"stage {config.method} needs unlabeled data, and none was given")
+        config = finalise_config(config, data)
+
+        torch.manual_seed(config.seed)
+        models = build_models(config)
+        if ctx.is_main:
+            log.info("%s: %d labeled images of %d identities%s; pair sets %s; %s (%.2fM parameters) "
+                     "at %d px on %s x %d", config.method, len(data.labeled), data.labeled.num_classes,
+                     f", {len(data.unlabeled)} unlabeled" if data.unlabeled is not None else "",
+                     list(data.pair_sets) or "none", config.arch,
+                     sum(p.numel() for p in models.backbone.parameters()) / 1e6, config.input_size,
+                     ctx.device, ctx.world_size)
+        if state is not None:
+            load_models(models, state, start_path)
+        for module in models.modules():
+            module.to(ctx.device)
+        optimizers = build_optimizers(config, models)
+        schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, list(config.decay_steps), config.gamma)
+                      for name, opt in optimizers.items()}
+        self.epoch, self.best = 0, {}
+        if resuming:
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+                schedulers[name].load_state_dict(state["schedulers"][name])
+            self.epoch = int(state["epoch"])
+            self.best = dict(state.get("best") or {})
+        del state
+
+        # A stage that freezes the backbone (generator) would only repeat the upstream's scores.
+        self.pair_set_names = list(data.pair_sets) if config.eval and spec.trains_backbone else []
+        self.metric_name, self.metric_mode = selection_metric(config.method, self.pair_set_names,
+                                                              config.eval, config.best_metric)
+        if self.best.get("metric") not in (None, self.metric_name):
+            raise ConfigError(f"best_metric: the resumed run tracked {self.best['metric']!r}, not "
+                              f"{self.metric_name!r}")
+
+        backbone = models.backbone
+        if config.channels_last and ctx.device.type == "cuda":
+            backbone.to(memory_format=torch.channels_last)
+        if ctx.is_distributed and spec.trains_backbone:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            backbone = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+        if config.compile:
+            # Training forward only; evaluation runs the eager module (other batch shapes).
+            backbone = torch.compile(backbone)
+        scaler = (torch.amp.GradScaler("cuda") if config.amp == "fp16" and ctx.device.type == "cuda" else None)
+        self.step_fn = StageStep(config, models, backbone, optimizers, ctx, scaler)
+        self.loader, self.sampler = make_train_loader(data, config, ctx.rank, ctx.world_size)
+
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        if ctx.is_main and not resuming:
+            write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(config.to_dict(), indent=2))
+        self.run_log = RunLog(run_dir, tb_dir, ctx.is_main, config.tensorboard,
+                              self.epoch if resuming else None)
+        self.history: list[dict[str, Any]] = []
+        self.last_ckpt: str | None = None
+        self.best_ckpt: str | None = None
+        if resuming and ctx.is_main:
+            self.best_ckpt = forget_abandoned_epochs(run_dir, self.epoch, self.best, config.resume_file)
+        self.clock = RunClock(config.method, config.max_epoch)
+        if on_progress is None:
+            def on_progress(progress: StepProgress) -> None:
+                log.info("%s", progress.line())
+        self.on_progress = on_progress
+        self.config, self.run_dir, self.data, self.ctx = config, run_dir, data, ctx
+        self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
+        self.keep_epoch_checkpoints = keep_epoch_checkpoints
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.max_epoch
+
+    def run_epoch(self) -> tuple[dict[str, Any], str | None]:
+        """Train, evaluate and save the next epoch; ``(metrics, checkpoint path)``, the path None
+        on ranks other than 0. Every rank must call it."""
+        config, ctx, models = self.config, self.ctx, self.models
+        epoch = self.epoch = self.epoch + 1
+        # Seeded per epoch (augmentation, dropout, the generator's draws): a run resumed after
+        # epoch E trains epoch E + 1 exactly as the uninterrupted run did.
+        torch.manual_seed(config.seed * 1000 + ctx.rank + epoch)
+        report = ProgressReport(config, self.clock, epoch, self.run_log,
+                                self.on_progress if ctx.is_main else None)
+        metrics = train_one_epoch(config, models, self.step_fn, self.loader, self.sampler, epoch, ctx,
+                                  self.optimizers, report)
+        for sched in self.schedulers.values():
+            sched.step()
+        if self.pair_set_names and ctx.is_main:
+            eval_start = time.perf_counter()
+            metrics.update(evaluate_pair_sets(models.backbone, self.data.pair_sets, ctx.device))
+            # Reported every epoch, never selected on: selection reads val metrics only.
+            metrics.update(evaluate_pair_sets(models.backbone, self.data.test_pair_sets, ctx.device,
+                                              prefix=TEST_PREFIX))
+            self.clock.eval_s = time.perf_counter() - eval_start
+        metrics = ctx.broadcast_object(metrics)
+        name, mode, best = self.metric_name, self.metric_mode, self.best
+        if name not in metrics:
+            raise ConfigError(f"best_metric: {name!r} is not among this stage's metrics {sorted(metrics)}")
+        value = float(metrics[name])
+        is_best = not best or (value > best["value"] if mode == "max" else value < best["value"])
+        if is_best:
+            self.best = best = {"metric": name, "mode": mode, "value": value, "epoch": epoch}
+        metrics["best_" + name] = best["value"]
+        ckpt_path = None
+        if ctx.is_main:
+            ckpt_path = os.path.join(self.run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
+            save_checkpoint(checkpoint_state(config, models, self.optimizers, self.schedulers, epoch,
+                                             metrics, best, self.run_dir), ckpt_path)
+            if is_best:
+                self.best_ckpt = copy_checkpoint(ckpt_path, os.path.join(self.run_dir, "best.pt"))
+            if self.last_ckpt and not self.keep_epoch_checkpoints:
+                os.unlink(self.last_ckpt)
+            self.run_log.epoch(metrics, self.pair_set_names)
+            log.info("%s epoch %d/%d %s", config.method, epoch, config.max_epoch, format_metrics(metrics))
+        self.last_ckpt = ckpt_path
+        self.history.append(metrics)
+        return metrics, ckpt_path
+
+    def close(self) -> None:
+        self.run_log.close()
+
+    def result(self) -> StageResult:
+        return StageResult(self.history, self.run_dir, self.last_ckpt, self.best_ckpt, self.best)
+
+
 def run_stage(config: TrainConfig, run_dir: str, data: StageData | None = None, *,
               ctx: DistributedContext | None = None, on_epoch_end: EpochCallback | None = None,
               on_progress: ProgressCallback | None = None, tb_dir: str | None = None,
               keep_epoch_checkpoints: bool = True) -> StageResult:
-    """Train one stage for epochs (start..config.max_epoch] and return its history and checkpoints.
-
-    ``run_dir`` gets checkpoints/epoch_NNN.pt, best.pt, metrics.jsonl and tb/ (rank 0 only).
-    ``on_epoch_end(metrics, checkpoint_path)`` is called on every rank after each epoch; the path
-    is None on ranks other than 0. ``on_progress(StepProgress)`` is called on rank 0 every
-    ``config.log_every`` steps (default: a log line). ``data`` defaults to what ``config`` names.
-    """
-    ctx = ctx or DistributedContext.current(config.device)
-    run_dir = os.path.abspath(run_dir)
-    state, start_path = read_start_checkpoint(config)
-    resuming = config.resume_file is not None
-    if resuming:
-        check_resume(config, state, start_path, run_dir)
-    if ctx.is_main:
-        check_run_dir(run_dir, resuming)
-    config = inherit_model_fields(config, state, start_path)
-    spec = stage_spec(config.method)
-    if data is None:
-        if ctx.is_main:
-            log.info("%s: reading the data (%s)", config.method,
-                     "built-in synthetic faces" if config.uses_synthetic else config.labeled)
-        data = build_stage_data(config)
-    if not config.uses_unlabeled:
-        data = dataclasses.replace(data, unlabeled=None)
-    elif data.unlabeled is None or len(data.unlabeled) == 0:
-        raise DataError(f"stage {config.method} needs unlabeled data, and none was given")
-    config = finalise_config(config, data)
-
-    torch.manual_seed(config.seed)
-    models = build_models(config)
-    if ctx.is_main:
-        log.info("%s: %d labeled images of %d identities%s; pair sets %s; %s (%.2fM parameters) "
-                 "at %d px on %s x %d", config.method, len(data.labeled), data.labeled.num_classes,
-                 f", {len(data.unlabeled)} unlabeled" if data.unlabeled is not None else "",
-                 list(data.pair_sets) or "none", config.arch,
-                 sum(p.numel() for p in models.backbone.parameters()) / 1e6, config.input_size,
-                 ctx.device, ctx.world_size)
-    if state is not None:
-        load_models(models, state, start_path)
-    for module in models.modules():
-        module.to(ctx.device)
-    optimizers = build_optimizers(config, models)
-    schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, list(config.decay_steps), config.gamma)
-                  for name, opt in optimizers.items()}
-    start_epoch, best = 1, {}
-    if resuming:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        start_epoch = int(state["epoch"]) + 1
-        best = dict(state.get("best") or {})
-    del state
-
-    # A stage that freezes the backbone (generator) would only repeat the upstream's scores.
-    pair_set_names = list(data.pair_sets) if config.eval and spec.trains_backbone else []
-    metric_name, metric_mode = selection_metric(config.method, pair_set_names, config.eval,
-                                                config.best_metric)
-    if best.get("metric") not in (None, metric_name):
-        raise ConfigError(f"best_metric: the resumed run tracked {best['metric']!r}, not {metric_name!r}")
-
-    backbone = models.backbone
-    if config.channels_last and ctx.device.type == "cuda":
-        backbone.to(memory_format=torch.channels_last)
-    if ctx.is_distributed and spec.trains_backbone:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        backbone = nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
-    if config.compile:
-        # Training forward only; evaluation runs the eager module (other batch shapes).
-        backbone = torch.compile(backbone)
-    scaler = (torch.amp.GradScaler("cuda") if config.amp == "fp16" and ctx.device.type == "cuda" else None)
-    step_fn = StageStep(config, models, backbone, optimizers, ctx, scaler)
-    loader, sampler = make_train_loader(data, config, ctx.rank, ctx.world_size)
-
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    if ctx.is_main and not resuming:
-        write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(config.to_dict(), indent=2))
-    run_log = RunLog(run_dir, tb_dir, ctx.is_main, config.tensorboard,
-                     start_epoch - 1 if resuming else None)
-    history: list[dict[str, Any]] = []
-    last_ckpt = None
-    best_ckpt = None
-    if resuming and ctx.is_main:
-        best_ckpt = forget_abandoned_epochs(run_dir, start_epoch - 1, best, config.resume_file)
-    clock = RunClock(config.method, config.max_epoch)
-    if on_progress is None:
-        def on_progress(progress: StepProgress) -> None:
-            log.info("%s", progress.line())
+    """Train one stage for epochs (start..config.max_epoch] and return its history and checkpoints
+    (see :class:`StageRun`). ``on_epoch_end(metrics, checkpoint_path)`` is called on every rank
+    after each epoch; the path is None on ranks other than 0."""
+    run = StageRun(config, run_dir, data, ctx=ctx, on_progress=on_progress, tb_dir=tb_dir,
+                   keep_epoch_checkpoints=keep_epoch_checkpoints)
     try:
-        for epoch in range(start_epoch, config.max_epoch + 1):
-            # Seeded per epoch (augmentation, dropout, the generator's draws): a run resumed
-            # after epoch E trains epoch E + 1 exactly as the uninterrupted run did.
-            torch.manual_seed(config.seed * 1000 + ctx.rank + epoch)
-            report = ProgressReport(config, clock, epoch, run_log,
-                                    on_progress if ctx.is_main else None)
-            metrics = train_one_epoch(config, models, step_fn, loader, sampler, epoch, ctx,
-                                      optimizers, report)
-            for sched in schedulers.values():
-                sched.step()
-            if pair_set_names and ctx.is_main:
-                eval_start = time.perf_counter()
-                metrics.update(evaluate_pair_sets(models.backbone, data.pair_sets, ctx.device))
-                # Reported every epoch, never selected on: selection reads val metrics only.
-                metrics.update(evaluate_pair_sets(models.backbone, data.test_pair_sets, ctx.device,
-                                                  prefix=TEST_PREFIX))
-                clock.eval_s = time.perf_counter() - eval_start
-            metrics = ctx.broadcast_object(metrics)
-            if metric_name not in metrics:
-                raise ConfigError(f"best_metric: {metric_name!r} is not among this stage's metrics "
-                                  f"{sorted(metrics)}")
-            value = float(metrics[metric_name])
-            is_best = (not best or (value > best["value"] if metric_mode == "max" else value < best["value"]))
-            if is_best:
-                best = {"metric": metric_name, "mode": metric_mode, "value": value, "epoch": epoch}
-            metrics["best_" + metric_name] = best["value"]
-            ckpt_path = None
-            if ctx.is_main:
-                ckpt_path = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
-                save_checkpoint(checkpoint_state(config, models, optimizers, schedulers, epoch,
-                                                 metrics, best, run_dir), ckpt_path)
-                if is_best:
-                    best_ckpt = copy_checkpoint(ckpt_path, os.path.join(run_dir, "best.pt"))
-                if last_ckpt and not keep_epoch_checkpoints:
-                    os.unlink(last_ckpt)
-                run_log.epoch(metrics, pair_set_names)
-                log.info("%s epoch %d/%d %s", config.method, epoch, config.max_epoch, format_metrics(metrics))
-            last_ckpt = ckpt_path
-            history.append(metrics)
+        while not run.done:
+            metrics, checkpoint = run.run_epoch()
             if on_epoch_end is not None:
-                on_epoch_end(metrics, ckpt_path)
+                on_epoch_end(metrics, checkpoint)
     finally:
-        run_log.close()
-    return StageResult(history, run_dir, last_ckpt, best_ckpt, best)
+        run.close()
+    return run.result()
 
 
 class ProgressReport:

@@ -7,7 +7,7 @@ Experiment layout, under ``<storage>/<name>/``:
   <stage>/optuna.journal     the Optuna study (open it with optuna-dashboard)
   <stage>/plots/             Optuna's history and importance plots (--plots)
   search_<stage>/            Tune's experiment state (what --resume restores)
-  train_<stage>_<id>/        Ray Train runs of multi-worker trials
+  train_<stage>_<id>/        multi-worker trials' shared run folder (removed when they end)
 
 Everything that can be checked without Ray is checked before Ray starts: every stage's search
 space, its metric against the data, the data paths and the upstream checkpoint.
@@ -141,7 +141,7 @@ class SearchOptions:
         None, group=GROUP_CLUSTER, metavar="ADDR",
         help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray on loopback)")
     workers: int | None = setting(None, group=GROUP_CLUSTER,
-                                  help="Ray Train workers (DDP ranks) per trial (default: the YAML's)")
+                                  help="DDP ranks per trial (default: the YAML's)")
     cpus_per_worker: float | None = setting(None, group=GROUP_CLUSTER,
                                             help="CPUs per worker (default: the YAML's)")
     gpus_per_worker: float | None = setting(None, group=GROUP_CLUSTER,
@@ -276,8 +276,6 @@ def check_trial_fits(space: SearchSpace) -> None:
 
 # Process settings of a search, applied for its duration only (see search_environment).
 SEARCH_ENVIRONMENT = {
-    # A Train worker group that cannot start fails after this long instead of waiting forever.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
     # Tune's own loggers are off: each trial writes its own TensorBoard run, live.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     # Snapshot the experiment state within a second of each result (default: every >= 10 s), so
@@ -286,11 +284,6 @@ SEARCH_ENVIRONMENT = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # Tune's own progress tables: off (our callback prints progress).
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Multi-worker trials (Ray Train): the controller notices a finished worker group within
-    # half a second instead of two; no spot-instance preemption watcher (one actor less per
-    # trial; a dead worker still restarts the group from its last checkpoint).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -488,17 +481,9 @@ def _trial_id(result) -> str:
 
 
 def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """The trial's best-epoch checkpoint file and its metric value (not merely the last epoch's).
-
-    One-worker trials report checkpoints to Tune, which keeps the best ones by ``metric``; a
-    multi-worker trial's checkpoints live in its Ray Train run, found through ``checkpoint_path``.
-    """
+    """The trial's best-epoch checkpoint file and its metric value (not merely the last epoch's):
+    trials report a checkpoint per epoch to Tune, which keeps the best ones by ``metric``."""
     candidates = list(result.best_checkpoints or [])
-    if not candidates and result.metrics.get("checkpoint_path"):
-        import ray.train
-
-        train_run = os.path.dirname(result.metrics["checkpoint_path"])
-        candidates = list(ray.train.Result.from_path(train_run).best_checkpoints or [])
     candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float))
                   and math.isfinite(m[metric])]
     if not candidates:

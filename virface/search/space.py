@@ -120,7 +120,7 @@ class BudgetSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    workers: int = 1               # Ray Train workers per trial
+    workers: int = 1               # DDP ranks per trial
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 

@@ -1,18 +1,23 @@
 """One Tune trial = one stage trained with one sampled config.
 
-- ``workers == 1``: the stage loop runs in the trial's own process (no Train worker group to
-  start, so a small trial costs little), and reports through ``ray.tune.report``.
-- ``workers > 1``: the trial is a zero-CPU driver that starts a Ray Train ``TorchTrainer``
-  (DDP; gloo on CPU, nccl on GPU) running the same loop on every rank; rank 0 reports the
-  checkpoint, ``TuneReportCallback`` forwards its metrics to Tune.
+- ``workers == 1``: the stage loop runs in the trial's own process (no worker group to start,
+  so a small trial costs little), and reports through ``ray.tune.report``.
+- ``workers > 1``: the trial's placement group holds one bundle per rank; the trial (a
+  zero-resource driver) starts one :class:`RankWorker` actor in each bundle, joins them into a
+  torch.distributed group (gloo on CPU, nccl on GPU) and steps them through the stage an epoch
+  at a time (:class:`virface.stages.StageRun`), reporting rank 0's metrics and checkpoint to Tune
+  after each. Ray Train's ``TorchTrainer`` did the same with a controller and fresh worker
+  processes per trial, which cost 15-25 s to start on a 2-core machine (docs/RESULTS.md); a rank
+  that dies fails the trial, which Tune restarts from its last checkpoint (``--max_failures``).
 
-Either way the loop is ``virface.stages.run_stage``, unchanged.
+Either way the loop is the library's own, unchanged.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +36,10 @@ class TrialSetup:
     base_config: dict[str, Any]          # TrainConfig fields: data options, fixed values
     upstream_checkpoint: str | None      # best-epoch checkpoint of the upstream stage
     tb_root: str                         # <experiment>/<stage>/tb: one run folder per trial
-    train_storage: str                   # where Ray Train runs keep their checkpoints
+    train_storage: str                   # shared folder for multi-worker trials' checkpoints
     metric: str
     mode: str
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    worker_max_failures: int = 1
 
 
 def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, Any]:
@@ -47,19 +51,20 @@ def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, A
     return values
 
 
-def trial_resources(setup: TrialSetup) -> dict[str, float]:
-    """Resources Tune reserves for the trial's own process.
-
-    A one-worker trial trains in that process, so it holds the worker's CPU/GPU. A multi-worker
-    trial only drives the Train workers; it must not hold the CPU they need (on 2 cores that
-    deadlocks: notes/RAY.md), and Ray rejects an all-zero request, hence the token memory.
-    """
-    if setup.resources.workers == 1:
-        res = {"cpu": setup.resources.cpus_per_worker}
-        if setup.resources.gpus_per_worker:
-            res["gpu"] = setup.resources.gpus_per_worker
+def trial_resources(setup: TrialSetup):
+    """What Tune reserves for a trial. A one-worker trial trains in its own process, so that
+    process holds the worker's CPU/GPU. A multi-worker trial's process only drives its ranks:
+    an empty bundle for it, then one bundle per rank (its actors are placed in them)."""
+    r = setup.resources
+    if r.workers == 1:
+        res = {"cpu": r.cpus_per_worker}
+        if r.gpus_per_worker:
+            res["gpu"] = r.gpus_per_worker
         return res
-    return {"cpu": 0, "memory": 1}
+    from ray import tune
+
+    rank = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    return tune.PlacementGroupFactory([{}] + [rank] * r.workers, strategy="PACK")
 
 
 def trials_at_once(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
@@ -83,7 +88,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if setup.resources.workers == 1:
         _run_in_process(train_config, tb_dir)
     else:
-        _run_with_train_workers(train_config, tb_dir, setup, trial_id)
+        _run_with_ranks(train_config, tb_dir, setup, trial_id)
 
 
 def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
@@ -115,75 +120,144 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def train_worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
+class RankWorker:
+    """One DDP rank of a multi-worker trial (made a Ray actor by :func:`_run_with_ranks`)."""
 
-    from virface.config import TrainConfig
-    from virface.distributed import DistributedContext
-    from virface.stages import run_stage
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for the group's rendezvous (rank 0)."""
+        import socket
 
-    context = ray.train.get_context()
-    ctx = DistributedContext(ray.train.torch.get_device(), context.get_world_rank(),
-                             context.get_world_size())
-    train_config = dict(loop_config["train"])
-    work = tempfile.mkdtemp(prefix=f"virface-rank{ctx.rank}-")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
-        train_config.update(resume_file=os.path.join(work, "resume.pt"), pretrained_file=None)
-    config = TrainConfig.from_dict(train_config)
+        import ray
 
-    def report(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
-        name = f"checkpoint_epoch={metrics['epoch']:03d}"
-        if checkpoint_path is None:           # every rank must call report; rank 0 brings the file
-            ray.train.report(metrics, checkpoint_dir_name=name)
-            return
-        with tempfile.TemporaryDirectory(dir=work) as d:
-            copy_checkpoint(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=name)
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
 
-    tb_dir = loop_config["tb_dir"]
+    def alive(self) -> bool:
+        return True
+
+    def start(self, backend: str, init_method: str, rank: int, world: int, train_config: dict[str, Any],
+              run_dir: str | None, tb_dir: str) -> None:
+        import ray
+        import torch
+        import torch.distributed as dist
+
+        from virface.config import TrainConfig
+        from virface.distributed import DistributedContext
+        from virface.stages import StageRun
+
+        # A group reused from the trial before keeps its process group.
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+        ctx = DistributedContext(device, rank, world)
+        # Rank 0 writes the run (checkpoints on shared storage); the others only train.
+        self.work = tempfile.mkdtemp(prefix=f"virface-rank{rank}-")
+        self.run = StageRun(TrainConfig.from_dict(train_config), run_dir or os.path.join(self.work, "run"),
+                            ctx=ctx, tb_dir=tb_dir if rank == 0 else None,
+                            on_progress=lambda progress: write_progress(tb_dir, progress),
+                            keep_epoch_checkpoints=False)
+
+    def done(self) -> bool:
+        return self.run.done
+
+    def epoch(self) -> tuple[dict[str, Any], str | None]:
+        return self.run.run_epoch()
+
+    def close(self) -> None:
+        if getattr(self, "run", None) is not None:
+            self.run.close()
+            self.run = None
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+# Ranks outlive their trial when Tune reuses the trial's process (and its placement group) for
+# the next trial of the same shape: starting processes and importing torch is most of a
+# multi-worker trial's start-up. Keyed by the placement group; a rank that died empties it.
+_RANKS: dict[str, list] = {}
+
+
+def _ranks_for(group, resources: ResourcesSpec) -> list:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    key = f"{group.id.hex()}/{resources}"
+    ranks = _RANKS.get(key)
+    if ranks:
+        try:
+            ray.get([rank.alive.remote() for rank in ranks], timeout=10)
+            return ranks
+        except Exception:          # a dead or stuck rank: start the group anew
+            _drop_ranks()
+    _drop_ranks()
+    # The ranks' bundles are the last ones (Tune drops an empty head bundle).
+    first = len(group.bundle_specs) - resources.workers
+    worker = ray.remote(RankWorker)
+    ranks = [worker.options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                placement_group=group, placement_group_bundle_index=first + i)).remote()
+             for i in range(resources.workers)]
+    _RANKS[key] = ranks
+    return ranks
+
+
+def _all_ranks(calls: list) -> list:
+    """The results of one call on every rank. A rank that fails fails them all at once: the
+    others may be waiting for it in a collective, so the group is taken down, not waited for."""
+    import ray
+
+    pending, results = list(calls), {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            results[ready[0]] = ray.get(ready[0])
+        except Exception:
+            _drop_ranks()
+            raise
+    return [results[call] for call in calls]
+
+
+def _drop_ranks() -> None:
+    import ray
+
+    for ranks in _RANKS.values():
+        for rank in ranks:
+            ray.kill(rank)
+    _RANKS.clear()
+
+
+def _run_with_ranks(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup, trial_id: str) -> None:
+    import ray
+    from ray import tune
+
+    r = setup.resources
+    ranks = _ranks_for(ray.util.get_current_placement_group(), r)
+    # On shared storage: every rank reads the resume checkpoint; the trial reads rank 0's.
+    shared = os.path.join(setup.train_storage, f"train_{setup.stage}_{trial_id}")
     try:
-        run_stage(config, os.path.join(work, "run"), ctx=ctx, on_epoch_end=report,
-                  tb_dir=tb_dir if ctx.is_main else None,
-                  on_progress=lambda progress: write_progress(tb_dir, progress),
-                  keep_epoch_checkpoints=False)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                resume = copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(shared, "resume.pt"))
+            train_config = {**train_config, "resume_file": resume, "pretrained_file": None}
+        host, port = ray.get(ranks[0].address.remote())
+        backend = "nccl" if r.gpus_per_worker > 0 else "gloo"
+        run_dir = os.path.join(shared, f"run-{os.getpid()}-{int(time.time())}")
+        _all_ranks([rank.start.remote(backend, f"tcp://{host}:{port}", k, r.workers, train_config,
+                                      run_dir if k == 0 else None, tb_dir)
+                    for k, rank in enumerate(ranks)])
+        while not ray.get(ranks[0].done.remote()):
+            (metrics, path), *_ = _all_ranks([rank.epoch.remote() for rank in ranks])
+            with tempfile.TemporaryDirectory(dir=shared) as d:
+                copy_checkpoint(path, os.path.join(d, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _run_with_train_workers(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup,
-                            trial_id: str) -> None:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    use_gpu = setup.resources.gpus_per_worker > 0
-    per_worker = {"CPU": setup.resources.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = setup.resources.gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker_loop,
-        train_loop_config={"train": train_config, "tb_dir": tb_dir},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=setup.resources.workers, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            # Deterministic name: a restored Tune trial finds its Train run and checkpoints again.
-            name=f"train_{setup.stage}_{trial_id}",
-            storage_path=setup.train_storage,
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=setup.metric,
-                checkpoint_score_order=setup.mode),
-            # A dead worker restarts the group from the last checkpoint; a group that cannot
-            # start (too few resources) fails instead of retrying forever.
-            failure_config=ray.train.FailureConfig(max_failures=setup.worker_max_failures,
-                                                   controller_failure_limit=0),
-        ),
-    )
-    trainer.fit()
+        # Done, or stopped between epochs (ASHA stops a trial at its report: the ranks are
+        # idle): they close their run and wait for the next trial. A rank that cannot (it
+        # died, or an epoch failed) takes the group down.
+        try:
+            ray.get([rank.close.remote() for rank in ranks], timeout=60)
+        except Exception:
+            _drop_ranks()
+        shutil.rmtree(shared, ignore_errors=True)
