@@ -69,7 +69,8 @@ def test_shipped_spaces_name_no_metric_so_it_follows_the_data():
     resolved = {s: (sp.resolve_metric(synthetic).metric_name, sp.resolve_metric(synthetic).metric_mode)
                 for s, sp in spaces.items()}
     assert resolved == {"pretrain": ("synth_cfp_fp_acc", "max"), "generator": ("gen_loss", "min"),
-                        "virclass": ("synth_cfp_fp_acc", "max"), "virface": ("synth_cfp_fp_acc", "max")}
+                        "virclass": ("synth_cfp_fp_acc", "max"), "virface": ("synth_cfp_fp_acc", "max"),
+                        "baseline": ("synth_cfp_fp_acc", "max")}
     # A user's own pair sets: the hardest one given, whatever the order or the names.
     assert spaces["virclass"].resolve_metric(["lfw", "cfp_fp"]).metric_name == "cfp_fp_acc"
     assert spaces["virface"].resolve_metric(["lfw", "agedb_30", "cfp_ff"]).metric_name == "agedb_30_acc"

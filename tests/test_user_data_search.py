@@ -99,7 +99,7 @@ def test_the_installed_wheel_searches_from_outside_the_checkout(tmp_path):
                                 site, wheel], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(site, "virface", "search", "default_spaces"))) == \
-        ["generator.yaml", "pretrain.yaml", "virclass.yaml", "virface.yaml"]
+        ["baseline.yaml", "generator.yaml", "pretrain.yaml", "virclass.yaml", "virface.yaml"]
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

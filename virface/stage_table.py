@@ -70,6 +70,10 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("virface", upstream="generator", needs=("backbone", "head", "generator"),
               trains=("backbone", "head", "generator"), uses_unlabeled=True,
               loss_terms=_VC_TERMS + ("loss_vi",) + _GEN_TERMS, step="virface.steps:virface_step"),
+    # What VirClass and VirFace must beat: the pretrained model trained on for as long, on the
+    # labeled faces alone, with the same schedule and labeled-feature dropout to search.
+    StageSpec("baseline", upstream="pretrain", needs=("backbone", "head"), trains=("backbone", "head"),
+              uses_unlabeled=False, loss_terms=("loss_arcface",), step="virface.steps:pretrain_step"),
 )}
 
 
