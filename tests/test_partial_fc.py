@@ -102,6 +102,17 @@ def test_one_process_starts_from_arcface_heads_w_and_drops_out_the_same_features
     assert torch.equal(got, want)
 
 
+def test_shards_start_from_distinct_centres_on_every_rank_and_repeat_from_the_seed():
+    def shard(rank, seed):
+        torch.manual_seed(seed)
+        return PartialFCHead(10, 4, ctx=DistributedContext(torch.device("cpu"), rank, 2)).weight.detach()
+
+    bound = math.sqrt(6 / (10 + 4))                    # Xavier-uniform over the full (10, 4) W
+    assert not torch.equal(shard(0, seed=3), shard(1, seed=3))   # ranks are seeded alike
+    assert torch.equal(shard(1, seed=3), shard(1, seed=3))
+    assert all(w.abs().max() <= bound for w in (shard(0, 3), shard(1, 3)))
+
+
 # ---------------------------------------------------------------- r < 1: what is sampled
 
 

@@ -272,15 +272,17 @@ class PartialFCHead(nn.Module):
 
     Holds this rank's shard of W, (num_local, feat_len) for classes [class_start, class_end),
     initialised as ArcFaceHead initialises the full W (Xavier-uniform over (C, D); in one process
-    the very same values from the same seed). ``state_dict()`` is the shard; checkpoints use
-    :meth:`full_state_dict` / :meth:`load_full_state_dict`.
+    the very same values from the same seed; sharded, other values, distinct on every rank).
+    ``state_dict()`` is the shard; checkpoints use :meth:`full_state_dict` /
+    :meth:`load_full_state_dict`.
 
     The logits methods return ``(logits, target)``: logits (N, K) for this rank's K columns (the
     sampled classes of its shard, in class order, then, on rank 0, the U virtual classes), and
     target (N,) long, each row's column, or -1 where it is another rank's. N is the batch gathered
     over ranks. In one process ``F.cross_entropy(logits, target)`` is the loss; in general call
-    :meth:`cross_entropy`, on every rank. Every method but :meth:`cross_entropy`'s one-process
-    case is a collective when distributed: every rank calls it, in the same order.
+    :meth:`cross_entropy`, on every rank. When distributed, the logits methods,
+    :meth:`cross_entropy`, :meth:`class_centres`, :meth:`overlap_keep_mask` and
+    :meth:`full_state_dict` are collectives: every rank calls them, in the same order.
     """
 
     def __init__(self, num_classes: int, feat_len: int, s: float = 32.0, m: float = 0.5,
@@ -292,10 +294,16 @@ class PartialFCHead(nn.Module):
         self.total_classes = num_classes
         self.class_start, self.class_end = shard_range(num_classes, self.ctx.rank, self.ctx.world_size)
         self.weight = nn.Parameter(torch.empty(self.num_local, feat_len))
-        # Xavier-uniform of the full (C, D) matrix, drawn for the shard only.
+        # Xavier-uniform of the full (C, D) matrix, drawn for the shard only. Every rank is
+        # seeded alike, so sharded, each rank draws from its own generator (forked off the common
+        # stream with its rank): otherwise row i of every shard would start as the same centre.
         bound = math.sqrt(3.0) * math.sqrt(2.0 / float(num_classes + feat_len))
+        generator = None
+        if self.ctx.is_distributed:
+            fork = int(torch.randint(2**62, ()))
+            generator = torch.Generator().manual_seed(fork + self.ctx.rank)
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
+            self.weight.uniform_(-bound, bound, generator=generator)
         self.s, self.m = s, m
         self.sample_rate = sample_rate
         self.dropout = nn.Dropout(dropout)
