@@ -58,3 +58,14 @@ def test_throughput_quick(tmp_path):
                 "overhead_trial_w2_s"):
         assert figures[key] > 0, key
     assert "ratio to core loop" in stdout
+
+
+def test_partial_fc_cpu_smoke(tmp_path):
+    out = tmp_path / "partial_fc.json"
+    stdout = run_script("partial_fc_cpu.py", "--smoke", "--out", str(out))
+    rates = json.loads(out.read_text())["rates"]
+    assert set(rates) == {"0.1", "1.0"}
+    assert rates["0.1"]["columns"] == 200 and rates["1.0"]["columns"] == 2000    # of 2,000 classes
+    assert rates["0.1"]["saved_for_backward_mb"] < rates["1.0"]["saved_for_backward_mb"]
+    assert all(0 < r["head_share"] < 1 for r in rates.values())
+    assert "r = 0.1 / r = 1.0: head time" in stdout
