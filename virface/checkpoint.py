@@ -30,8 +30,12 @@ MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")   # required in every
 
 
 def checkpoint_state(config: TrainConfig, models, optimizers: Mapping, schedulers: Mapping, epoch: int,
-                     metrics: dict[str, Any], best: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """The checkpoint of ``models`` (a StageModels) after ``epoch`` of the run in ``run_dir``."""
+                     metrics: dict[str, Any], best: dict[str, Any], run_dir: str,
+                     head_state: Mapping | None = None,
+                     optimizer_states: Mapping | None = None) -> dict[str, Any]:
+    """The checkpoint of ``models`` (a StageModels) after ``epoch`` of the run in ``run_dir``.
+    ``head_state`` / ``optimizer_states``: the full ones a sharded head's ranks gathered (see
+    virface.partial_fc); by default the modules' own."""
     return {
         "stage": config.method,
         "epoch": epoch,
@@ -42,9 +46,10 @@ def checkpoint_state(config: TrainConfig, models, optimizers: Mapping, scheduler
         "model": {k: getattr(config, k) for k in MODEL_KEYS
                   + (GENERATOR_FIELDS if models.generator is not None else ())},
         "backbone": models.backbone.state_dict(),
-        "head": models.head.state_dict(),
+        "head": dict(head_state) if head_state is not None else models.head.state_dict(),
         "generator": models.generator.state_dict() if models.generator is not None else None,
-        "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
+        "optimizers": (dict(optimizer_states) if optimizer_states is not None
+                       else {k: v.state_dict() for k, v in optimizers.items()}),
         "schedulers": {k: v.state_dict() for k, v in schedulers.items()},
         "best": best,
     }
@@ -117,7 +122,11 @@ def load_module_state(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
 def load_models(models, state: Mapping[str, Any], path: str) -> None:
     """Load backbone, head and (when both have one) generator of ``state`` into ``models``."""
     load_module_state(models.backbone, state["backbone"], "backbone", path)
-    load_module_state(models.head, state["head"], "head", path)
+    head_loader = getattr(models.head, "load_full_state_dict", None)    # a sharded head
+    if head_loader is not None:
+        head_loader(state["head"], path)
+    else:
+        load_module_state(models.head, state["head"], "head", path)
     if models.generator is not None and state.get("generator") is not None:
         load_module_state(models.generator, state["generator"], "generator", path)
 
@@ -206,7 +215,8 @@ def check_start_checkpoint(config: TrainConfig) -> None:
 # What a resumed run may set anew; everything else is the checkpoint's (a resumed run that
 # silently trained with other settings would be another run under the old one's name).
 RESUME_MAY_CHANGE = ("max_epoch", "log_every", "device", "loader_workers", "tensorboard",
-                     "strict_data", "amp", "resume_file", "snapshot_prefix")
+                     "strict_data", "amp", "sample_rate", "channels_last", "compile",
+                     "resume_file", "snapshot_prefix")
 # Set per invocation, not part of what was trained.
 _NOT_COMPARED = ("resume_file", "pretrained_file", "snapshot_prefix")
 

@@ -144,6 +144,11 @@ class TrainConfig(ConfigDataclass):
                              help="epochs to train (exactly; the reference ran one more)")
     amp: str = setting("none", group=GROUP_OPTIM, choices=AMP_MODES,
                        help="mixed precision (autocast), CUDA only")
+    sample_rate: float | None = setting(
+        None, group=GROUP_OPTIM,
+        help="Partial FC (arcface_torch's name): the softmax over each batch's classes plus this "
+             "fraction of the others, W sharded over the ranks; every virtual class always "
+             "counts (default: the full softmax)")
     channels_last: bool = setting(
         True, group=GROUP_OPTIM,
         help="on CUDA, the backbone and its input in channels_last memory format (faster "
@@ -264,6 +269,8 @@ class TrainConfig(ConfigDataclass):
             raise ConfigError(f"m: {self.m} is outside [0, pi)")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: {self.dropout} is outside [0, 1)")
+        if self.sample_rate is not None and not 0.0 < self.sample_rate <= 1.0:
+            raise ConfigError(f"sample_rate: {self.sample_rate} is outside (0, 1]")
         _non_negative("vi_weight", self.vi_weight)
         _non_negative("vi_warmup_epochs", self.vi_warmup_epochs)
         if self.gen_target_grad and self.optim_mode != "joint":

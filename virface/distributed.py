@@ -53,6 +53,8 @@ class DistributedContext:
         if not self.is_distributed:
             return
         params = [p for p in params if p.requires_grad]
+        if not params:
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)

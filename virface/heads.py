@@ -114,3 +114,29 @@ class ArcFaceHead(nn.Module):
                     source_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """VirInstance logits (gen_num * n, C + U) and their targets."""
         return virinstance_logits(instances, self.weight, centres, gen_num, self.s, self.m, source_offset)
+
+    # The losses the steps take, the same for every head (virface.partial_fc.PartialFCHead too).
+
+    def arcface_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x, labels), labels)
+
+    def virclass_loss(self, x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.virclass(x, labels, centres), labels)
+
+    def virinstance_loss(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
+                         source_offset: int = 0) -> torch.Tensor:
+        """The mean VirInstance CE; 0 (not NaN) when no instance was drawn."""
+        if instances.shape[0] == 0:
+            return instances.new_zeros(())
+        return F.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset))
+
+    def class_centres(self, labels: torch.Tensor) -> torch.Tensor:
+        """W's rows for ``labels``: the generator's target W_y."""
+        return self.weight[labels]
+
+    def overlap_keep_mask(self, u: torch.Tensor, threshold: float) -> torch.Tensor:
+        return overlap_keep_mask(u, self.weight, self.s, threshold)
+
+    def averaged_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients ranks average by hand (W is replicated on every rank)."""
+        return list(self.parameters())

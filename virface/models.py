@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from virface.backbones import build_backbone
 from virface.config import TrainConfig
+from virface.distributed import DistributedContext
 from virface.generator import FeatureVAE
 from virface.heads import ArcFaceHead
 from virface.stage_table import stage_spec
@@ -17,19 +18,26 @@ from virface.stage_table import stage_spec
 @dataclass
 class StageModels:
     backbone: nn.Module
-    head: ArcFaceHead
+    head: nn.Module                    # ArcFaceHead, or PartialFCHead with sample_rate
     generator: FeatureVAE | None = None
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.backbone, self.head, self.generator) if m is not None]
 
 
-def build_models(config: TrainConfig) -> StageModels:
+def build_models(config: TrainConfig, ctx: DistributedContext | None = None) -> StageModels:
     """Fresh modules for ``config`` (arch, feat_len, input_size and num_ids resolved); the
-    generator only for the stages that need or train one."""
+    generator only for the stages that need or train one. With ``sample_rate`` the head is
+    Partial FC, its W sharded over ``ctx``'s ranks."""
     backbone = build_backbone(config.arch, feat_len=config.feat_len, input_size=config.input_size)
-    head = ArcFaceHead(config.num_ids, config.feat_len, s=config.s, m=config.m,
-                       dropout=config.resolved_dropout)
+    if config.sample_rate is not None:
+        from virface.partial_fc import PartialFCHead
+
+        head = PartialFCHead(config.num_ids, config.feat_len, s=config.s, m=config.m,
+                             dropout=config.resolved_dropout, sample_rate=config.sample_rate, ctx=ctx)
+    else:
+        head = ArcFaceHead(config.num_ids, config.feat_len, s=config.s, m=config.m,
+                           dropout=config.resolved_dropout)
     generator = (FeatureVAE(config.feat_len, residual=bool(config.gen_residual))
                  if stage_spec(config.method).builds_generator else None)
     return StageModels(backbone, head, generator)

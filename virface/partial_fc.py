@@ -376,6 +376,25 @@ class PartialFCHead(nn.Module):
         """The mean cross-entropy of logits from this head, the softmax spanning every shard."""
         return sharded_cross_entropy(logits, target, self.ctx)
 
+    # The losses the steps take, the same for every head (ArcFaceHead too).
+
+    def arcface_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.cross_entropy(*self(x, labels))
+
+    def virclass_loss(self, x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return self.cross_entropy(*self.virclass(x, labels, centres))
+
+    def virinstance_loss(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
+                         source_offset: int = 0) -> torch.Tensor:
+        """Called on every rank, also one with no instance (a collective when sharded)."""
+        if instances.shape[0] == 0 and not self.ctx.is_distributed:
+            return instances.new_zeros(())
+        return self.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset))
+
+    def averaged_parameters(self) -> list[nn.Parameter]:
+        """None: each shard's gradient is already exact (see the module docstring)."""
+        return []
+
     # ------------------------------------------------------------ what other losses need of W
 
     def class_centres(self, labels: torch.Tensor) -> torch.Tensor:
@@ -456,3 +475,39 @@ class PartialFCHead(nn.Module):
         if centres is not None and not with_virtual and centres.requires_grad:
             logits = _KeepInGraph.apply(logits, centres)
         return logits, target
+
+
+# ---------------------------------------------------------------- optimiser state in checkpoints
+
+
+def _weight_index(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> int | None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next((i for i, p in enumerate(params) if p is weight), None)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, head: nn.Module,
+                         ctx: DistributedContext) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with a sharded head's W state gathered to (C, D), as a checkpoint
+    holds it (so it resumes on any number of ranks). A collective when sharded."""
+    state = optimizer.state_dict()
+    index = _weight_index(optimizer, head.weight) if isinstance(head, PartialFCHead) else None
+    if index is None or not ctx.is_distributed:
+        return state
+    entry = dict(state["state"].get(index, {}))
+    for key, value in list(entry.items()):
+        if torch.is_tensor(value) and value.shape[:1] == head.weight.shape[:1]:
+            entry[key] = gather_shards(value, ctx)
+    state["state"] = {**state["state"], index: entry}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], head: nn.Module,
+                         ctx: DistributedContext) -> None:
+    """Load a checkpoint's optimiser state, cutting a sharded head's W state to this rank's rows."""
+    index = _weight_index(optimizer, head.weight) if isinstance(head, PartialFCHead) else None
+    if index is not None and ctx.is_distributed and index in state["state"]:
+        entry = {k: (shard_rows(v, ctx.rank, ctx.world_size)
+                     if torch.is_tensor(v) and v.shape[:1] == (head.num_classes,) else v)
+                 for k, v in state["state"][index].items()}
+        state = {**state, "state": {**state["state"], index: entry}}
+    optimizer.load_state_dict(state)

@@ -29,6 +29,7 @@ from virface.errors import ConfigError, DataError, NonFiniteLossError, NonFinite
 from virface.evaluation.verification import evaluate_pair_sets
 from virface.metrics import selection_metric, tensorboard_tag
 from virface.models import StageModels, build_models, build_optimizers
+from virface.partial_fc import full_optimizer_state, load_optimizer_state
 from virface.progress import RunClock, StepProgress
 from virface.stage_table import stage_spec
 from virface.steps import StageStep
@@ -202,7 +203,7 @@ class StageRun:
         config = finalise_config(config, data)
 
         torch.manual_seed(config.seed)
-        models = build_models(config)
+        models = build_models(config, ctx)
         if ctx.is_main:
             log.info("%s: %d labeled images of %d identities%s; pair sets %s; %s (%.2fM parameters) "
                      "at %d px on %s x %d", config.method, len(data.labeled), data.labeled.num_classes,
@@ -220,7 +221,7 @@ class StageRun:
         self.epoch, self.best = 0, {}
         if resuming:
             for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
+                load_optimizer_state(opt, state["optimizers"][name], models.head, ctx)
                 schedulers[name].load_state_dict(state["schedulers"][name])
             self.epoch = int(state["epoch"])
             self.best = dict(state.get("best") or {})
@@ -301,10 +302,14 @@ class StageRun:
             self.best = best = {"metric": name, "mode": mode, "value": value, "epoch": epoch}
         metrics["best_" + name] = best["value"]
         ckpt_path = None
+        # Every rank: a sharded head gathers its W (and W's optimiser state) for the checkpoint.
+        head_state = getattr(models.head, "full_state_dict", models.head.state_dict)()
+        optimizer_states = {k: full_optimizer_state(o, models.head, ctx) for k, o in self.optimizers.items()}
         if ctx.is_main:
             ckpt_path = os.path.join(self.run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
             save_checkpoint(checkpoint_state(config, models, self.optimizers, self.schedulers, epoch,
-                                             metrics, best, self.run_dir), ckpt_path)
+                                             metrics, best, self.run_dir, head_state, optimizer_states),
+                            ckpt_path)
             if is_best:
                 self.best_ckpt = copy_checkpoint(ckpt_path, os.path.join(self.run_dir, "best.pt"))
             if self.last_ckpt and not self.keep_epoch_checkpoints:
@@ -389,7 +394,7 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
         if report is not None:
             report(step, n_steps, terms["loss"], time.perf_counter() - start, n_images * ctx.world_size)
     _check_finite(pending, config.method, epoch, steps - len(pending) + 1)
-    check_finite_weights(models, config.method, epoch)
+    check_finite_weights(models, config.method, epoch, ctx)
     elapsed = time.perf_counter() - start
     keys = sorted(sums)
     # Collectives on the device: NCCL reduces CUDA tensors only.
@@ -405,19 +410,27 @@ def train_one_epoch(config: TrainConfig, models: StageModels, step_fn: StageStep
     return metrics
 
 
-def check_finite_weights(models: StageModels, stage: str, epoch: int) -> None:
+def check_finite_weights(models: StageModels, stage: str, epoch: int,
+                         ctx: DistributedContext | None = None) -> None:
     """Weights can overflow while the loss stays finite (a huge lr): check every parameter and
-    buffer after each epoch, before anything is evaluated or saved."""
+    buffer after each epoch, before anything is evaluated or saved. A collective: a sharded
+    head's bad shard is on one rank only, and every rank must stop."""
+    bad = None
     for part in ("backbone", "head", "generator"):
         module = getattr(models, part)
         if module is None:
             continue
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteWeightsError(
-                    f"stage {stage}, epoch {epoch}: {part} {name} holds inf or NaN after training; "
-                    f"stopping before any checkpoint of these weights is written (lower lr, or "
-                    f"check the data)")
+                bad = bad or f"{part} {name}"
+    if ctx is not None and ctx.is_distributed:
+        flag = ctx.sum(torch.tensor([float(bad is not None)], device=ctx.device))
+        if bad is None and float(flag) > 0:
+            bad = "a tensor on another rank"
+    if bad is not None:
+        raise NonFiniteWeightsError(
+            f"stage {stage}, epoch {epoch}: {bad} holds inf or NaN after training; stopping "
+            f"before any checkpoint of these weights is written (lower lr, or check the data)")
 
 
 def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step: int) -> None:

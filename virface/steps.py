@@ -25,7 +25,6 @@ from virface.config import TrainConfig
 from virface.data.images import normalize_pixels
 from virface.distributed import DistributedContext
 from virface.generator import generator_losses
-from virface.heads import overlap_keep_mask
 from virface.models import StageModels
 from virface.stage_table import stage_spec
 
@@ -83,7 +82,7 @@ class StageStep:
             opt.step()
 
     def generator_terms(self, x: torch.Tensor, labels: torch.Tensor) -> Terms:
-        mse, kl = generator_losses(self.models.generator, x, self.models.head.weight[labels],
+        mse, kl = generator_losses(self.models.generator, x, self.models.head.class_centres(labels),
                                    target_grad=self.config.gen_target_grad)
         return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
 
@@ -102,21 +101,21 @@ class StageStep:
         u_local = feats[self.n_labeled:]
         u_all = self.ctx.all_gather_with_grad(u_local)     # every rank's virtual classes
         if cfg.overlap_threshold is not None:
-            keep = overlap_keep_mask(u_all, head.weight, cfg.s, cfg.overlap_threshold)
+            keep = head.overlap_keep_mask(u_all, cfg.overlap_threshold)
             centres = u_all[keep]          # boolean indexing waits for the GPU: only when filtering
             kept, dropped = keep.sum().float(), (~keep).sum().float()
         else:
             keep, centres = None, u_all
             kept, dropped = feats.new_tensor(float(u_all.shape[0])), feats.new_zeros(())
-        loss_vc = F.cross_entropy(head.virclass(x, y, centres), y)
+        loss_vc = head.virclass_loss(x, y, centres)
         terms = {"loss_vc": loss_vc, "virtual_classes": kept, "overlap_dropped": dropped}
         return loss_vc, terms, x, y, u_local, keep, centres
 
 
 def pretrain_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
     feats = s.features(images)
-    loss = F.cross_entropy(s.models.head(feats, labels), labels)
-    s.backward_step(loss, "main", s.models.head.parameters())
+    loss = s.models.head.arcface_loss(feats, labels)
+    s.backward_step(loss, "main", s.models.head.averaged_parameters())
     return {"loss": loss, "loss_arcface": loss}
 
 
@@ -130,7 +129,7 @@ def generator_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> 
 
 def virclass_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
     loss_vc, terms, *_ = s.virtual_classes(s.features(images), labels)
-    s.backward_step(loss_vc, "main", s.models.head.parameters())
+    s.backward_step(loss_vc, "main", s.models.head.averaged_parameters())
     return {"loss": loss_vc, **terms}
 
 
@@ -155,20 +154,18 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
         terms = s.generator_terms(x, y)
         s.backward_step(terms["gen_loss"], "generator", gen.parameters())
     with torch.set_grad_enabled(joint or cfg.vi_to_backbone):
-        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num and sources.shape[0] else None
-    if instances is not None:
-        logits_vi, target_vi = head.virinstance(instances, centres, cfg.gen_num, offset)
-        loss_vi = F.cross_entropy(logits_vi, target_vi)
-    else:
-        loss_vi = feats.new_zeros(())
+        # Drawn also for no sources: a sharded head's loss is a collective every rank joins.
+        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num else None
+    loss_vi = (head.virinstance_loss(instances, centres, cfg.gen_num, offset) if instances is not None
+               else feats.new_zeros(()))
     weighted_vi = s.vi_weight() * loss_vi
     if joint:
         terms = s.generator_terms(x, y)
         loss = loss_vc + weighted_vi + terms["gen_loss"]
-        s.backward_step(loss, "main", [*head.parameters(), *gen.parameters()])
+        s.backward_step(loss, "main", [*head.averaged_parameters(), *gen.parameters()])
     else:
         # ... then a backbone/W step with the generator frozen (its optimiser does not step
         # here; gradients L_vi leaves on it are cleared before its next step).
-        s.backward_step(loss_vc + weighted_vi, "main", head.parameters())
+        s.backward_step(loss_vc + weighted_vi, "main", head.averaged_parameters())
         loss = loss_vc + weighted_vi + terms["gen_loss"].detach()
     return {"loss": loss, "loss_vi": loss_vi, **out, **terms}
