@@ -35,13 +35,14 @@ CONFIGS = [  # (name, amp, channels_last, compile)
 
 
 def measure(method: str, amp: str, channels_last: bool, compile_: bool, device: torch.device,
-            arch: str, size: int, batch: int, num_ids: int, warmup: int, steps: int) -> dict:
+            arch: str, size: int, batch: int, num_ids: int, warmup: int, steps: int,
+            sample_rate: float | None = None) -> dict:
     n_unlabeled = batch // 2 if method == "virface" else 0
     config = TrainConfig(method=method, arch=arch, feat_len=512, input_size=size, num_ids=num_ids,
                          label_batch_size=batch - n_unlabeled, unlabel_batch_size=n_unlabeled or 1,
                          gen_num=5, amp=amp, lr=0.01)
     torch.manual_seed(0)
-    config = config.replace(channels_last=channels_last, compile=compile_)
+    config = config.replace(channels_last=channels_last, compile=compile_, sample_rate=sample_rate)
     models = build_models(config)
     for module in models.modules():
         module.to(device)
@@ -70,7 +71,8 @@ def measure(method: str, amp: str, channels_last: bool, compile_: bool, device: 
     return {"images_per_s": steps * batch / elapsed, "peak_mem_gib": peak}
 
 
-# The suite (issue 11's table): (label, method, amp, channels_last, compile, batch, identities).
+# The suite (issue 11's table): (label, method, amp, channels_last, compile, batch, identities
+# [, Partial FC sample rate]).
 SUITE = [
     ("batch 128 fp32", "pretrain", "none", False, False, 128, 10_000),
     ("batch 128 bf16", "pretrain", "bf16", False, False, 128, 10_000),
@@ -81,18 +83,23 @@ SUITE = [
     ("batch 256, 100k ids, full softmax", "pretrain", "bf16", True, False, 256, 100_000),
     ("batch 256, 1M ids, full softmax", "pretrain", "bf16", True, False, 256, 1_000_000),
     ("batch 256, 2M ids, full softmax", "pretrain", "bf16", True, False, 256, 2_000_000),
+    ("batch 256, 10k ids, sample_rate 0.1", "pretrain", "bf16", True, False, 256, 10_000, 0.1),
+    ("batch 256, 1M ids, sample_rate 0.1", "pretrain", "bf16", True, False, 256, 1_000_000, 0.1),
+    ("batch 256, 2M ids, sample_rate 0.1", "pretrain", "bf16", True, False, 256, 2_000_000, 0.1),
     ("virface batch 256 (128+128), 100k ids", "virface", "bf16", True, False, 256, 100_000),
+    ("virface batch 256 (128+128), 2M ids, sample_rate 0.1", "virface", "bf16", True, False, 256,
+     2_000_000, 0.1),
 ]
 
 
 def run_rows(rows, device, size: int, arch: str, warmup: int, steps: int, shrink=None) -> dict:
     results = {}
-    for label, method, amp, channels_last, compile_, batch, num_ids in rows:
+    for label, method, amp, channels_last, compile_, batch, num_ids, *rate in rows:
         if shrink is not None:
             batch, num_ids = shrink(batch, num_ids)
         try:
             r = measure(method, amp, channels_last, compile_, device, arch, size, batch, num_ids,
-                        warmup + (5 if compile_ else 0), steps)
+                        warmup + (5 if compile_ else 0), steps, rate[0] if rate else None)
         except torch.cuda.OutOfMemoryError as exc:      # a row too big for the card is a result too
             r = {"images_per_s": float("nan"), "peak_mem_gib": float("nan"), "error": f"out of memory: {exc}"[:200]}
             torch.cuda.empty_cache()
