@@ -5,15 +5,19 @@ import numpy as np
 import pytest
 
 from virface.data import synthetic
-from virface.data.synthetic import (PAIR_SET_NAMES, ROLE_LABELED, ROLE_UNLABELED, ROLE_VAL,
+from virface.data.synthetic import (FAMILY_SHARE, FAMILY_SIZE, LATENT_DIM, PAIR_SET_NAMES,
+                                    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ROLE_VAL, TRAIT_RANGES,
                                     SyntheticSpec, build_synthetic, draw_identity, draw_nuisance,
-                                    draw_yaw, export_synthetic, identity_index, load_synthetic,
-                                    render_faces, stack_traits)
+                                    draw_training_yaw, draw_yaw, export_synthetic, identity_index,
+                                    identity_latents, load_synthetic, render_faces, stack_traits,
+                                    traits_from_latent)
 from virface.errors import ConfigError, DataError
 
-# 5 x 4 labeled, 7 unlabeled ids with 1-3 images, 20 val ids (2 per fold), 40 pairs per set.
+# 5 x 4 labeled, 7 unlabeled ids with 1-3 images, 20 val ids (2 per fold) and 40 pairs per set,
+# 30 test ids (3 per fold) and 60 pairs per set.
 TINY = dict(image_size=16, n_labeled_ids=5, images_per_labeled_id=4, n_unlabeled_ids=7,
-            unlabeled_images_per_id=(1, 3), n_val_ids=20, val_pairs=40, profile_prob=0.5)
+            unlabeled_images_per_id=(1, 3), n_val_ids=20, val_pairs=40, n_test_ids=30,
+            test_pairs=60, profile_prob=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,7 @@ def tiny():
 
 def all_arrays(faces):
     out = [faces.labeled.images, faces.labeled.labels, faces.unlabeled.images, faces.unlabeled.labels]
-    for ps in faces.pair_sets.values():
+    for ps in [*faces.pair_sets.values(), *faces.test_pair_sets.values()]:
         out += [ps.images.numpy(), ps.issame]
     return out
 
@@ -38,6 +42,14 @@ def test_another_seed_gives_other_images(tiny):
     other = build_synthetic(SyntheticSpec(**{**TINY, "seed": 1}))
     assert not np.array_equal(tiny.labeled.images, other.labeled.images)
     assert not np.array_equal(tiny.pair_sets["synth_lfw"].images, other.pair_sets["synth_lfw"].images)
+    assert not np.array_equal(tiny.test_pair_sets["synth_lfw"].images,
+                              other.test_pair_sets["synth_lfw"].images)
+
+
+def test_test_role_defaults_to_the_validation_sizes():
+    spec = SyntheticSpec(n_val_ids=40, val_pairs=100)
+    assert spec.n_test_ids == 40 and spec.test_pairs == 100
+    assert SyntheticSpec(n_val_ids=40, n_test_ids=60).n_test_ids == 60
 
 
 def test_split_sizes_and_labels(tiny):
@@ -55,10 +67,24 @@ def test_split_sizes_and_labels(tiny):
 def test_roles_use_disjoint_identities(tiny):
     labeled, unlabeled = set(tiny.labeled.classes), set(tiny.unlabeled.classes)
     val = set(np.concatenate(list(tiny.val_identities.values())))
+    test = set(np.concatenate(list(tiny.test_identities.values())))
     assert labeled == set(identity_index(ROLE_LABELED, np.arange(5)))
     assert unlabeled == set(identity_index(ROLE_UNLABELED, np.arange(7)))
-    assert val <= set(identity_index(ROLE_VAL, np.arange(20)))
-    assert not labeled & unlabeled and not labeled & val and not unlabeled & val
+    assert val <= set(identity_index(ROLE_VAL, np.arange(20))) and len(val) == 20
+    assert test <= set(identity_index(ROLE_TEST, np.arange(30))) and len(test) == 30
+    roles = [labeled, unlabeled, val, test]
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            assert not a & b
+
+
+def test_test_pair_sets_are_their_own_images(tiny):
+    assert list(tiny.test_pair_sets) == list(PAIR_SET_NAMES)
+    for name in PAIR_SET_NAMES:
+        val, test = tiny.pair_sets[name], tiny.test_pair_sets[name]
+        assert test.name == name and len(test) == 60 and test.images.shape == (120, 3, 16, 16)
+        val_images = {img.numpy().tobytes() for img in val.images}
+        assert not any(img.numpy().tobytes() in val_images for img in test.images)
 
 
 def test_growing_the_labeled_split_keeps_the_other_splits(tiny):
@@ -67,40 +93,144 @@ def test_growing_the_labeled_split_keeps_the_other_splits(tiny):
     assert np.array_equal(bigger.unlabeled.images, tiny.unlabeled.images)
     for name in PAIR_SET_NAMES:
         assert np.array_equal(bigger.pair_sets[name].images, tiny.pair_sets[name].images)
+        assert np.array_equal(bigger.test_pair_sets[name].images, tiny.test_pair_sets[name].images)
 
 
-def test_pair_sets_are_ordered_fold_by_fold_same_half_first(tiny):
-    assert list(tiny.pair_sets) == ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]
-    fold_pattern = [True, True, False, False]          # 40 pairs / 10 folds = 2 same + 2 different
-    for name, ps in tiny.pair_sets.items():
-        assert ps.name == name and len(ps) == 40 and ps.images.shape == (80, 3, 16, 16)
-        assert ps.issame.tolist() == fold_pattern * 10
-        ids = tiny.val_identities[name]
+def test_growing_the_validation_role_keeps_the_test_pairs(tiny):
+    bigger = build_synthetic(SyntheticSpec(**{**TINY, "n_val_ids": 40}))
+    for name in PAIR_SET_NAMES:
+        assert np.array_equal(bigger.test_pair_sets[name].images, tiny.test_pair_sets[name].images)
+        assert not np.array_equal(bigger.pair_sets[name].images, tiny.pair_sets[name].images)
+
+
+@pytest.mark.parametrize("role", ["val", "test"])
+def test_pair_sets_are_ordered_fold_by_fold_same_half_first(tiny, role):
+    sets, identities = ((tiny.pair_sets, tiny.val_identities) if role == "val"
+                        else (tiny.test_pair_sets, tiny.test_identities))
+    n_pairs, n_ids = (40, 20) if role == "val" else (60, 30)
+    half = n_pairs // 20                       # per fold: `half` same pairs, then `half` different
+    assert list(sets) == ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]
+    for name, ps in sets.items():
+        assert ps.name == name and len(ps) == n_pairs and ps.images.shape == (2 * n_pairs, 3, 16, 16)
+        assert ps.issame.tolist() == ([True] * half + [False] * half) * 10
+        ids = identities[name]
         assert np.array_equal(ids[0::2] == ids[1::2], ps.issame)
-        # 20 val identities: each fold has its own 2, as LFW's folds have their own people.
-        fold_ids = [set(ids[8 * f:8 * f + 8]) for f in range(10)]
-        assert all(len(f) <= 2 for f in fold_ids)
+        # Each fold has its own n_ids / 10 identities, as LFW's folds have their own people.
+        per_fold = 4 * half
+        fold_ids = [set(ids[per_fold * f:per_fold * (f + 1)]) for f in range(10)]
+        assert all(len(f) <= n_ids // 10 for f in fold_ids)
         assert len(set().union(*fold_ids)) == sum(len(f) for f in fold_ids)
 
 
-def test_pair_poses(tiny):
+@pytest.mark.parametrize("role", ["val", "test"])
+def test_pair_poses(tiny, role):
     def profile(yaw):
         return np.abs(yaw) >= 45
 
-    fp, ff, lfw = (tiny.val_yaw[n] for n in ("synth_cfp_fp", "synth_cfp_ff", "synth_lfw"))
+    yaws = tiny.val_yaw if role == "val" else tiny.test_yaw
+    fp, ff, lfw = (yaws[n] for n in ("synth_cfp_fp", "synth_cfp_ff", "synth_lfw"))
     assert not profile(fp[0::2]).any() and profile(fp[1::2]).all()
     assert np.abs(fp[0::2]).max() <= 30
     assert np.abs(fp[1::2]).min() >= 60 and np.abs(fp[1::2]).max() <= 80
-    assert not profile(ff).any()
+    assert not profile(ff).any() and np.abs(ff).max() <= 30
     assert profile(lfw).any() and not profile(lfw).all()     # profile_prob 0.5: a mix
 
 
 def test_profile_prob_sets_the_training_poses():
-    spec = dict(TINY, n_unlabeled_ids=3, n_val_ids=2, val_pairs=20)
+    spec = dict(TINY, n_unlabeled_ids=3, n_val_ids=2, val_pairs=20, n_test_ids=2, test_pairs=20)
     frontal = build_synthetic(SyntheticSpec(**{**spec, "profile_prob": 0.0}))
     side = build_synthetic(SyntheticSpec(**{**spec, "profile_prob": 1.0}))
-    assert (np.abs(frontal.labeled_yaw) <= 30).all() and (np.abs(frontal.unlabeled_yaw) <= 30).all()
-    assert (np.abs(side.labeled_yaw) >= 60).all() and (np.abs(side.unlabeled_yaw) >= 60).all()
+    assert (np.abs(frontal.labeled_yaw) < 45).all() and (np.abs(frontal.unlabeled_yaw) < 45).all()
+    assert (np.abs(side.labeled_yaw) >= 45).all() and (np.abs(side.unlabeled_yaw) >= 45).all()
+    assert (np.abs(side.labeled_yaw) <= 85).all()
+
+
+def test_training_yaw_is_a_continuum_with_the_asked_profile_share():
+    # 20,000 draws at profile_prob 0.2: 20 % in 45-85 degrees (binomial sd 0.3 %), the rest a
+    # half-normal (sd 20) below 45, folded back in: every 5-degree bin from 0 to 85 is used.
+    yaw = draw_training_yaw(np.random.default_rng(0), 20_000, 0.2)
+    assert abs((np.abs(yaw) >= 45).mean() - 0.2) < 0.01
+    assert abs((yaw > 0).mean() - 0.5) < 0.02
+    counts, _ = np.histogram(np.abs(yaw), bins=np.arange(0, 90, 5))
+    assert (counts > 100).all()
+    # Half-normal sd 20 below 45: P(|x| < 20) = 0.683 of the 80 % frontal-ish draws (plus the
+    # 2.4 % beyond 45 redrawn uniformly, 0.4 % of which lands below 20).
+    assert abs((np.abs(yaw) < 20).mean() - 0.8 * (0.683 + 0.024 * 20 / 45)) < 0.015
+
+
+def test_shallow_identities_are_posed_like_deep_ones():
+    # Same nuisance distribution: the profile share and the yaw spread of the unlabeled images
+    # match the labeled ones (and profile_prob), and shallow identities with 2-3 images include
+    # frontal + profile pairs.
+    faces = build_synthetic(SyntheticSpec(image_size=16, n_labeled_ids=40, images_per_labeled_id=10,
+                                          n_unlabeled_ids=400, unlabeled_images_per_id=(2, 3),
+                                          n_val_ids=2, val_pairs=20, n_test_ids=2, test_pairs=20,
+                                          profile_prob=0.3))
+    lab, unl = np.abs(faces.labeled_yaw), np.abs(faces.unlabeled_yaw)     # 400 and ~1000 images
+    for yaw in (lab, unl):
+        assert abs((yaw >= 45).mean() - 0.3) < 0.07          # 3 binomial sds at n = 400
+    assert abs(np.median(lab) - np.median(unl)) < 8
+    labels = faces.unlabeled.labels
+    mixed = [c for c in range(faces.unlabeled.num_classes)
+             if len(set((unl[labels == c] >= 45).tolist())) == 2]
+    # P(a 2-3 image identity mixes poses) = 1 - 0.3^k - 0.7^k: 0.42 (k=2) to 0.63 (k=3).
+    assert 0.3 * 400 < len(mixed) < 0.75 * 400
+
+
+def test_identity_latents_are_standard_normal_and_families_share_half():
+    # 4,000 identities = 1,000 families of 4. Per dimension: mean 0 (sd of the mean about
+    # sqrt(0.5/1000 + 0.5/4000) = 0.025) and variance 1. Siblings' latents correlate by
+    # FAMILY_SHARE (0.5), members of different families by 0.
+    z = identity_latents(0, ROLE_LABELED, np.arange(4000))
+    assert z.shape == (4000, LATENT_DIM) and FAMILY_SIZE == 4 and FAMILY_SHARE == 0.5
+    assert np.abs(z.mean(0)).max() < 0.12 and np.abs(z.var(0) - 1).max() < 0.15
+    siblings = (z[0::4] * z[1::4]).mean()
+    strangers = (z[0:-4:4] * z[5::4]).mean()     # identity 4f and 4f+5: different families
+    assert abs(siblings - 0.5) < 0.05 and abs(strangers) < 0.05
+    # The latent is the identity's alone: the same k in another role or seed is someone else.
+    assert not np.allclose(z[:4], identity_latents(0, ROLE_UNLABELED, np.arange(4)))
+    assert not np.allclose(z[:4], identity_latents(1, ROLE_LABELED, np.arange(4)))
+
+
+def test_traits_use_their_ranges():
+    # The fixed map squashes each trait to about uniform over its range: over 3,000 identities
+    # every plain trait stays inside its range and its 5-95 % quantiles span most of it
+    # (0.9 of it for a uniform).
+    traits = traits_from_latent(identity_latents(0, ROLE_VAL, np.arange(3000)))
+    switches = {"hair_len", "beard", "glasses", "mark"}      # turned into shapes / on-off flags
+    checked = 0
+    for name, lo, hi in TRAIT_RANGES:
+        if name in switches or name.startswith("region_"):
+            continue
+        values = traits[name]
+        q5, q95 = np.quantile(values, [0.05, 0.95])
+        assert lo - 1e-6 <= values.min() and values.max() <= hi + 1e-6, name
+        assert q95 - q5 > 0.7 * (hi - lo), name
+        checked += 1
+    assert checked > 40
+    for key in ("region_light", "region_red"):
+        assert traits[key].shape == (3000, 18)
+
+
+def test_no_single_latent_dimension_decides_a_trait():
+    # Entangled: each trait mixes many latent dimensions (none explains more than 40 % of a
+    # trait's variance) and each latent dimension moves most traits.
+    z = identity_latents(0, ROLE_VAL, np.arange(3000))
+    traits = traits_from_latent(z)
+    plain = [n for n, _, _ in TRAIT_RANGES if n in traits and n not in ("hair_len", "beard", "glasses", "mark")]
+    values = np.stack([traits[n] for n in plain], 1)
+    corr = np.corrcoef(np.concatenate([z, values], 1).T)[:LATENT_DIM, LATENT_DIM:]
+    assert (corr ** 2).max() < 0.4
+    base = z[:1]
+    moved = []
+    for j in range(LATENT_DIM):
+        nudged = base.copy()
+        nudged[0, j] += 0.5
+        after = traits_from_latent(nudged)
+        before = traits_from_latent(base)
+        moved.append(np.mean([abs(after[n][0] - before[n][0]) > 1e-3 * (hi - lo)
+                              for n, lo, hi in TRAIT_RANGES if n in plain]))
+    assert min(moved) > 0.5
 
 
 def test_background_comes_from_the_image_stream_only():
@@ -166,12 +296,29 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     for name in PAIR_SET_NAMES:
         assert np.array_equal(first.val_yaw[name], cached.val_yaw[name])
         assert np.array_equal(first.val_identities[name], cached.val_identities[name])
+        assert np.array_equal(first.test_yaw[name], cached.test_yaw[name])
+        assert np.array_equal(first.test_identities[name], cached.test_identities[name])
 
 
 def test_cache_key_changes_with_any_field():
     base = SyntheticSpec(**TINY)
     assert base.cache_key() == SyntheticSpec(**TINY).cache_key()
     assert base.cache_key() != SyntheticSpec(**{**TINY, "occlusion_prob": 0.2}).cache_key()
+    assert base.cache_key() != SyntheticSpec(**{**TINY, "test_pairs": 80}).cache_key()
+
+
+def test_a_cache_from_another_renderer_version_is_not_reused(tmp_path, monkeypatch):
+    spec = SyntheticSpec(**TINY)
+    monkeypatch.setattr(synthetic, "RENDERER_VERSION", 3)
+    old_path = synthetic.cache_path(spec, str(tmp_path))
+    with open(old_path, "wb") as f:
+        f.write(b"pixels of renderer 3")
+    monkeypatch.setattr(synthetic, "RENDERER_VERSION", 4)
+    assert synthetic.cache_path(spec, str(tmp_path)) != old_path
+    load_synthetic(spec, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 2           # v3's file untouched, v4's written beside it
+    with open(old_path, "rb") as f:
+        assert f.read() == b"pixels of renderer 3"
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path, tiny):
@@ -198,11 +345,13 @@ def test_export_is_read_back_by_the_real_readers(tmp_path, tiny):
             want = sorted((int(source.classes[source.labels[i]]), source.read(i).numpy().tobytes())
                           for i in range(len(source)))
             assert got == want
-    for name, ps in tiny.pair_sets.items():
-        assert paths[name] == str(tmp_path / "out" / "val" / f"{name}.bin")
-        back = load_bin(paths[name])
-        assert np.array_equal(back.images.numpy(), ps.images.numpy())
-        assert np.array_equal(back.issame, ps.issame)
+    for folder, prefix, sets in (("val", "", tiny.pair_sets), ("test", "test_", tiny.test_pair_sets)):
+        for name, ps in sets.items():
+            assert paths[prefix + name] == str(tmp_path / "out" / folder / f"{name}.bin")
+            back = load_bin(paths[prefix + name])
+            assert np.array_equal(back.images.numpy(), ps.images.numpy())
+            assert np.array_equal(back.issame, ps.issame)
+    assert sorted(os.listdir(tmp_path / "out" / "test")) == sorted(f"{n}.bin" for n in PAIR_SET_NAMES)
 
 
 def test_export_refuses_a_non_empty_folder(tmp_path, tiny):

@@ -24,13 +24,22 @@ DEFAULT_REAL_INPUT_SIZE = 112
 @dataclass
 class StageData:
     """What a stage reads. ``unlabeled`` is None for pretrain and generator. ``pair_sets``
-    select (best epoch, best trial); ``test_pair_sets`` are only reported."""
+    select (best epoch, best trial); ``test_pair_sets`` are only reported.
+
+    ``labeled_split``: None, or an index n into ``labeled``: its images [0, n) and [n, N) are then
+    batched like labeled and unlabeled data are, ``label_batch_size`` rows from the first part and
+    ``unlabel_batch_size`` rows from the second in every batch (see
+    :class:`LabeledUnlabeledBatchSampler`), with every row's label used. It is for the oracle
+    that trains on the shallow identities WITH their true labels in VirFace's batch composition:
+    deep images first, shallow ones second. Only for stages without unlabeled data.
+    """
 
     labeled: ImageSource
     unlabeled: ImageSource | None
     pair_sets: dict[str, PairSet] = field(default_factory=dict)
     input_size: int = DEFAULT_REAL_INPUT_SIZE
     test_pair_sets: dict[str, PairSet] = field(default_factory=dict)
+    labeled_split: int | None = None
 
 
 def synthetic_cache_dir() -> str:
@@ -64,7 +73,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
         input_size = config.input_size or spec.image_size
         labeled, unlabeled = faces.labeled, faces.unlabeled
         pair_sets.update(faces.pair_sets)
-        test_pair_sets.update(getattr(faces, "test_pair_sets", {}))
+        test_pair_sets.update(faces.test_pair_sets)
     else:
         input_size = config.input_size or DEFAULT_REAL_INPUT_SIZE
         labeled = open_image_source(config.labeled, config.labeled_root)
@@ -110,6 +119,21 @@ def open_image_source(path: str, root: str | None = None) -> ImageSource:
     if path.endswith(".rec"):
         return RecordIOSource(path)
     return FileListSource.from_meta_list(path, root=root)
+
+
+def _check_labeled_split(data: StageData, unlabeled: ImageSource | None, config: TrainConfig) -> int:
+    """``data.labeled_split`` if usable; raises ConfigError naming what is wrong otherwise."""
+    n_first, n = data.labeled_split, len(data.labeled)
+    if isinstance(n_first, bool) or not isinstance(n_first, int) or not 0 < n_first < n:
+        raise ConfigError(f"labeled_split: {n_first!r} must be an integer in [1, {n - 1}] "
+                          f"({data.labeled.name} has {n} images)")
+    if unlabeled is not None:
+        raise ConfigError("labeled_split: the second labeled part takes the unlabeled rows of each "
+                          f"batch, so it cannot be combined with unlabeled data (method {config.method})")
+    if config.unlabel_batch_size <= 0:
+        raise ConfigError("labeled_split: unlabel_batch_size must be > 0 (the second part's rows "
+                          "per batch)")
+    return n_first
 
 
 class LabeledUnlabeledDataset(Dataset):
@@ -192,13 +216,23 @@ def make_train_loader(data: StageData, config: TrainConfig, rank: int = 0, world
                       with_unlabeled: bool | None = None) -> tuple[DataLoader, LabeledUnlabeledBatchSampler]:
     """The stage's loader; its batches are (uint8 (b, 3, S, S), labels (b,) with -1 for
     unlabeled rows, corrupt images skipped). Per rank: label_batch_size / world_size labeled
-    rows first, then unlabel_batch_size / world_size unlabeled rows."""
+    rows first, then unlabel_batch_size / world_size unlabeled rows. With
+    ``data.labeled_split`` the second part is the labeled images from that index on, with
+    their labels."""
     with_unlabeled = data.unlabeled is not None if with_unlabeled is None else with_unlabeled
     unlabeled = data.unlabeled if with_unlabeled else None
     dataset = LabeledUnlabeledDataset(data.labeled, unlabeled, data.input_size, config.strict_data)
+    if data.labeled_split is not None:
+        n_first = _check_labeled_split(data, unlabeled, config)
+        # The sampler's second part addresses indices n_first.. of the concatenation, which
+        # are the labeled source's own second part: the dataset reads them as labeled.
+        n_parts = (n_first, len(data.labeled) - n_first)
+        batch_sizes = (config.label_batch_size, config.unlabel_batch_size)
+    else:
+        n_parts = (len(data.labeled), len(unlabeled) if unlabeled is not None else 0)
+        batch_sizes = (config.label_batch_size, config.unlabel_batch_size if unlabeled is not None else 0)
     sampler = LabeledUnlabeledBatchSampler(
-        len(data.labeled), len(unlabeled) if unlabeled is not None else 0,
-        config.label_batch_size, config.unlabel_batch_size if unlabeled is not None else 0,
+        *n_parts, *batch_sizes,
         rank=rank, world_size=world_size, seed=config.seed, steps_per_epoch=config.steps_per_epoch)
     # Decoding files is worth worker processes; slicing an in-memory array is not.
     in_memory = hasattr(data.labeled, "images") and (unlabeled is None or hasattr(unlabeled, "images"))
