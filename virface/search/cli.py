@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
 
     try:
         options = options_from_args(args)
+        if options.compare:
+            from virface.search.compare import comparison_table, run_comparison
+
+            print("\n" + comparison_table(run_comparison(options)))
+            print(f"\nfiles: {options.storage}/{options.name}/comparison/")
+            return 0
         outcomes = run_search(options)
     except (SearchInterrupted, KeyboardInterrupt) as exc:
         print(f"{prog}: interrupted: {exc or 'continue with the same command and --resume'}",

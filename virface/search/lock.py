@@ -69,6 +69,8 @@ class ExperimentLock:
                 holder = self._read_holder()
                 if holder == {}:
                     continue              # released meanwhile
+                if holder and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                    return                # this process holds it already (a comparison's arms)
                 if holder is None or (holder.get("host") == me["host"] and not _holder_alive(holder)):
                     self._remove_stale()
                     continue

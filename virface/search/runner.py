@@ -146,7 +146,16 @@ class SearchOptions:
                                             help="CPUs per worker (default: the YAML's)")
     gpus_per_worker: float | None = setting(None, group=GROUP_CLUSTER,
                                             help="GPUs per worker, fractions allowed (default: the YAML's)")
+    compare: str | None = setting(
+        None, group=GROUP_SEARCH, metavar="STAGES",
+        help="also search these stages (comma-separated, baseline among them) from the same "
+             "upstream checkpoint with --stage's budget, retrain each winner with --seeds seeds "
+             "and report paired test differences to the baseline (default: no comparison)")
+    seeds: int = setting(3, group=GROUP_SEARCH,
+                         help="seeds each compared winner is retrained with")
     data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
+    # Set by a comparison, not the command line: --stage's trials x epochs x steps for an arm.
+    budget_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         check_field_types(self)
@@ -155,7 +164,8 @@ class SearchOptions:
         if self.budget not in BUDGETS:
             raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
         # Before anything starts: -1 trials would search forever, 0 would "fail" every trial.
-        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1)):
+        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1),
+                          ("seeds", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{name}: {value} must be >= {low}")
@@ -196,6 +206,10 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
         budget = replace(budget, num_samples=SMOKE_NUM_SAMPLES, time_budget_s=None)
     if options.num_samples is not None:
         budget = replace(budget, num_samples=options.num_samples)
+    if stage == options.stage and options.budget_overrides:
+        overrides = dict(options.budget_overrides)
+        budget = replace(budget, num_samples=overrides.pop("num_samples", budget.num_samples))
+        fixed.update(overrides)
     if options.max_concurrent is not None:
         budget = replace(budget, max_concurrent_trials=options.max_concurrent)
     for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
