@@ -3,7 +3,7 @@
 Before any method comparison, two checks that the data can show what VirFace is about:
 
   1. Width curve. Plain ArcFace (``pretrain``) from scratch on labeled sets of different shapes,
-     every run the same number of SGD steps and the same lr schedule (equal compute):
+     each run 640 SGD steps or 20 passes over its set, whichever is more, same lr schedule:
        - a fixed image budget spread over more or fewer identities (50 x 40 .. 1,000 x 2);
        - a fixed number of images per identity, more identities (100 / 400 / 1,600 x 5).
   2. Oracle. The deep labeled faces (50 identities x 40 images) plus the shallow faces (2,000
@@ -21,8 +21,8 @@ nested subsets of generated pools (identities 0..n-1 of the labeled role, the fi
 each; ``Plan.labeled_pools``). Plain torch and the library's stage loop: nothing here imports Ray
 or Optuna, so it runs as is on a GPU machine (training and evaluation go to CUDA when present).
 
-    python benchmarks/data_calibration.py              # full: 3 seeds, ~18 min on 2 CPU cores
-    python benchmarks/data_calibration.py --seeds 0 1 2 3 4     # 5 seeds, ~25 min there
+    python benchmarks/data_calibration.py              # full: 3 seeds, ~20 min on 2 CPU cores
+    python benchmarks/data_calibration.py --seeds 0 1 2 3 4     # 5 seeds, ~27 min there
     python benchmarks/data_calibration.py --smoke      # tiny data, 1-step epochs; what the test runs
 
 Writes ``calibration.json`` (plan, data specs, every run's final metrics and wall time, the
@@ -70,7 +70,8 @@ class Plan:
     val_pairs: int
     fixed_budget: tuple[tuple[int, int], ...]       # (identities, images each) at one image count
     fixed_depth: tuple[tuple[int, int], ...]        # (identities, images each) at one images-per-id
-    width_steps: int                                # SGD steps of every width-curve run
+    width_steps: int                                # SGD steps of a width-curve run, at least ...
+    width_min_passes: int                           # ... and at least this many passes over its set
     deep: tuple[int, int]                           # the oracle's labeled split (ids, images each)
     labeled_pools: tuple[tuple[int, int], ...]      # labeled sets generated (ids, images each);
                                                     # every shape is cut from the first that holds it
@@ -122,14 +123,15 @@ class Plan:
 
 PLANS = {
     "full": Plan(
-        name="full", data_seed=0, image_size=32, n_val_ids=600, val_pairs=6000,
+        name="full", data_seed=0, image_size=32, n_val_ids=400, val_pairs=4000,
         fixed_budget=((50, 40), (100, 20), (400, 5), (1000, 2)),
-        fixed_depth=((100, 5), (400, 5), (1600, 5)), width_steps=640,
+        fixed_depth=((100, 5), (400, 5), (1600, 5)), width_steps=640, width_min_passes=20,
         deep=(50, 40), n_shallow_ids=2000, shallow_images_per_id=(1, 3), oracle_epochs=30,
         seeds=(0, 1, 2), labeled_pools=((100, 40), (1600, 5))),
     "smoke": Plan(
         name="smoke", data_seed=0, image_size=16, n_val_ids=20, val_pairs=40,
-        fixed_budget=((4, 4), (8, 2)), fixed_depth=((4, 2), (8, 2)), width_steps=2, deep=(4, 4),
+        fixed_budget=((4, 4), (8, 2)), fixed_depth=((4, 2), (8, 2)), width_steps=2, width_min_passes=1,
+        deep=(4, 4),
         n_shallow_ids=8, shallow_images_per_id=(1, 2), oracle_epochs=1, seeds=(0, 1),
         labeled_pools=((4, 4), (8, 2)), steps_per_epoch=1, arch="mobilefacenet_s", feat_len=32,
         label_batch_size=4, unlabel_batch_size=4),
@@ -241,6 +243,14 @@ def plan_batch(plan: Plan, data: StageData) -> int:
 
 # ------------------------------------------------------------------------------------ the checks
 
+def width_steps(plan: Plan, n_images: int) -> int:
+    """Steps of a width-curve run: ``plan.width_steps``, or more where a set is so large that
+    those would not pass ``plan.width_min_passes`` times over it. A run that sees each image
+    only a few times measures too little compute rather than the data: at 640 steps, 1,600 x 5
+    images scored below 400 x 5 (5 passes against 20); at 20 passes, well above it."""
+    return max(plan.width_steps, math.ceil(plan.width_min_passes * n_images / plan.label_batch_size))
+
+
 def run_width_curve(plan: Plan, runner: Runner, pools: list) -> list[dict[str, Any]]:
     rows, done = [], {}
     pair_sets = dict(pools[0].pair_sets)
@@ -251,7 +261,7 @@ def run_width_curve(plan: Plan, runner: Runner, pools: list) -> list[dict[str, A
                 source = labeled_subset(pools[pool].labeled, n_ids, per_id)
                 data = StageData(source, None, pair_sets, plan.image_size)
                 rec = runner.run(f"width-{n_ids}x{per_id}", data, plan.width_seed,
-                                 schedule(plan, len(source), plan.width_steps))
+                                 schedule(plan, len(source), width_steps(plan, len(source))))
                 rec.update(ids=n_ids, images_per_id=per_id, images=len(source), pool=pool)
                 done[(n_ids, per_id)] = rec
                 runner.log(f"  width {n_ids:>5} ids x {per_id:>2} = {len(source):>6} images  "
@@ -310,16 +320,18 @@ def _accs(final: dict[str, float]) -> str:
 
 
 def width_table(rows: list[dict[str, Any]], plan: Plan) -> str:
-    lines = [f"Width curve: ArcFace from scratch, {plan.width_steps} steps x {plan.label_batch_size} "
-             f"images for every row (seed {plan.width_seed}); final-epoch 10-fold accuracy % on the "
-             "validation pairs",
+    lines = [f"Width curve: ArcFace from scratch, {plan.label_batch_size} images per step, "
+             f"{plan.width_steps} steps or {plan.width_min_passes} passes over the set, whichever is "
+             f"more (seed {plan.width_seed}); final-epoch 10-fold accuracy % on the validation pairs",
              "",
-             "| group | identities | images / id | images | synth_lfw | synth_cfp_ff | synth_cfp_fp | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| group | identities | images / id | images | steps | synth_lfw | synth_cfp_ff | synth_cfp_fp "
+             "| train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         accs = " | ".join(f"{100 * r['final'][n + '_acc']:.2f}" for n in PAIR_SETS)
         group = "fixed image budget" if r["group"] == "fixed_budget" else "fixed images / id"
-        lines.append(f"| {group} | {r['ids']} | {r['images_per_id']} | {r['images']} | {accs} | {r['train_s']:.0f} |")
+        lines.append(f"| {group} | {r['ids']} | {r['images_per_id']} | {r['images']} | {r['steps']} | {accs} "
+                     f"| {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -354,6 +366,41 @@ def oracle_table(rows: list[dict[str, Any]], summary: dict[str, Any], plan: Plan
     return "\n".join(lines) + "\n"
 
 
+def settings_line(plan: Plan) -> str:
+    decay = " and ".join(f"{round(100 * f)} %" for f in plan.decay_at)
+    return (f"Training (every run): {plan.arch}, {plan.image_size} px, feat_len {plan.feat_len}, ArcFace "
+            f"s={plan.s:g} m={plan.m:g}, SGD lr {plan.lr:g} momentum {plan.momentum:g} weight decay "
+            f"{plan.weight_decay:g}, lr x{plan.gamma:g} after {decay} of the epochs, horizontal flips; "
+            f"validation: {plan.n_val_ids} identities, {plan.val_pairs} pairs per set, data seed "
+            f"{plan.data_seed}.")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """calibration.md from a results dict (what ``_run`` returns and writes as JSON)."""
+    plan = plan_from_dict(results["plan"])
+    parts = [f"# Data calibration (renderer v{results['data']['renderer_version']}, plan {plan.name})",
+             "", settings_line(plan), ""]
+    if "width" in results:
+        parts.append(width_table(results["width"]["rows"], plan))
+    if "oracle" in results:
+        parts.append(oracle_table(results["oracle"]["rows"], results["oracle"]["summary"], plan))
+    m = results["machine"]
+    times = [f"data {results['data']['build_s']:.0f} s"]
+    times += [f"{key} {results[key]['wall_s']:.0f} s" for key in ("width", "oracle") if key in results]
+    parts.append(f"Wall time {results['wall_s']:.0f} s ({', '.join(times)}) on {m['cpus']} CPU cores, "
+                 f"{m['torch_threads']} torch thread(s){', CUDA' if m['cuda'] else ''}; load average "
+                 f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. "
+                 f"Command: `{results['command']}`.")
+    return "\n".join(parts) + "\n"
+
+
+def plan_from_dict(values: dict[str, Any]) -> Plan:
+    def tuples(x):
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    return Plan(**{k: (v if k == "extra_spec" else tuples(v)) for k, v in values.items()})
+
+
 # ---------------------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -369,11 +416,21 @@ def parse_args(argv):
     p.add_argument("--only", choices=("width", "oracle"), default=None, help="run one of the two checks")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the benchmark's figures are for one thread)")
+    p.add_argument("--from-json", default=None, metavar="CALIBRATION_JSON",
+                   help="train nothing: rewrite calibration.md in --out from an earlier calibration.json")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "calibration.md"), "w") as f:
+            f.write(markdown(results))
+        print(markdown(results))
+        return results
     plan = PLANS["smoke" if args.smoke else "full"]
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
@@ -387,9 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
-    from virface.data.synthetic import RENDERER_VERSION
-
-    from virface.data.synthetic import save_preview
+    from virface.data.synthetic import RENDERER_VERSION, save_preview
 
     start = time.perf_counter()
     load_start = os.getloadavg()
@@ -406,20 +461,17 @@ def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "protocol": __doc__,
                                "data": {"renderer_version": RENDERER_VERSION, "specs": plan.pool_specs(),
                                         "build_s": round(data_s, 1)}}
-    tables = []
     if args.only in (None, "width"):
         t0 = time.perf_counter()
         rows = run_width_curve(plan, runner, pools)
         results["width"] = {"rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
-        tables.append(width_table(rows, plan))
-        print("\n" + tables[-1], flush=True)
+        print("\n" + width_table(rows, plan), flush=True)
     if args.only in (None, "oracle"):
         t0 = time.perf_counter()
         rows = run_oracle(plan, runner, pools)
         summary = oracle_summary(rows)
         results["oracle"] = {"rows": rows, "summary": summary, "wall_s": round(time.perf_counter() - t0, 1)}
-        tables.append(oracle_table(rows, summary, plan))
-        print("\n" + tables[-1], flush=True)
+        print("\n" + oracle_table(rows, summary, plan), flush=True)
     wall = time.perf_counter() - start
     results["wall_s"] = round(wall, 1)
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -430,8 +482,7 @@ def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
     with open(os.path.join(args.out, "calibration.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "calibration.md"), "w") as f:
-        f.write(f"# Data calibration (renderer v{RENDERER_VERSION}, plan {plan.name})\n\n"
-                + "\n".join(tables) + f"\nWall time {wall:.0f} s.\n")
+        f.write(markdown(results))
     print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
     return results
 

@@ -30,11 +30,12 @@ def test_smoke_mode_prints_and_writes_both_tables_without_ray(tmp_path):
     plan = saved["plan"]
     assert plan["name"] == "smoke" and saved["data"]["renderer_version"] == 4
 
-    # Width curve: one row per shape of each group, all at the same number of steps.
+    # Width curve: one row per shape of each group, each trained for max(width_steps steps,
+    # width_min_passes passes): smoke has 2 steps or 1 pass of 4-image batches.
     rows = saved["width"]["rows"]
     shapes = [("fixed_budget", *s) for s in plan["fixed_budget"]] + [("fixed_depth", *s) for s in plan["fixed_depth"]]
     assert [(r["group"], r["ids"], r["images_per_id"]) for r in rows] == shapes
-    assert len({r["steps"] for r in rows}) == 1
+    assert [r["steps"] for r in rows] == [4, 4, 2, 4]          # 16, 16, 8 and 16 images
     for r in rows:
         assert r["images"] == r["ids"] * r["images_per_id"]
         for name in ("synth_lfw", "synth_cfp_ff", "synth_cfp_fp"):
@@ -60,9 +61,18 @@ def test_smoke_mode_prints_and_writes_both_tables_without_ray(tmp_path):
     # The same tables are printed and written.
     table = (out / "calibration.md").read_text()
     for text in (printed, table):
-        assert "Width curve" in text and "| fixed image budget | 4 | 4 | 16 |" in text
-        assert "| fixed images / id | 8 | 2 | 16 |" in text
+        assert "Width curve" in text and "| fixed image budget | 4 | 4 | 16 | 4 |" in text
+        assert "| fixed images / id | 4 | 2 | 8 | 2 |" in text
         assert "| 0 | " in text and "| 1 | " in text and "| mean (gain ± paired std) |" in text
         for check in oracle["summary"]["checks"]:
             assert any(line.startswith(f"- {check}: ") and line.endswith(("PASS", "FAIL"))
                        for line in text.splitlines())
+    assert (out / "preview.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # --from-json rewrites the same markdown from the JSON alone.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "benchmarks/data_calibration.py", "--from-json",
+                           str(out / "calibration.json"), "--out", str(again)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / "calibration.md").read_text() == table
