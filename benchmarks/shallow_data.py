@@ -1,45 +1,54 @@
-"""Does unlabeled shallow data help? ArcFace vs VirClass vs VirFace on the built-in synthetic faces.
+"""Does unlabeled shallow data help? ArcFace vs VirClass vs VirFace on the built-in synthetic faces,
+chosen on validation pairs and reported on test pairs.
 
-Protocol (per training seed; the data are generated once from a fixed data seed):
-  1. ``pretrain``: ArcFace on the labeled (deep) split from scratch, E1 epochs, constant lr.
-  2. ``generator``: the feature VAE on that checkpoint, Eg epochs (backbone and head frozen).
-  3. Four continuations of E2 epochs with one lr schedule, all from the same weights:
-       baseline           ``pretrain`` continued on labeled data only (plain ArcFace)
-       virclass           from the pretrain checkpoint, unlabeled faces as virtual classes
-       virface_alternate  from the generator checkpoint, G step then backbone/W step
-       virface_joint      from the generator checkpoint, one optimiser over everything
-  Every method runs ``steps_per_epoch = ceil(labeled / label_batch_size)`` steps per epoch, so an
-  epoch is one pass over the labeled split for all of them (same steps, same labeled batches:
-  the batch order depends only on the seed); VirClass/VirFace add ``unlabel_batch_size``
-  unlabeled faces to each step. The FINAL epoch is evaluated (no epoch is picked on the
-  test pairs), on synth_lfw, synth_cfp_ff and synth_cfp_fp (10-fold accuracy, TAR@FAR=1e-3).
-  Ablations (VirFace alternate): ``gen_num`` and the fraction of unlabeled identities kept
-  (0 % is the baseline continuation: no unlabeled faces means no virtual classes or instances).
+Data (generated once from a fixed data seed, renderer v4): a deep labeled split (50 identities x 40
+images), a shallow split (2,000 identities x 1-3 images, labels hidden from the methods), and
+three disjoint identity ranges: training, VALIDATION pairs (synth_*) and TEST pairs (test_synth_*).
 
-    python benchmarks/shallow_data.py            # full: 3 seeds + ablations, ~18 min on 2 cores
-    python benchmarks/shallow_data.py --quick    # 1 seed, small data: 40 s quiet, minutes loaded
-    python benchmarks/shallow_data.py --smoke    # tiny data, 1-step epochs; what the test runs
-    python benchmarks/shallow_data.py --diagnostics   # variants (dropout, lr) and geometry
-    python benchmarks/shallow_data.py --oracle        # the unlabeled faces with true identities
-    python benchmarks/shallow_data.py --from-json docs/shallow_data/results.json   # replot only
+Protocol, per training seed:
+  1. ``pretrain``: ArcFace on the deep split from scratch.
+  2. ``generator``: the feature VAE on that checkpoint (a second, residual one for that variant).
+  3. Continuations from the same weights, same steps, same lr schedule, same labeled batches (the
+     batch order depends only on the seed) and the same labeled-feature dropout (``Plan.dropout``,
+     not tuned, the same value for every arm):
+       baseline    ``baseline``: the pretrained model continued on the deep faces alone
+       virclass    the shallow faces as virtual classes
+       virface:*   VirFace variants (``VIRFACE_VARIANTS``), shallow faces as virtual classes plus
+                   generated virtual instances
+       oracle      the shallow faces WITH their true identities as 2,000 more classes, batched
+                   like VirFace (deep + shallow halves per step, ``StageData.labeled_split``); their
+                   head rows start at their mean feature (how virtual classes start), so the
+                   oracle is the ceiling of what the shallow faces could add.
+  Every epoch is scored on the validation AND test pairs (10-fold accuracy). Per run, the epoch
+  with the best validation accuracy on the hardest pair set (synth_cfp_fp) is chosen; the best
+  VirFace variant is the one with the best mean of that over seeds. Test figures are read at the
+  chosen epoch of the chosen variant and never compared while choosing. Gains are paired
+  differences to the baseline of the same seed, in points, on the hardest test pair set.
 
-Writes ``results.json`` (every run: config, final metrics, per-epoch training losses, wall time),
-``table.md`` and ``methods.png``, ``gen_num.png``, ``unlabeled.png`` into ``--out``
-(default docs/shallow_data) and prints the tables; ``--diagnostics`` / ``--oracle`` write
-``diagnostics.{json,md}`` / ``oracle.{json,md}`` there instead.
+    python benchmarks/shallow_data.py              # full: 5 seeds, 2 processes, <= 45 min on 2 cores
+    python benchmarks/shallow_data.py --gpu        # larger data on CUDA, plain torch (no Ray)
+    python benchmarks/shallow_data.py --smoke      # tiny data, 1-step epochs; what the test runs
+    python benchmarks/shallow_data.py --from-json docs/shallow_data/results.json   # tables again
+
+Writes ``results.json`` (plan, every run's per-epoch validation and test metrics and losses, wall
+times, machine), ``summary.json`` (the schema of docs/RESULTS.md), ``table.md`` and
+``gains.png`` into ``--out`` (default docs/shallow_data) and prints the tables. Nothing here
+imports Ray or Optuna.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,35 +56,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from virface.config import TrainConfig  # noqa: E402
+from virface.config import TEST_PREFIX, TrainConfig  # noqa: E402
 from virface.data.loading import StageData  # noqa: E402
 from virface.data.sources import ArraySource  # noqa: E402
+from virface.data.synthetic import PAIR_SET_NAMES as PAIR_SETS  # noqa: E402
+from virface.fileio import write_text_atomic  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from virface.data.synthetic import PAIR_SET_NAMES as PAIR_SETS  # noqa: E402
-METHODS = ("baseline", "virclass", "virface_alternate", "virface_joint")
-METHOD_LABELS = {"pretrain_start": "start (pretrain checkpoint)",
-                 "baseline": "ArcFace baseline (labeled only)",
-                 "virclass": "VirClass",
-                 "virface_alternate": "VirFace, alternate",
-                 "virface_joint": "VirFace, joint"}
-UNLABELED_SUBSET_SEED = 12345     # which unlabeled identities a fraction keeps: fixed, not per seed
+HARDEST = "synth_cfp_fp"
+SELECT_ON = f"{HARDEST}_acc"                      # validation metric every choice reads
+REPORT_ON = f"{TEST_PREFIX}{HARDEST}_acc"         # the test metric the gains are about
+
+# VirFace variants: (overrides of the continuation, generator kind it starts from, label).
+VIRFACE_VARIANTS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "alternate": ({"optim_mode": "alternate"}, "plain", "reference path: G step, then backbone/W step"),
+    "joint": ({"optim_mode": "joint", "gen_target_grad": True}, "plain",
+              "reference joint mode exactly: one optimiser, the MSE also pulls W"),
+    "warmup": ({"optim_mode": "alternate", "vi_weight": 0.5, "vi_warmup_epochs": 3.0}, "plain",
+               "L_vi x 0.5, ramped up over 3 epochs"),
+    "to_backbone": ({"optim_mode": "alternate", "vi_to_backbone": True}, "plain",
+                    "not the reference's: L_vi reaches the backbone through the frozen G"),
+    "residual": ({"optim_mode": "alternate"}, "residual", "not the reference's: residual G (u -> u + delta)"),
+}
 
 
 @dataclass
 class Plan:
-    """One benchmark size. Hyperparameters are the same for every method; see the module doc."""
+    """One benchmark size. Every setting is the same for every arm; see the module doc."""
 
     name: str
     synthetic: dict[str, Any]
     seeds: tuple[int, ...]
     pretrain_epochs: int
+    pretrain_decay_epochs: tuple[int, ...]
     generator_epochs: int
     continue_epochs: int
-    continue_decay_epochs: tuple[int, ...]    # lr x gamma after these continuation epochs
-    ablation_seeds: tuple[int, ...]
-    gen_nums: tuple[int, ...] = (0, 1, 5, 10)
-    unlabeled_percents: tuple[int, ...] = (0, 25, 50, 100)
+    continue_decay_epochs: tuple[int, ...]     # lr x gamma after these continuation epochs
+    variants: tuple[str, ...] = tuple(VIRFACE_VARIANTS)
+    processes: int = 2                         # runs at once (each with its own torch threads)
+    steps_per_epoch: int | None = None         # None: one pass over the deep split per epoch
     label_batch_size: int = 64
     unlabel_batch_size: int = 64
     pretrain_lr: float = 0.1
@@ -85,72 +104,78 @@ class Plan:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     s: float = 32.0
-    m: float = 0.3
-    dropout: float = 0.5          # labeled-feature dropout of virclass/virface (the reference's)
+    m: float = 0.4
+    dropout: float = 0.0          # labeled-feature dropout of EVERY arm (baseline and oracle too)
     gen_num: int = 5
     KL: float = 2.0
     L2: float = 5e3
     arch: str = "mobilefacenet_s"
-    feat_len: int = 512
-    steps_per_epoch: int | None = None   # None: ceil(labeled / label_batch_size), one labeled pass
+    feat_len: int = 256
+    device: str = "cpu"
+    arms: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self):
+        self.arms = ("baseline", "virclass", *(f"virface:{v}" for v in self.variants), "oracle")
 
 
 PLANS = {
     "full": Plan(
         name="full",
-        synthetic=dict(image_size=32, seed=0, n_labeled_ids=100, images_per_labeled_id=20,
+        synthetic=dict(image_size=32, seed=0, n_labeled_ids=50, images_per_labeled_id=40,
                        n_unlabeled_ids=2000, unlabeled_images_per_id=(1, 3), n_val_ids=400,
-                       val_pairs=2000),
-        seeds=(0, 1, 2), pretrain_epochs=15, generator_epochs=15, continue_epochs=10,
-        continue_decay_epochs=(6, 8), ablation_seeds=(0, 1, 2)),
-    "quick": Plan(
-        name="quick",
-        synthetic=dict(image_size=32, seed=0, n_labeled_ids=50, images_per_labeled_id=10,
-                       n_unlabeled_ids=500, unlabeled_images_per_id=(1, 3), n_val_ids=100,
-                       val_pairs=600),
-        seeds=(0,), pretrain_epochs=6, generator_epochs=6, continue_epochs=3,
-        continue_decay_epochs=(2,), ablation_seeds=(0,)),
+                       val_pairs=3000, n_test_ids=400, test_pairs=3000),
+        seeds=(0, 1, 2, 3, 4), pretrain_epochs=20, pretrain_decay_epochs=(12, 17), generator_epochs=10,
+        continue_epochs=12, continue_decay_epochs=(7, 10)),
+    "gpu": Plan(
+        name="gpu",
+        synthetic=dict(image_size=32, seed=0, n_labeled_ids=200, images_per_labeled_id=40,
+                       n_unlabeled_ids=10000, unlabeled_images_per_id=(1, 3), n_val_ids=1000,
+                       val_pairs=6000, n_test_ids=1000, test_pairs=6000),
+        seeds=(0, 1, 2, 3, 4), pretrain_epochs=20, pretrain_decay_epochs=(12, 17), generator_epochs=10,
+        continue_epochs=12, continue_decay_epochs=(7, 10), processes=1, label_batch_size=128,
+        unlabel_batch_size=128, arch="mobilefacenet", feat_len=512, device="cuda"),
     "smoke": Plan(
         name="smoke",
         synthetic=dict(image_size=16, seed=0, n_labeled_ids=6, images_per_labeled_id=4,
                        n_unlabeled_ids=12, unlabeled_images_per_id=(1, 2), n_val_ids=20,
-                       val_pairs=40),
-        seeds=(0,), pretrain_epochs=1, generator_epochs=1, continue_epochs=1,
-        continue_decay_epochs=(), ablation_seeds=(0,), gen_nums=(0, 5), unlabeled_percents=(0, 50, 100),
+                       val_pairs=40, n_test_ids=20, test_pairs=40),
+        seeds=(0, 1), pretrain_epochs=1, pretrain_decay_epochs=(), generator_epochs=1,
+        continue_epochs=2, continue_decay_epochs=(), variants=("alternate", "residual"),
         label_batch_size=8, unlabel_batch_size=8, feat_len=64, steps_per_epoch=1),
 }
 
 
 # ---------------------------------------------------------------------------------------- data
 
-def build_data(plan: Plan, cache_dir: str) -> tuple[StageData, Any]:
-    """The plan's synthetic faces as StageData (all unlabeled faces), and the SyntheticFaces."""
+def load_faces(plan: Plan, cache_dir: str):
     from virface.data.synthetic import SyntheticSpec, load_synthetic
 
-    spec = SyntheticSpec.from_dict(plan.synthetic)
-    faces = load_synthetic(spec, cache_dir=cache_dir)
-    return StageData(faces.labeled, faces.unlabeled, dict(faces.pair_sets), spec.image_size), faces
+    return load_synthetic(SyntheticSpec.from_dict(plan.synthetic), cache_dir=cache_dir)
 
 
-def unlabeled_subset(data: StageData, percent: int) -> StageData:
-    """Keep ``percent`` % of the unlabeled identities (all images of each kept one), so the
-    subset stays shallow; the kept identities are nested (25 % is inside 50 %) and fixed."""
-    source = data.unlabeled
-    n_ids = source.num_classes
-    order = np.random.default_rng(UNLABELED_SUBSET_SEED).permutation(n_ids)
-    keep_ids = order[:max(1, round(n_ids * percent / 100))]
-    indices = np.flatnonzero(np.isin(source.labels, keep_ids))
-    return dataclasses.replace(data, unlabeled=source.subset(indices, f"{source.name}[{percent}%]"))
+def stage_data(faces) -> StageData:
+    return StageData(faces.labeled, faces.unlabeled, dict(faces.pair_sets), faces.spec.image_size,
+                     test_pair_sets=dict(faces.test_pair_sets))
 
 
-# --------------------------------------------------------------------------------- evaluation
+def oracle_data(faces) -> StageData:
+    """Deep then shallow images, all with their true identities, batched like VirFace's."""
+    deep, shallow = faces.labeled, faces.unlabeled
+    union = ArraySource(np.concatenate([deep.images, shallow.images]),
+                        np.concatenate([deep.classes[deep.labels], shallow.classes[shallow.labels]]),
+                        "synthetic:deep+shallow(true ids)")
+    return StageData(union, None, dict(faces.pair_sets), faces.spec.image_size,
+                     test_pair_sets=dict(faces.test_pair_sets), labeled_split=len(deep))
 
-def evaluate_checkpoint(path: str, data: StageData) -> dict[str, float]:
-    """10-fold verification of the backbone saved in ``path`` on every pair set of ``data``."""
-    from virface.checkpoint import load_backbone
-    from virface.evaluation.verification import evaluate_pair_sets
 
-    return evaluate_pair_sets(load_backbone(path)[0], data.pair_sets)
+def check_roles_apart(faces) -> dict[str, int]:
+    """No identity serves two roles: training, validation pairs and test pairs are disjoint."""
+    train = set(faces.labeled.classes.tolist()) | set(faces.unlabeled.classes.tolist())
+    val = {int(i) for ids in faces.val_identities.values() for i in ids}
+    test = {int(i) for ids in faces.test_identities.values() for i in ids}
+    if train & val or train & test or val & test:
+        raise RuntimeError("synthetic faces: an identity serves two roles (training/val/test)")
+    return {"train_ids": len(train), "val_ids": len(val), "test_ids": len(test)}
 
 
 # ------------------------------------------------------------------------------------ training
@@ -161,466 +186,302 @@ def base_config(plan: Plan, seed: int, steps_per_epoch: int) -> TrainConfig:
         gen_num=plan.gen_num, KL=plan.KL, L2=plan.L2, label_batch_size=plan.label_batch_size,
         unlabel_batch_size=plan.unlabel_batch_size, steps_per_epoch=steps_per_epoch,
         momentum=plan.momentum, weight_decay=plan.weight_decay, gamma=plan.gamma,
-        synthetic=plan.synthetic, eval=False, tensorboard=False, device="cpu", seed=seed,
-        loader_workers=0)
+        synthetic=plan.synthetic, eval=False, tensorboard=False, device=plan.device, seed=seed,
+        loader_workers=0, log_every=0)
 
 
-def train_history(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Per-epoch training figures (losses, lr, throughput) of a run, rounded for the JSON."""
-    keep = ("epoch", "loss", "loss_arcface", "loss_vc", "loss_vi", "gen_mse", "gen_kl", "gen_loss",
-            "lr", "steps", "samples_per_s", "epoch_time_s")
-    return [{k: (round(h[k], 6) if isinstance(h[k], float) else h[k]) for k in keep if k in h}
-            for h in history]
+def steps_per_epoch(plan: Plan) -> int:
+    s = plan.synthetic
+    return plan.steps_per_epoch or math.ceil(s["n_labeled_ids"] * s["images_per_labeled_id"]
+                                             / plan.label_batch_size)
 
 
-class Runner:
-    """Runs stages into numbered folders under ``work`` and keeps one record per run."""
-
-    def __init__(self, plan: Plan, data: StageData, work: str, log=print):
-        self.plan, self.data, self.work, self.log = plan, data, work, log
-        self.steps_per_epoch = plan.steps_per_epoch or math.ceil(len(data.labeled) / plan.label_batch_size)
-        self.records: list[dict[str, Any]] = []
-        self._n = 0
-
-    def stage(self, name: str, config: TrainConfig, data: StageData) -> tuple[Any, float]:
-        from virface.stages import run_stage
-
-        self._n += 1
-        run_dir = os.path.join(self.work, f"{self._n:03d}-{name}")
-        start = time.perf_counter()
-        result = run_stage(config, run_dir, data=data, keep_epoch_checkpoints=False)
-        return result, time.perf_counter() - start
-
-    def record(self, kind: str, seed: int, config: TrainConfig, result, wall_s: float,
-               data: StageData, **extra) -> dict[str, Any]:
-        start = time.perf_counter()
-        final = evaluate_checkpoint(result.last_checkpoint, data)
-        rec = {"kind": kind, "seed": seed, **extra, "final": final,
-               "train": train_history(result.history), "train_wall_s": round(wall_s, 2),
-               "eval_wall_s": round(time.perf_counter() - start, 2),
-               "config": {k: v for k, v in config.to_dict().items()
-                          if k in ("method", "optim_mode", "lr", "g_lr", "decay_steps", "max_epoch",
-                                   "gen_num", "dropout", "s", "m", "KL", "L2",
-                                   "label_batch_size", "unlabel_batch_size", "steps_per_epoch",
-                                   "momentum", "weight_decay", "seed")},
-               "n_unlabeled_images": len(data.unlabeled) if config.uses_unlabeled else 0,
-               "checkpoint": result.last_checkpoint}
-        self.records.append(rec)
-        accs = " ".join(f"{n[6:]}={final[n + '_acc']:.4f}" for n in PAIR_SETS if n + "_acc" in final)
-        self.log(f"  seed {seed} {kind:<18} {_extra_text(extra):<16} {accs}  "
-                 f"(train {wall_s:.0f} s, eval {rec['eval_wall_s']:.0f} s)")
-        return rec
-
-    def run_starts(self, seed: int) -> dict[str, str]:
-        """Pretrain and generator for one seed; returns their final checkpoints."""
-        plan, data = self.plan, self.data
-        cfg = base_config(plan, seed, self.steps_per_epoch)
-        pre_cfg = cfg.replace(method="pretrain", lr=plan.pretrain_lr, max_epoch=plan.pretrain_epochs,
-                              decay_steps=(plan.pretrain_epochs + 1,))     # no decay in pretrain
-        pre, wall = self.stage(f"seed{seed}-pretrain", pre_cfg, data)
-        self.record("pretrain_start", seed, pre_cfg, pre, wall, data)
-
-        gen_cfg = cfg.replace(method="generator", lr=plan.generator_lr, max_epoch=plan.generator_epochs,
-                              decay_steps=(plan.generator_epochs + 1,), pretrained_file=pre.last_checkpoint)
-        gen, gen_wall = self.stage(f"seed{seed}-generator", gen_cfg, data)
-        last = gen.history[-1]
-        self.records.append({"kind": "generator", "seed": seed, "train": train_history(gen.history),
-                             "train_wall_s": round(gen_wall, 2)})
-        self.log(f"  seed {seed} generator          gen_mse={last['gen_mse']:.3g} "
-                 f"(mean cos(G(x), W_y) = {1 - last['gen_mse'] * plan.feat_len / 2:.3f}) "
-                 f"gen_kl={last['gen_kl']:.3g} (train {gen_wall:.0f} s)")
-        return {"pretrain": pre.last_checkpoint, "generator": gen.last_checkpoint}
-
-    def run_seed(self, seed: int) -> dict[str, str]:
-        """Pretrain, generator and the four methods for one seed; returns the start checkpoints."""
-        starts = self.run_starts(seed)
-        for kind in METHODS:
-            self.continuation(kind, seed, starts)
-        return starts
-
-    def continuation_config(self, kind: str, seed: int, starts: dict[str, str], **overrides) -> TrainConfig:
-        plan = self.plan
-        cfg = base_config(plan, seed, self.steps_per_epoch).replace(
-            lr=plan.continue_lr, max_epoch=plan.continue_epochs,
-            decay_steps=plan.continue_decay_epochs or (plan.continue_epochs + 1,))
-        if kind == "baseline":
-            cfg = cfg.replace(method="pretrain", pretrained_file=starts["pretrain"])
-        elif kind == "virclass":
-            cfg = cfg.replace(method="virclass", pretrained_file=starts["pretrain"])
-        else:
-            cfg = cfg.replace(method="virface", optim_mode=kind.split("_", 1)[1],
-                              pretrained_file=starts["generator"])
-        return cfg.replace(**overrides)
-
-    def continuation(self, kind: str, seed: int, starts: dict[str, str], data: StageData | None = None,
-                     extra: dict[str, Any] | None = None, **overrides) -> dict[str, Any]:
-        data = data or self.data
-        cfg = self.continuation_config(kind, seed, starts, **overrides)
-        tag = "-".join(f"{k}{v}" for k, v in (extra or {}).items())
-        result, wall = self.stage(f"seed{seed}-{kind}{'-' + tag if tag else ''}", cfg, data)
-        return self.record(kind, seed, cfg, result, wall, data, **(extra or {}))
-
-    def run_ablations(self, seed: int, starts: dict[str, str]) -> None:
-        """VirFace alternate over gen_num and over the unlabeled fraction. The plan's own gen_num
-        at 100 % is the main run of this seed, and 0 % unlabeled is its baseline run; both are
-        reused, not rerun."""
-        for gen_num in self.plan.gen_nums:
-            if gen_num != self.plan.gen_num:
-                self.continuation("virface_alternate", seed, starts, extra={"gen_num": gen_num},
-                                  gen_num=gen_num)
-        for percent in self.plan.unlabeled_percents:
-            if percent not in (0, 100):
-                self.continuation("virface_alternate", seed, starts,
-                                  data=unlabeled_subset(self.data, percent),
-                                  extra={"unlabeled_percent": percent})
-
-
-def _extra_text(extra: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in extra.items())
-
-
-# --------------------------------------------------------------------------------- diagnostics
-# Not part of the benchmark: variants and measurements that explain its numbers. Each variant
-# changes one thing against the main protocol and runs next to its own reference runs.
-
-DIAGNOSTIC_VARIANTS = (
-    # (name, kind, overrides): the main runs first, then one change each.
-    ("baseline", "baseline", {}),
-    ("virclass", "virclass", {}),
-    ("virface_alternate", "virface_alternate", {}),
-    ("virclass, dropout 0", "virclass", {"dropout": 0.0}),
-    ("virface_alternate, dropout 0", "virface_alternate", {"dropout": 0.0}),
-    ("baseline, lr 0.01", "baseline", {"lr": 0.01}),
-    ("virclass, lr 0.01", "virclass", {"lr": 0.01}),
-    ("virface_alternate, lr 0.01", "virface_alternate", {"lr": 0.01}),
-)
-
-
-@torch.no_grad()
-def virtual_geometry(path: str, data: StageData, plan: Plan, generator_path: str | None = None,
-                     n_labeled: int = 512, n_batches: int = 8, seed: int = 0) -> dict[str, float]:
-    """Where the labeled features, virtual classes and virtual instances sit, for the weights in
-    ``path`` (backbone in eval mode). Cosines are between L2-normalised vectors; U =
-    ``plan.unlabel_batch_size`` unlabeled faces form one batch of virtual classes, as in training.
-
-    Returns means over labeled samples / virtual instances of:
-      cos_x_Wy          cos(x, W_y): how well features sit on their class weight (G's target)
-      max_cos_x_Wneg    the hardest real negative, max over j != y of cos(x, W_j)
-      max_cos_x_virtual the hardest virtual negative, max over the U virtual centres of cos(x, u)
-      virtual_softmax   softmax mass (scale s, no margin) on the U virtual classes among C + U
-      ce_arcface / ce_virclass   the ArcFace CE of x against W, and against [W; u] (no dropout)
-    and, with a generator (``generator_path``, or the one in ``path``): gen_num instances per u,
-      cos_Gx_Wy         labeled x: cos(G's instance of x, W_y), what G is trained for
-      cos_Gx_x          labeled x: cos(G's instance of x, x)
-      cos_inst_own      cos(instance, its own centre u)
-      max_cos_inst_W    cos(instance, nearest labeled class weight)
-      own_top1          fraction of instances whose nearest centre among [W; u] is their own
-      ce_virinstance    the VirInstance CE (the loss_vi of training, without the randomness of G)
-    """
-    from virface.checkpoint import load_backbone, load_checkpoint, load_module_state, model_meta
-    from virface.data.images import normalize_pixels
-    from virface.generator import FeatureVAE
-    from virface.heads import virclass_logits, virinstance_logits
-
-    backbone, state = load_backbone(path)
-    meta = model_meta(state, path)
-    weight = state["head"]["weight"].float()
-    gen_state = load_checkpoint(generator_path)["generator"] if generator_path else state.get("generator")
-    generator = None
-    if gen_state is not None:
-        generator = FeatureVAE(meta["feat_len"])
-        load_module_state(generator, gen_state, "generator", generator_path or path)
-        generator.eval()
-
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-
-    def embed(source, idx):
-        x = normalize_pixels(torch.from_numpy(source.images[np.sort(idx)]).permute(0, 3, 1, 2))
-        return backbone(x), torch.from_numpy(source.labels[np.sort(idx)])
-
-    lab_idx = rng.choice(len(data.labeled), min(n_labeled, len(data.labeled)), replace=False)
-    x, y = embed(data.labeled, lab_idx)
-    u_batch = plan.unlabel_batch_size
-    n_u = min(len(data.unlabeled), n_batches * u_batch)
-    u, _ = embed(data.unlabeled, rng.choice(len(data.unlabeled), n_u, replace=False))
-    xn, wn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(weight, dim=1)
-    cos_w = xn @ wn.t()
-    out = {"cos_x_Wy": float(cos_w.gather(1, y[:, None]).mean()),
-           "max_cos_x_Wneg": float(cos_w.scatter(1, y[:, None], -2.0).amax(1).mean())}
-    ce = torch.nn.functional.cross_entropy
-    from virface.heads import arcface_margin_logits
-    out["ce_arcface"] = float(ce(arcface_margin_logits(cos_w, y, plan.s, plan.m), y))
-    if generator is not None:
-        gx = generator.sample(xn, 1)
-        out["cos_Gx_Wy"] = float((gx * wn[y]).sum(1).mean())
-        out["cos_Gx_x"] = float((gx * xn).sum(1).mean())
-    sums = {k: [] for k in ("max_cos_x_virtual", "virtual_softmax", "ce_virclass", "cos_inst_own",
-                            "max_cos_inst_W", "own_top1", "ce_virinstance")}
-    n_classes = weight.shape[0]
-    for b in range(0, n_u - u_batch + 1, u_batch):
-        ub = u[b:b + u_batch]
-        logits = virclass_logits(x, y, weight, ub, plan.s, plan.m)
-        cos_u = xn @ torch.nn.functional.normalize(ub, dim=1).t()
-        sums["max_cos_x_virtual"].append(float(cos_u.amax(1).mean()))
-        plain = torch.softmax(plan.s * torch.cat([cos_w, cos_u], 1), dim=1)
-        sums["virtual_softmax"].append(float(plain[:, n_classes:].sum(1).mean()))
-        sums["ce_virclass"].append(float(ce(logits, y)))
-        if generator is not None and plan.gen_num:
-            un = torch.nn.functional.normalize(ub, dim=1)
-            inst = generator.sample(un, plan.gen_num)
-            own = un.repeat(plan.gen_num, 1)
-            sums["cos_inst_own"].append(float((inst * own).sum(1).mean()))
-            sums["max_cos_inst_W"].append(float((inst @ wn.t()).amax(1).mean()))
-            logits_vi, target = virinstance_logits(inst, weight, ub, plan.gen_num, plan.s, plan.m)
-            all_cos = inst @ torch.cat([wn, un]).t()
-            sums["own_top1"].append(float((all_cos.argmax(1) == target).float().mean()))
-            sums["ce_virinstance"].append(float(ce(logits_vi, target)))
-    out.update({k: float(np.mean(v)) for k, v in sums.items() if v})
-    return out
-
-
-def run_diagnostics(runner: "Runner", seeds: tuple[int, ...]) -> dict[str, Any]:
-    """The DIAGNOSTIC_VARIANTS per seed, with geometry at the start and end of the main runs."""
-    plan, data = runner.plan, runner.data
-    rows: list[dict[str, Any]] = []
-    geometry: list[dict[str, Any]] = []
-    for seed in seeds:
-        starts = runner.run_starts(seed)
-        geometry.append({"seed": seed, "at": "start (generator checkpoint)",
-                         **virtual_geometry(starts["generator"], data, plan)})
-        for name, kind, overrides in DIAGNOSTIC_VARIANTS:
-            rec = runner.continuation(kind, seed, starts, extra={"variant": name}, **overrides)
-            rows.append(rec)
-            if not overrides and kind != "baseline":
-                geometry.append({"seed": seed, "at": f"end of {kind}", **virtual_geometry(
-                    rec["checkpoint"], data, plan, generator_path=(
-                        starts["generator"] if kind == "virclass" else None))})
-    return {"variants": rows, "geometry": geometry}
-
-
-def run_oracle(runner: "Runner", seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Does this data reward seeing more identities at all? The unlabeled faces WITH their true
-    identities join the labeled ones (100 + 2000 classes) in plain ArcFace, pretrain and
-    continuation as in the main protocol but with batch 128 (VirFace's 64 + 64 images per step);
-    the control is the same on the labeled faces alone. Both from scratch, same steps and lr."""
-    plan, data = runner.plan, runner.data
-    lab, unl = data.labeled, data.unlabeled
-    union = ArraySource(np.concatenate([lab.images, unl.images]),
-                        np.concatenate([lab.classes[lab.labels], unl.classes[unl.labels]]),
-                        "synthetic:labeled+unlabeled(true ids)")
-    batch = plan.label_batch_size + plan.unlabel_batch_size
+def epoch_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch figures of a run (losses, lr, validation and test metrics), rounded."""
+    keep = ("epoch", "loss", "loss_arcface", "loss_vc", "loss_vi", "gen_mse", "gen_kl", "lr", "steps",
+            "epoch_time_s")
     rows = []
-    for seed in seeds:
-        for name, labeled in (("control: labeled only, batch 128", lab), ("oracle: labeled + unlabeled with true ids, batch 128", union)):
-            d = dataclasses.replace(data, labeled=labeled, unlabeled=None)
-            cfg = base_config(plan, seed, runner.steps_per_epoch).replace(label_batch_size=batch)
-            pre_cfg = cfg.replace(method="pretrain", lr=plan.pretrain_lr, max_epoch=plan.pretrain_epochs,
-                                  decay_steps=(plan.pretrain_epochs + 1,))
-            pre, wall = runner.stage(f"seed{seed}-oracle-pretrain", pre_cfg, d)
-            runner.record("pretrain_start", seed, pre_cfg, pre, wall, d, variant=name)
-            cont_cfg = cfg.replace(method="pretrain", lr=plan.continue_lr, max_epoch=plan.continue_epochs,
-                                   decay_steps=plan.continue_decay_epochs or (plan.continue_epochs + 1,),
-                                   pretrained_file=pre.last_checkpoint)
-            cont, wall = runner.stage(f"seed{seed}-oracle-continue", cont_cfg, d)
-            rows.append(runner.record("baseline", seed, cont_cfg, cont, wall, d, variant=name,
-                                      n_classes=int(labeled.num_classes)))
+    for h in history:
+        row = {k: h[k] for k in keep if k in h}
+        row.update({k: v for k, v in h.items() if k.endswith("_acc") or k.endswith("_tar_far1e-3")})
+        rows.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
     return rows
 
 
-def oracle_table(rows: list[dict[str, Any]], main_baseline: dict[str, Any] | None) -> str:
-    out = ["Oracle: final-epoch accuracy % (mean ± std over seeds), after pretrain + continuation",
-           "", "| run | classes | synth_lfw | synth_cfp_ff | synth_cfp_fp |", "|---|---|---|---|---|"]
-    if main_baseline:
-        out.append("| main-table ArcFace baseline (batch 64) | 100 | "
-                   + " | ".join(_fmt(main_baseline[f"{p}_acc"]) for p in PAIR_SETS) + " |")
-    for name in dict.fromkeys(r["variant"] for r in rows):
-        recs = [r for r in rows if r["variant"] == name]
-        out.append(f"| {name} | {recs[0]['n_classes']} | "
-                   + " | ".join(_fmt(_mean_std([r["final"][f"{p}_acc"] for r in recs])) for p in PAIR_SETS) + " |")
-    return "\n".join(out) + "\n"
+def chosen_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the best validation accuracy on the hardest pair set (the earliest on a tie):
+    what best.pt holds. Test metrics play no part."""
+    return max(epochs, key=lambda e: (e[SELECT_ON], -e["epoch"]))
 
 
-def diagnostics_tables(diag: dict[str, Any]) -> str:
-    variants = [name for name, _, _ in DIAGNOSTIC_VARIANTS]
-    out = ["Diagnostic variants: final-epoch accuracy %, and the last epoch's training losses "
-           "(mean ± std over seeds)", "",
-           "| variant | synth_lfw | synth_cfp_ff | synth_cfp_fp | loss (CE of labeled) | loss_vi |",
-           "|---|---|---|---|---|---|"]
-    for name in variants:
-        recs = [r for r in diag["variants"] if r["variant"] == name]
-        accs = [_fmt(_mean_std([r["final"][f"{p}_acc"] for r in recs])) for p in PAIR_SETS]
-        ce_key = "loss_arcface" if recs[0]["kind"] == "baseline" else "loss_vc"
-        ce = _mean_std([r["train"][-1][ce_key] for r in recs])
-        vi = [r["train"][-1]["loss_vi"] for r in recs if "loss_vi" in r["train"][-1]]
-        vi_text = f"{np.mean(vi):.2f}" if vi else "-"
-        out.append(f"| {name} | " + " | ".join(accs) + f" | {ce['mean']:.2f} ({ce_key}) | {vi_text} |")
-    keys = [k for k in diag["geometry"][0] if k not in ("seed", "at")]
-    out += ["", "Geometry (backbone in eval mode; means over seeds)", "",
-            "| at | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for at in dict.fromkeys(g["at"] for g in diag["geometry"]):
-        gs = [g for g in diag["geometry"] if g["at"] == at]
-        cells = [f"{np.mean([g[k] for g in gs if k in g]):.3f}" if any(k in g for g in gs) else "-"
-                 for k in keys]
-        out.append(f"| {at} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+class Worker:
+    """Runs one job of the plan in a process of the pool: data from the cache, one torch thread."""
+
+    def __init__(self, plan: Plan, cache: str, work: str, threads: int):
+        self.plan, self.cache, self.work, self.threads = plan, cache, work, threads
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        torch.set_num_threads(self.threads)
+        faces = load_faces(self.plan, self.cache)
+        start = time.perf_counter()
+        if job["kind"] == "starts":
+            record = run_starts(self.plan, faces, job["seed"], self.work, job["generators"])
+        else:
+            record = run_arm(self.plan, faces, job["arm"], job["seed"], job["starts"], self.work)
+        record["wall_s"] = round(time.perf_counter() - start, 1)
+        return record
+
+
+def _stage(config: TrainConfig, run_dir: str, data: StageData):
+    from virface.stages import run_stage
+
+    return run_stage(config, run_dir, data=data, keep_epoch_checkpoints=False)
+
+
+def run_starts(plan: Plan, faces, seed: int, work: str, generators: list[str]) -> dict[str, Any]:
+    """Pretrain, then each generator kind needed, for one seed; the checkpoints the arms start from."""
+    data = stage_data(faces)
+    cfg = base_config(plan, seed, steps_per_epoch(plan))
+    pre_cfg = cfg.replace(method="pretrain", lr=plan.pretrain_lr, max_epoch=plan.pretrain_epochs,
+                          decay_steps=plan.pretrain_decay_epochs or (plan.pretrain_epochs + 1,))
+    pre = _stage(pre_cfg, os.path.join(work, f"seed{seed}", "pretrain"), data)
+    starts = {"pretrain": pre.last_checkpoint}
+    losses = {"pretrain_loss": round(pre.history[-1]["loss"], 4)}
+    for kind in generators:
+        gen_cfg = cfg.replace(method="generator", lr=plan.generator_lr, max_epoch=plan.generator_epochs,
+                              decay_steps=(plan.generator_epochs + 1,), pretrained_file=pre.last_checkpoint,
+                              gen_residual=kind == "residual")
+        gen = _stage(gen_cfg, os.path.join(work, f"seed{seed}", f"generator-{kind}"), data)
+        starts[f"generator:{kind}"] = gen.last_checkpoint
+        losses[f"generator_{kind}_mse"] = round(gen.history[-1]["gen_mse"], 6)
+    starts["oracle"] = write_oracle_start(pre.last_checkpoint, faces, os.path.join(work, f"seed{seed}"),
+                                          plan.device)
+    return {"kind": "starts", "seed": seed, "starts": starts, **losses}
+
+
+@torch.no_grad()
+def write_oracle_start(pretrain_path: str, faces, folder: str, device: str) -> str:
+    """The pretrain checkpoint with one more head row per shallow identity, at that identity's
+    L2-normalised mean feature (virtual classes start at their features the same way)."""
+    from virface.checkpoint import load_backbone, load_checkpoint, save_checkpoint
+    from virface.data.images import normalize_pixels
+
+    backbone, _ = load_backbone(pretrain_path, device=device)
+    state = load_checkpoint(pretrain_path)
+    shallow = faces.unlabeled
+    feats = []
+    for i in range(0, len(shallow), 256):
+        x = torch.from_numpy(shallow.images[i:i + 256]).permute(0, 3, 1, 2).to(device)
+        feats.append(torch.nn.functional.normalize(backbone(normalize_pixels(x)), dim=1).cpu())
+    feats = torch.cat(feats)
+    labels = torch.from_numpy(shallow.labels.astype(np.int64))
+    n_new = int(shallow.num_classes)
+    means = torch.zeros(n_new, feats.shape[1]).index_add_(0, labels, feats)
+    weight = state["head"]["weight"]
+    rows = torch.nn.functional.normalize(means, dim=1) * weight.norm(dim=1).mean()
+    state["head"]["weight"] = torch.cat([weight, rows.to(weight.dtype)])
+    n_ids = int(weight.shape[0]) + n_new
+    state["model"]["num_ids"] = n_ids
+    state["config"] = {**state.get("config", {}), "num_ids": n_ids}
+    for key in ("optimizers", "schedulers"):
+        state.pop(key, None)
+    path = os.path.join(folder, "oracle_start.pt")
+    save_checkpoint(state, path)
+    return path
+
+
+def arm_config(plan: Plan, arm: str, seed: int, starts: dict[str, str]) -> tuple[TrainConfig, str]:
+    cfg = base_config(plan, seed, steps_per_epoch(plan)).replace(
+        lr=plan.continue_lr, max_epoch=plan.continue_epochs, eval=True,
+        decay_steps=plan.continue_decay_epochs or (plan.continue_epochs + 1,))
+    if arm == "baseline":
+        return cfg.replace(method="baseline", pretrained_file=starts["pretrain"]), "pretrain"
+    if arm == "oracle":
+        return cfg.replace(method="baseline", pretrained_file=starts["oracle"]), "oracle"
+    if arm == "virclass":
+        return cfg.replace(method="virclass", pretrained_file=starts["pretrain"]), "pretrain"
+    overrides, generator, _ = VIRFACE_VARIANTS[arm.split(":", 1)[1]]
+    start = f"generator:{generator}"
+    return cfg.replace(method="virface", pretrained_file=starts[start], **overrides), start
+
+
+def run_arm(plan: Plan, faces, arm: str, seed: int, starts: dict[str, str], work: str) -> dict[str, Any]:
+    cfg, start = arm_config(plan, arm, seed, starts)
+    data = oracle_data(faces) if arm == "oracle" else stage_data(faces)
+    result = _stage(cfg, os.path.join(work, f"seed{seed}", arm.replace(":", "-")), data)
+    epochs = epoch_rows(result.history)
+    return {"kind": "arm", "arm": arm, "seed": seed, "start": start, "epochs": epochs,
+            "chosen": chosen_epoch(epochs),
+            "config": {k: v for k, v in cfg.to_dict().items()
+                       if k in ("method", "optim_mode", "lr", "decay_steps", "max_epoch", "gen_num",
+                                "dropout", "s", "m", "KL", "L2", "vi_weight", "vi_warmup_epochs",
+                                "vi_to_backbone", "gen_target_grad", "label_batch_size",
+                                "unlabel_batch_size", "steps_per_epoch", "seed")}}
+
+
+def run_plan(plan: Plan, cache: str, work: str, threads: int, log=print) -> list[dict[str, Any]]:
+    """Every seed's starts, then every arm of every seed, ``plan.processes`` jobs at a time (in
+    this process when 1)."""
+    generators = sorted({VIRFACE_VARIANTS[v][1] for v in plan.variants})
+    worker = Worker(plan, cache, work, threads)
+    records: list[dict[str, Any]] = []
+    with job_pool(plan.processes) as pool:
+        start_jobs = [{"kind": "starts", "seed": s, "generators": generators} for s in plan.seeds]
+        starts = {}
+        for rec in pool.map(worker, start_jobs):
+            records.append(rec)
+            starts[rec["seed"]] = rec["starts"]
+            log(f"  seed {rec['seed']} pretrain + generator(s) {', '.join(generators)} "
+                f"({rec['wall_s']:.0f} s)")
+        jobs = [{"kind": "arm", "arm": arm, "seed": s, "starts": starts[s]}
+                for s in plan.seeds for arm in plan.arms]
+        futures = [pool.submit(worker, job) for job in jobs]
+        for fut in concurrent.futures.as_completed(futures):
+            rec = fut.result()
+            records.append(rec)
+            c = rec["chosen"]
+            log(f"  seed {rec['seed']} {rec['arm']:<22} epoch {c['epoch']:>2} chosen on val: "
+                f"val {HARDEST} {100 * c[SELECT_ON]:.2f}  test {100 * c[REPORT_ON]:.2f} "
+                f"({rec['wall_s']:.0f} s)")
+    return records
+
+
+def job_pool(processes: int) -> concurrent.futures.Executor:
+    """Spawned processes (a fresh torch each, one thread each); one process: this one."""
+    if processes > 1:
+        return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ThreadPoolExecutor(1)
 
 
 # ------------------------------------------------------------------------------------- summary
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def _mean_std(values: list[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "n": len(arr), "values": [float(v) for v in arr]}
-
-
-def _is_main_run(rec: dict[str, Any]) -> bool:
-    return "gen_num" not in rec and "unlabeled_percent" not in rec and "final" in rec
+            "values": [float(v) for v in arr]}
 
 
 def summarise(records: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    """Mean and sample std over seeds of every final metric: per method, and per ablation point."""
-    metrics = [f"{n}_{k}" for n in PAIR_SETS for k in ("acc", "tar_far1e-3")]
+    """Per arm: validation and test figures at the chosen epochs, over seeds; the VirFace variant
+    chosen on validation; paired test gains to the baseline, in points."""
+    arms = {r["arm"]: {} for r in records if r["kind"] == "arm"}
+    by = {(r["arm"], r["seed"]): r["chosen"] for r in records if r["kind"] == "arm"}
+    seeds = list(plan.seeds)
+    val_metrics = [f"{p}_acc" for p in PAIR_SETS]
+    test_metrics = [f"{TEST_PREFIX}{p}_acc" for p in PAIR_SETS]
+    for arm in arms:
+        arms[arm] = {m: _mean_std([by[arm, s][m] for s in seeds]) for m in val_metrics + test_metrics}
+        arms[arm]["epoch"] = [by[arm, s]["epoch"] for s in seeds]
+    variants = [a for a in arms if a.startswith("virface:")]
+    best_variant = max(variants, key=lambda a: arms[a][SELECT_ON]["mean"])   # validation only
 
-    def stats(recs):
-        return {m: _mean_std([r["final"][m] for r in recs]) for m in metrics}
+    def gain(arm: str, metric: str) -> dict[str, Any]:
+        st = _mean_std([100 * (by[arm, s][metric] - by["baseline", s][metric]) for s in seeds])
+        return {**st, "signs": "".join("+" if v > 0 else "-" if v < 0 else "0" for v in st["values"])}
 
-    main = {kind: stats([r for r in records if r["kind"] == kind and _is_main_run(r)])
-            for kind in ("pretrain_start", *METHODS)}
-    seeds = set(plan.ablation_seeds)
-
-    def ablation_point(seed: int, key: str, value: int) -> dict[str, Any]:
-        if key == "unlabeled_percent" and value == 0:
-            kind, main_run = "baseline", True
-        else:
-            kind = "virface_alternate"
-            main_run = value == (plan.gen_num if key == "gen_num" else 100)
-        return next(r for r in records if r["kind"] == kind and r["seed"] == seed
-                    and (_is_main_run(r) if main_run else r.get(key) == value))
-
-    gen_num = {str(g): stats([ablation_point(s, "gen_num", g) for s in sorted(seeds)])
-               for g in plan.gen_nums}
-    unlabeled = {str(p): stats([ablation_point(s, "unlabeled_percent", p) for s in sorted(seeds)])
-                 for p in plan.unlabeled_percents}
-    # Paired differences against the baseline of the same seed (same start, same labeled batches).
-    paired = {}
-    for kind in METHODS[1:]:
-        diffs = {}
-        for m in metrics:
-            d = []
-            for r in records:
-                if r["kind"] == kind and _is_main_run(r):
-                    b = next(x for x in records if x["kind"] == "baseline" and x["seed"] == r["seed"]
-                             and _is_main_run(x))
-                    d.append(r["final"][m] - b["final"][m])
-            diffs[m] = _mean_std(d)
-        paired[kind] = diffs
-    return {"methods": main, "paired_vs_baseline": paired, "gen_num": gen_num,
-            "unlabeled_percent": unlabeled, "ablation_seeds": sorted(seeds)}
+    gains = {arm: {"test": gain(arm, REPORT_ON), "val": gain(arm, SELECT_ON)}
+             for arm in arms if arm != "baseline"}
+    vc_vs = _mean_std([100 * (by[best_variant, s][REPORT_ON] - by["virclass", s][REPORT_ON]) for s in seeds])
+    oracle = gains["oracle"]["test"]["mean"]
+    return {"arms": arms, "best_variant": best_variant, "gains": gains,
+            "virface_minus_virclass": vc_vs,
+            "oracle_share": (gains[best_variant]["test"]["mean"] / oracle) if oracle > 0 else None}
 
 
-def _fmt(st: dict[str, float], scale: float = 100.0) -> str:
+def summary_json(summary: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """docs/shallow_data/summary.json, the schema docs/RESULTS.md describes."""
+    g = summary["gains"]
+    best = summary["best_variant"]
+    return {"seeds": len(plan.seeds), "select_on": list(PAIR_SETS),
+            "report_on": [f"{TEST_PREFIX}{p}" for p in PAIR_SETS], "hardest": HARDEST,
+            "oracle_gain": {"mean": g["oracle"]["test"]["mean"], "std": g["oracle"]["test"]["std"]},
+            "methods": {"virclass": {"gain_mean": g["virclass"]["test"]["mean"],
+                                     "gain_std": g["virclass"]["test"]["std"]},
+                        "virface": {"gain_mean": g[best]["test"]["mean"], "gain_std": g[best]["test"]["std"],
+                                    "variant": best.split(":", 1)[1]}},
+            "virface_minus_virclass": {"mean": summary["virface_minus_virclass"]["mean"],
+                                       "std": summary["virface_minus_virclass"]["std"]},
+            "oracle_share": summary["oracle_share"]}
+
+
+def _fmt(st: dict[str, Any], scale: float = 100.0) -> str:
     return f"{st['mean'] * scale:.2f} ± {st['std'] * scale:.2f}"
 
 
+def arm_label(arm: str) -> str:
+    if arm.startswith("virface:"):
+        name = arm.split(":", 1)[1]
+        return f"VirFace {name} ({VIRFACE_VARIANTS[name][2]})"
+    return {"baseline": "ArcFace baseline (deep faces only)", "virclass": "VirClass",
+            "oracle": "oracle (shallow faces with true labels)"}[arm]
+
+
 def markdown_tables(summary: dict[str, Any], plan: Plan) -> str:
-    n = summary["methods"]["baseline"]["synth_lfw_acc"]["n"]
-    head = ("| method | synth_lfw acc | synth_cfp_ff acc | synth_cfp_fp acc | "
-            "synth_lfw TAR | synth_cfp_ff TAR | synth_cfp_fp TAR |\n|---|---|---|---|---|---|---|")
-    out = [f"Final-epoch verification, % (mean ± std over {n} seed(s); TAR = TAR@FAR=1e-3)", "",
-           head]
-    for kind, st in summary["methods"].items():
-        cells = [_fmt(st[f"{p}_acc"]) for p in PAIR_SETS] + [_fmt(st[f"{p}_tar_far1e-3"]) for p in PAIR_SETS]
-        out.append(f"| {METHOD_LABELS[kind]} | " + " | ".join(cells) + " |")
-    out += ["", f"Difference to the baseline of the same seed, percentage points (mean ± std over {n} seed(s))",
-            "", head]
-    for kind, st in summary["paired_vs_baseline"].items():
-        cells = [_fmt(st[f"{p}_acc"]) for p in PAIR_SETS] + [_fmt(st[f"{p}_tar_far1e-3"]) for p in PAIR_SETS]
-        out.append(f"| {METHOD_LABELS[kind]} | " + " | ".join(cells) + " |")
-    k = len(summary["ablation_seeds"])
-    for key, title, unit in (("gen_num", "gen_num", ""), ("unlabeled_percent", "unlabeled identities kept", " %")):
-        out += ["", f"VirFace alternate, ablation over {title} (accuracy %, mean ± std over {k} seed(s))", "",
-                f"| {title} | synth_lfw acc | synth_cfp_ff acc | synth_cfp_fp acc |\n|---|---|---|---|"]
-        for point, st in summary[key].items():
-            note = ""
-            if key == "unlabeled_percent" and point == "0":
-                note = " (= baseline)"
-            if (key == "gen_num" and int(point) == plan.gen_num) or (key == "unlabeled_percent" and point == "100"):
-                note = " (= main run)"
-            out.append(f"| {point}{unit}{note} | " + " | ".join(_fmt(st[f'{p}_acc']) for p in PAIR_SETS) + " |")
+    n = len(plan.seeds)
+    best = summary["best_variant"]
+    head = ("| arm | " + " | ".join(f"val {p}" for p in PAIR_SETS) + " | "
+            + " | ".join(f"test {p}" for p in PAIR_SETS) + " | chosen epochs |\n|---|"
+            + "---:|" * (2 * len(PAIR_SETS)) + "---|")
+    out = [f"Accuracy %, at each run's epoch chosen on validation {HARDEST} (mean ± std over {n} seeds)",
+           "", head]
+    for arm, st in summary["arms"].items():
+        mark = " **(chosen on val)**" if arm == best else ""
+        cells = [_fmt(st[f"{p}_acc"]) for p in PAIR_SETS] + [_fmt(st[f"{TEST_PREFIX}{p}_acc"]) for p in PAIR_SETS]
+        out.append(f"| {arm_label(arm)}{mark} | " + " | ".join(cells) + f" | {st['epoch']} |")
+    out += ["", f"Paired difference to the baseline of the same seed, points, on {HARDEST} "
+                f"(mean ± std over {n} seeds; per-seed signs)", "",
+            "| arm | validation | test | test signs | test gain / paired std |", "|---|---:|---:|---|---:|"]
+    for arm, g in summary["gains"].items():
+        t, v = g["test"], g["val"]
+        ratio = f"{t['mean'] / t['std']:.1f}" if t["std"] > 0 else "-"
+        out.append(f"| {arm_label(arm)} | {v['mean']:+.2f} ± {v['std']:.2f} | {t['mean']:+.2f} ± "
+                   f"{t['std']:.2f} | {t['signs']} | {ratio} |")
+    d = summary["virface_minus_virclass"]
+    share = summary["oracle_share"]
+    out += ["", f"VirFace ({best.split(':', 1)[1]}, chosen on validation) - VirClass on test {HARDEST}: "
+                f"{d['mean']:+.2f} ± {d['std']:.2f} points; share of the oracle's gain: "
+                + (f"{100 * share:.0f} %" if share is not None else "- (no oracle gain)")]
     return "\n".join(out) + "\n"
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """The issue's goals, each checked against the numbers (printed, and stored in results.json)."""
+    g = summary["gains"]
+    best = summary["best_variant"]
+
+    def above(st):
+        return st["mean"] > 2 * st["std"]
+
+    d = summary["virface_minus_virclass"]
+    share = summary["oracle_share"]
+    return [f"VirClass > baseline by > 2 paired stds: {above(g['virclass']['test'])}",
+            f"VirFace ({best}) > VirClass by > 2 paired stds: {above(d)}",
+            f"VirFace captures >= 1/3 of the oracle gain: {share is not None and share >= 1 / 3}"]
 
 
 # --------------------------------------------------------------------------------------- plots
 
-def plot_all(summary: dict[str, Any], plan: Plan, out_dir: str) -> list[str]:
+def plot_gains(summary: dict[str, Any], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"pretrain_start": "#bbbbbb", "baseline": "#4c72b0", "virclass": "#dd8452",
-               "virface_alternate": "#55a868", "virface_joint": "#c44e52"}
-    paths = []
-    n = summary["methods"]["baseline"]["synth_lfw_acc"]["n"]
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    kinds = list(summary["methods"])
-    width = 0.8 / len(kinds)
-    for ax, metric, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "tar_far1e-3", "TAR@FAR=1e-3 (%)")):
-        for i, kind in enumerate(kinds):
-            st = [summary["methods"][kind][f"{p}_{metric}"] for p in PAIR_SETS]
-            x = np.arange(len(PAIR_SETS)) + (i - (len(kinds) - 1) / 2) * width
-            mean = np.array([s["mean"] for s in st]) * 100
-            ax.bar(x, mean, width, yerr=np.array([s["std"] for s in st]) * 100, capsize=3,
-                   color=colours[kind], label=METHOD_LABELS[kind])
-            for xi, s in zip(x, st):   # each seed as a dot, so n=3 is visible as n=3
-                ax.plot([xi] * len(s["values"]), np.array(s["values"]) * 100, "k.", ms=3)
-        ax.set_xticks(np.arange(len(PAIR_SETS)), PAIR_SETS)
-        ax.set_ylabel(label)
-        lows = [v for kind in kinds for p in PAIR_SETS for v in summary["methods"][kind][f"{p}_{metric}"]["values"]]
-        ax.set_ylim(max(0.0, min(lows) * 100 - 5), min(100.0, max(lows) * 100 + 3))
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)
-    fig.suptitle(f"Final-epoch verification after {plan.continue_epochs} continuation epochs "
-                 f"(bars: mean ± std over {n} seed(s); dots: single seeds) [{plan.name}]", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    paths.append(_save(fig, out_dir, "methods.png"))
-    plt.close(fig)
-
-    base = summary["methods"]["baseline"]
-    vc = summary["methods"]["virclass"]
-    k = len(summary["ablation_seeds"])
-    for key, xlabel, fname in (("gen_num", "gen_num (virtual instances per virtual class)", "gen_num.png"),
-                               ("unlabeled_percent", "unlabeled identities used (%)", "unlabeled.png")):
-        fig, axes = plt.subplots(1, len(PAIR_SETS), figsize=(13, 4), sharey=True)
-        xs = [int(p) for p in summary[key]]
-        for ax, p in zip(axes, PAIR_SETS):
-            st = [summary[key][str(x)][f"{p}_acc"] for x in xs]
-            ax.errorbar(xs, [s["mean"] * 100 for s in st], yerr=[s["std"] * 100 for s in st],
-                        marker="o", capsize=3, color=colours["virface_alternate"], label="VirFace, alternate")
-            for ref, name, ls in ((base, "baseline", "--"), (vc, "virclass", ":")):
-                ax.axhline(ref[f"{p}_acc"]["mean"] * 100, color=colours[name], ls=ls,
-                           label=METHOD_LABELS[name] + " (mean)")
-            ax.set_title(p)
-            ax.set_xlabel(xlabel)
-            ax.set_xticks(xs)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy (%)")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-        fig.suptitle(f"VirFace alternate: accuracy against {key} (mean ± std over {k} seed(s)) "
-                     f"[{plan.name}]", fontsize=10)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-        paths.append(_save(fig, out_dir, fname))
-        plt.close(fig)
-    return paths
-
-
-def _save(fig, out_dir: str, name: str) -> str:
-    path = os.path.join(out_dir, name)
+    arms = list(summary["gains"])
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(arms) + 1.6))
+    for i, arm in enumerate(arms):
+        t = summary["gains"][arm]["test"]
+        ax.scatter(t["values"], [i] * len(t["values"]), s=18, color="0.55", zorder=2)
+        ax.errorbar(t["mean"], i, xerr=t["std"], fmt="o", color="C3" if arm == "oracle" else "C0",
+                    capsize=4, zorder=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(arms)), [a.replace("virface:", "VirFace ") for a in arms])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"test {HARDEST} accuracy minus the baseline's, points (dots: seeds; bar: mean ± std)")
+    ax.set_title("Gain over ArcFace on deep faces only, at epochs chosen on validation")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -629,39 +490,54 @@ def _save(fig, out_dir: str, name: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 seed, small data, a few minutes")
     mode.add_argument("--smoke", action="store_true", help="tiny data, 1-step epochs (the test)")
+    mode.add_argument("--gpu", action="store_true", help="larger data and backbone on CUDA")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "shallow_data"),
-                   help="folder for results.json, table.md and the PNGs")
+                   help="folder for results.json, summary.json, table.md and gains.png")
     p.add_argument("--work", default=None,
                    help="folder for the run folders (checkpoints); default: a temporary folder, deleted")
     p.add_argument("--cache-dir", default=None,
                    help="synthetic data cache; default $VIRFACE_CACHE_DIR, else inside the work folder")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared 2-core machine two threads spin "
-                        "against other jobs and ran 20x slower per step than one)")
-    p.add_argument("--no-ablations", action="store_true", help="only the four methods")
+                   help="torch CPU threads per process (default 1: two 1-thread processes on 2 cores)")
+    p.add_argument("--processes", type=int, default=None, help="runs at once (default: the plan's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the plan's seeds")
+    p.add_argument("--variants", nargs="+", choices=list(VIRFACE_VARIANTS), default=None,
+                   help="VirFace variants to run (default: the plan's)")
     p.add_argument("--from-json", default=None, metavar="RESULTS_JSON",
-                   help="train nothing: rewrite table.md and the PNGs from an earlier results.json")
-    p.add_argument("--diagnostics", action="store_true",
-                   help="instead of the benchmark: the diagnostic variants and geometry "
-                        "(writes diagnostics.json / diagnostics.md)")
-    p.add_argument("--oracle", action="store_true",
-                   help="instead of the benchmark: ArcFace with the unlabeled faces' true identities, "
-                        "and its control (writes oracle.json / oracle.md)")
+                   help="train nothing: tables, summary.json and the plot again from a results.json")
     return p.parse_args(argv)
+
+
+def plan_of(args) -> Plan:
+    plan = PLANS["smoke" if args.smoke else "gpu" if args.gpu else "full"]
+    changes = {}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    if args.variants:
+        changes["variants"] = tuple(args.variants)
+    if args.processes:
+        changes["processes"] = args.processes
+    return dataclasses.replace(plan, **changes)
+
+
+def plan_from_dict(values: dict[str, Any]) -> Plan:
+    names = {f.name for f in dataclasses.fields(Plan) if f.init}
+    return Plan(**{k: (tuple(v) if isinstance(v, list) and k != "synthetic" else v)
+                   for k, v in values.items() if k in names})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    if args.seeds:
-        plan = dataclasses.replace(plan, seeds=tuple(args.seeds),
-                                   ablation_seeds=tuple(s for s in plan.ablation_seeds if s in args.seeds))
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
-        return replot(args.from_json, args.out)
+        with open(args.from_json, encoding="utf-8") as f:
+            results = json.load(f)
+        plan = plan_from_dict(results["plan"])
+        return write_outputs(results, summarise(results["records"], plan), plan, args.out)
+    plan = plan_of(args)
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device here")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="shallow-data-") as tmp:
         work = args.work or tmp
@@ -675,119 +551,45 @@ def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
 
     start = time.perf_counter()
     load_start = os.getloadavg()
-    data, faces = build_data(plan, cache)
-    data_s = time.perf_counter() - start
-    runner = Runner(plan, data, work)
-    print(f"[{plan.name}] labeled {len(data.labeled)} images / {data.labeled.num_classes} ids, "
-          f"unlabeled {len(data.unlabeled)} images / {data.unlabeled.num_classes} ids, "
-          f"{len(data.pair_sets)} pair sets x {plan.synthetic['val_pairs']} pairs "
-          f"(data {data_s:.0f} s); {runner.steps_per_epoch} steps per epoch", flush=True)
-    if args.diagnostics:
-        return _run_diagnostics(plan, args, runner, start, load_start)
-    if args.oracle:
-        return _run_oracle(plan, args, runner, start, load_start)
-    for seed in plan.seeds:
-        starts = runner.run_seed(seed)
-        if not args.no_ablations and seed in plan.ablation_seeds:
-            runner.run_ablations(seed, starts)
-    if args.no_ablations:
-        plan = dataclasses.replace(plan, gen_nums=(plan.gen_num,), unlabeled_percents=(0, 100))
-    summary = summarise(runner.records, plan)
-    table = markdown_tables(summary, plan)
+    faces = load_faces(plan, cache)          # built once here; the workers read the cache
+    roles = check_roles_apart(faces)
+    print(f"[{plan.name}] deep {len(faces.labeled)} images / {faces.labeled.num_classes} ids, shallow "
+          f"{len(faces.unlabeled)} images / {faces.unlabeled.num_classes} ids; identities apart: {roles}; "
+          f"{steps_per_epoch(plan)} steps per epoch; arms {', '.join(plan.arms)}; {len(plan.seeds)} seeds, "
+          f"{plan.processes} at once (data {time.perf_counter() - start:.0f} s)", flush=True)
+    records = run_plan(plan, cache, work, args.threads, log=lambda text: print(text, flush=True))
+    summary = summarise(records, plan)
     wall = time.perf_counter() - start
+    command = "python benchmarks/shallow_data.py" + (f" --{plan.name}" if plan.name != "full" else "")
     results = {
-        "plan": dataclasses.asdict(plan),
-        "protocol": __doc__,
-        "data": {"labeled_images": len(data.labeled), "labeled_ids": int(data.labeled.num_classes),
-                 "unlabeled_images": len(data.unlabeled), "unlabeled_ids": int(data.unlabeled.num_classes),
-                 "pairs_per_set": int(plan.synthetic["val_pairs"]), "renderer_version": RENDERER_VERSION,
-                 "data_seed": plan.synthetic["seed"], "unlabeled_subset_seed": UNLABELED_SUBSET_SEED},
-        "steps_per_epoch": runner.steps_per_epoch,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "plan": dataclasses.asdict(plan), "protocol": __doc__,
+        "data": {"deep_images": len(faces.labeled), "deep_ids": int(faces.labeled.num_classes),
+                 "shallow_images": len(faces.unlabeled), "shallow_ids": int(faces.unlabeled.num_classes),
+                 **roles, "renderer_version": RENDERER_VERSION},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "processes": plan.processes,
                     "torch": torch.__version__, "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(),
+                    "device": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu",
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "wall_s": round(wall, 1),
-        "command": "python benchmarks/shallow_data.py" + (f" --{plan.name}" if plan.name != "full" else "")
-                   + (" --no-ablations" if args.no_ablations else ""),
-        "summary": summary,
-        "records": [{k: v for k, v in r.items() if k != "checkpoint"} for r in runner.records],
+        "wall_s": round(wall, 1), "command": command,
+        "records": sorted(records, key=lambda r: (r["seed"], r["kind"], r.get("arm", ""))),
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table)
-    plot_all(summary, plan, args.out)
+    write_outputs(results, summary, plan, args.out)
+    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
+    return results
+
+
+def write_outputs(results: dict[str, Any], summary: dict[str, Any], plan: Plan, out: str) -> dict[str, Any]:
+    results["summary"] = summary
+    results["verdict"] = verdict(summary)
+    table = markdown_tables(summary, plan)
+    write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
+    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary_json(summary, plan), indent=2) + "\n")
+    write_text_atomic(os.path.join(out, "table.md"), table + "\n" + "\n".join(results["verdict"]) + "\n")
+    plot_gains(summary, os.path.join(out, "gains.png"))
     print()
     print(table)
-    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
-    return results
-
-
-def replot(results_json: str, out_dir: str) -> dict[str, Any]:
-    """table.md and the PNGs again from a results.json (its summary; nothing is recomputed)."""
-    with open(results_json) as f:
-        results = json.load(f)
-    plan_dict = dict(results["plan"])
-    for key in ("seeds", "continue_decay_epochs", "ablation_seeds", "gen_nums", "unlabeled_percents"):
-        plan_dict[key] = tuple(plan_dict[key])
-    plan = Plan(**plan_dict)
-    table = markdown_tables(results["summary"], plan)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
-    plot_all(results["summary"], plan, out_dir)
-    print(table)
-    return results
-
-
-def _run_oracle(plan: Plan, args, runner: Runner, start: float, load_start) -> dict[str, Any]:
-    rows = run_oracle(runner, plan.seeds)
-    wall = time.perf_counter() - start
-    main_json = os.path.join(args.out, "results.json")
-    main_baseline = None
-    if os.path.isfile(main_json):
-        with open(main_json) as f:
-            main = json.load(f)
-        if main["plan"]["name"] == plan.name:
-            main_baseline = main["summary"]["methods"]["baseline"]
-    text = oracle_table(rows, main_baseline)
-    results = {"plan": dataclasses.asdict(plan), "wall_s": round(wall, 1),
-               "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start,
-                           "loadavg_end": os.getloadavg()},
-               "command": "python benchmarks/shallow_data.py --oracle"
-                          + (f" --{plan.name}" if plan.name != "full" else ""),
-               "records": [{k: v for k, v in r.items() if k != "checkpoint"} for r in runner.records]}
-    with open(os.path.join(args.out, "oracle.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "oracle.md"), "w") as f:
-        f.write(text)
-    print()
-    print(text)
-    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
-    return results
-
-
-def _run_diagnostics(plan: Plan, args, runner: Runner, start: float, load_start) -> dict[str, Any]:
-    diag = run_diagnostics(runner, plan.seeds)
-    wall = time.perf_counter() - start
-    text = diagnostics_tables(diag)
-    results = {"plan": dataclasses.asdict(plan), "wall_s": round(wall, 1),
-               "machine": {"cpus": os.cpu_count(), "loadavg_start": load_start,
-                           "loadavg_end": os.getloadavg()},
-               "command": "python benchmarks/shallow_data.py --diagnostics"
-                          + (f" --{plan.name}" if plan.name != "full" else "")
-                          + (f" --seeds {' '.join(map(str, plan.seeds))}" if args.seeds else ""),
-               "variants": [{k: v for k, v in r.items() if k != "checkpoint"} for r in diag["variants"]],
-               "geometry": diag["geometry"],
-               "starts": [{k: v for k, v in r.items() if k != "checkpoint"} for r in runner.records
-                          if r["kind"] in ("pretrain_start", "generator")]}
-    with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "diagnostics.md"), "w") as f:
-        f.write(text)
-    print()
-    print(text)
-    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min); outputs in {args.out}")
+    print("\n".join(results["verdict"]))
     return results
 
 
