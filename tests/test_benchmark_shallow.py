@@ -74,7 +74,7 @@ def test_summary_json_has_the_documented_schema_and_picks_the_variant_on_validat
     bench, out = smoke_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == 2
-    assert summary["select_on"] == ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]
+    assert summary["select_on"] == ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]      # the smoke plan scores all
     assert summary["report_on"] == ["test_synth_lfw", "test_synth_cfp_ff", "test_synth_cfp_fp"]
     assert set(summary["oracle_gain"]) == {"mean", "std"}
     assert set(summary["methods"]) == {"virclass", "virface"}
