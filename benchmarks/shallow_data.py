@@ -19,10 +19,10 @@ Protocol, per training seed:
                    like VirFace (deep + shallow halves per step, ``StageData.labeled_split``); their
                    head rows start at their mean feature (how virtual classes start), so the
                    oracle is the ceiling of what the shallow faces could add.
-  Every epoch is scored on the validation AND test pairs (10-fold accuracy). Per run, the epoch
-  with the best validation accuracy on the hardest pair set (synth_cfp_fp) is chosen; the best
-  VirFace variant is the one with the best mean of that over seeds. Test figures are read at the
-  chosen epoch of the chosen variant and never compared while choosing. Gains are paired
+  Every epoch is scored on the validation pairs (10-fold accuracy). Per run, the epoch with the
+  best validation accuracy on the hardest pair set (synth_cfp_fp) is chosen (best.pt), and only
+  that checkpoint is then scored on the test pairs; the best VirFace variant is the one with the
+  best mean validation accuracy over seeds. No test figure exists while anything is chosen. Gains are paired
   differences to the baseline of the same seed, in points, on the hardest test pair set.
 
     python benchmarks/shallow_data.py              # full: 5 seeds, 2 processes, <= 45 min on 2 cores
@@ -30,7 +30,7 @@ Protocol, per training seed:
     python benchmarks/shallow_data.py --smoke      # tiny data, 1-step epochs; what the test runs
     python benchmarks/shallow_data.py --from-json docs/shallow_data/results.json   # tables again
 
-Writes ``results.json`` (plan, every run's per-epoch validation and test metrics and losses, wall
+Writes ``results.json`` (plan, every run's per-epoch validation metrics and losses, its test metrics, wall
 times, machine), ``summary.json`` (the schema of docs/RESULTS.md), ``table.md`` and
 ``gains.png`` into ``--out`` (default docs/shallow_data) and prints the tables. Nothing here
 imports Ray or Optuna.
@@ -128,7 +128,7 @@ PLANS = {
                        n_unlabeled_ids=2000, unlabeled_images_per_id=(1, 3), n_val_ids=400,
                        val_pairs=3000, n_test_ids=400, test_pairs=2000),
         seeds=(0, 1, 2, 3, 4), pretrain_epochs=20, pretrain_decay_epochs=(12, 17), generator_epochs=10,
-        continue_epochs=12, continue_decay_epochs=(7, 10)),
+        continue_epochs=10, continue_decay_epochs=(6, 8)),
     "gpu": Plan(
         name="gpu",
         synthetic=dict(image_size=32, seed=0, n_labeled_ids=200, images_per_labeled_id=40,
@@ -158,8 +158,8 @@ def load_faces(plan: Plan, cache_dir: str):
 
 
 def stage_data(plan: Plan, faces) -> StageData:
-    return StageData(faces.labeled, faces.unlabeled, val_sets(plan, faces), faces.spec.image_size,
-                     test_pair_sets=dict(faces.test_pair_sets))
+    """Training data with the validation pair sets only: test pairs are scored once, on best.pt."""
+    return StageData(faces.labeled, faces.unlabeled, val_sets(plan, faces), faces.spec.image_size)
 
 
 def val_sets(plan: Plan, faces) -> dict[str, Any]:
@@ -172,8 +172,7 @@ def oracle_data(plan: Plan, faces) -> StageData:
     union = ArraySource(np.concatenate([deep.images, shallow.images]),
                         np.concatenate([deep.classes[deep.labels], shallow.classes[shallow.labels]]),
                         "synthetic:deep+shallow(true ids)")
-    return StageData(union, None, val_sets(plan, faces), faces.spec.image_size,
-                     test_pair_sets=dict(faces.test_pair_sets), labeled_split=len(deep))
+    return StageData(union, None, val_sets(plan, faces), faces.spec.image_size, labeled_split=len(deep))
 
 
 def check_roles_apart(faces) -> dict[str, int]:
@@ -218,8 +217,18 @@ def epoch_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chosen_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any]:
     """The epoch with the best validation accuracy on the hardest pair set (the earliest on a tie):
-    what best.pt holds. Test metrics play no part."""
+    what best.pt holds. No test pair has been scored yet."""
     return max(epochs, key=lambda e: (e[SELECT_ON], -e["epoch"]))
+
+
+def test_metrics(path: str, faces, device: str) -> dict[str, float]:
+    """The test pair sets scored once, on the chosen epoch's checkpoint."""
+    from virface.checkpoint import load_backbone
+    from virface.evaluation.verification import evaluate_pair_sets
+
+    backbone, _ = load_backbone(path, device=device)
+    return {k: round(v, 6) for k, v in evaluate_pair_sets(backbone, faces.test_pair_sets, device,
+                                                          prefix=TEST_PREFIX).items()}
 
 
 class Worker:
@@ -243,7 +252,7 @@ class Worker:
 def _stage(config: TrainConfig, run_dir: str, data: StageData):
     from virface.stages import run_stage
 
-    return run_stage(config, run_dir, data=data, keep_epoch_checkpoints=False)
+    return run_stage(config, run_dir, data=data, keep_epoch_checkpoints=False)  # best.pt is kept
 
 
 def run_starts(plan: Plan, faces, seed: int, work: str, generators: list[str]) -> dict[str, Any]:
@@ -318,8 +327,12 @@ def run_arm(plan: Plan, faces, arm: str, seed: int, starts: dict[str, str], work
     data = oracle_data(plan, faces) if arm == "oracle" else stage_data(plan, faces)
     result = _stage(cfg, os.path.join(work, f"seed{seed}", arm.replace(":", "-")), data)
     epochs = epoch_rows(result.history)
-    return {"kind": "arm", "arm": arm, "seed": seed, "start": start, "epochs": epochs,
-            "chosen": chosen_epoch(epochs),
+    chosen = chosen_epoch(epochs)
+    if chosen["epoch"] != result.best.get("epoch"):
+        raise RuntimeError(f"{arm} seed {seed}: best.pt holds epoch {result.best.get('epoch')}, "
+                           f"the validation pairs chose {chosen['epoch']}")
+    chosen = {**chosen, **test_metrics(result.best_checkpoint, faces, plan.device)}
+    return {"kind": "arm", "arm": arm, "seed": seed, "start": start, "epochs": epochs, "chosen": chosen,
             "config": {k: v for k, v in cfg.to_dict().items()
                        if k in ("method", "optim_mode", "lr", "decay_steps", "max_epoch", "gen_num",
                                 "dropout", "s", "m", "KL", "L2", "vi_weight", "vi_warmup_epochs",
