@@ -196,3 +196,61 @@ def test_multi_worker_trials_reuse_their_ranks_and_asha_stops_them_cleanly(ray_c
     rows = outcomes[0].rows
     assert len(rows) == 4 and all(r.outcome in ("completed", "stopped early") for r in rows), rows
     assert outcomes[0].manifest is not None
+
+
+def test_a_multi_objective_pretrain_search_ends_with_its_pareto_front(ray_cluster, tmp_path):
+    from virface.search.pareto import Objective, dominates
+
+    storage = tmp_path / "exp"
+    [outcome] = run_search(SearchOptions(stage="pretrain", storage=str(storage), budget="smoke", quiet=True,
+                                         num_samples=3, space=os.path.join(REPO, "search_spaces",
+                                                                           "pretrain_pareto.yaml")))
+    assert outcome.manifest is not None, outcome.error
+    m = read_manifest(storage / "default" / "pretrain" / "best.json")
+    pareto = m.pareto
+    assert pareto["objectives"] == [["synth_cfp_fp_acc", "max"], ["latency_ms", "min"]]
+    # Every trial measured its own model; the seed's three start-up trials cover the three backbones.
+    assert {t["params"]["arch"] for t in pareto["trials"]} == {"mobilefacenet_s", "mobilefacenet", "resnet18"}
+    assert all(t["values"]["latency_ms"] > 0 for t in pareto["trials"])
+    objectives = [Objective(*o) for o in pareto["objectives"]]
+    front_ids = {p["trial_id"] for p in pareto["front"]}
+    for t in pareto["trials"]:       # on the front exactly when no trial dominates it
+        beaten = any(dominates(o["values"], t["values"], objectives) for o in pareto["trials"])
+        assert (t["trial_id"] in front_ids) == (not beaten)
+    # The select rule: the most accurate front trial under 10 ms feeds the next stage.
+    fitting = [p for p in pareto["front"] if p["values"]["latency_ms"] <= 10]
+    if fitting:
+        assert m.metric_value == max(p["values"]["synth_cfp_fp_acc"] for p in fitting)
+        assert m.trial_id in {p["trial_id"] for p in fitting}
+        assert load_checkpoint(m.checkpoint)["config"]["arch"] == \
+            next(p for p in fitting if p["trial_id"] == m.trial_id)["params"]["arch"]
+    assert os.path.getsize(pareto["plot"]) > 1000
+    assert "Pareto front on synth_cfp_fp_acc (max), latency_ms (min)" in outcome.table()
+
+
+def test_carry_top_two_passes_both_pretrain_trials_on_and_records_the_lineage(ray_cluster, tmp_path):
+    storage = tmp_path / "exp"
+    outcomes = run_search(SearchOptions(stage="baseline", storage=str(storage), budget="smoke", quiet=True,
+                                        num_samples=3, carry_top=2))
+    assert all(o.manifest is not None for o in outcomes), [o.error for o in outcomes]
+    pre, base = (read_manifest(storage / "default" / s / "best.json") for s in ("pretrain", "baseline"))
+    assert len(pre.carried) == 2 and pre.carried[0]["trial_id"] == pre.trial_id
+    assert pre.carried[0]["metric_value"] >= pre.carried[1]["metric_value"]
+    choices = {c["trial_id"]: c["checkpoint"] for c in pre.carried}
+    # Every baseline trial chose one of the two; the sampler tried both.
+    assert set(base.trial_upstreams.values()) == set(choices)
+    rows = {r.trial_id: r for r in outcomes[-1].rows}
+    assert all(r.params["upstream"] in choices for r in rows.values())
+    chosen_upstream = base.trial_upstreams[base.trial_id]
+    assert base.upstream == choices[chosen_upstream]
+    assert load_checkpoint(base.checkpoint)["config"]["pretrained_file"] == choices[chosen_upstream]
+    assert base.lineage == [f"pretrain:{chosen_upstream}", f"baseline:{base.trial_id}"]
+    assert all(c["lineage"][0] == f"pretrain:{c['upstream']}" for c in base.carried)
+    assert "upstream=" in outcomes[-1].table() and "lineage: pretrain:" in outcomes[-1].table()
+    # TensorBoard's HParams of each trial name its upstream.
+    run = glob.glob(str(storage / "default" / "baseline" / "tb" / "*"))[0]
+    _, hparams = tb_scalars_and_hparams(run)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["upstream"].string_value in choices

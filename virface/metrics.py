@@ -74,3 +74,11 @@ def tensorboard_tag(metric: str) -> str:
     if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):
         return f"val/{metric}"
     return f"train/{metric}"
+
+
+# ---------------------------------------------------------------- what a model costs
+
+# Measured once per search trial when a search space names one as an objective (virface.cost):
+# the backbone's parameter count, its multiply-accumulates for one image at the input size, and
+# its batch-1 forward latency on the trial's device. Lower is better for all three.
+COST_METRICS = ("params", "macs", "latency_ms")

@@ -51,9 +51,25 @@ class StageManifest:
     created: str = field(default_factory=_now)   # ISO 8601, UTC
     # The chosen checkpoint's --test pair-set figures: reported, never selected on.
     test_metrics: dict[str, float] = field(default_factory=dict)
+    # "stage:trial_id" from pretrain down to this trial: which upstream trial each stage started from.
+    lineage: list[str] = field(default_factory=list)
+    # --carry_top K > 1: the K best trials, best first, each passed on to the next stage as a
+    # choice of its ``upstream`` parameter: {trial_id, checkpoint, metric_value, params,
+    # upstream (the upstream trial it started from), lineage}.
+    carried: list[dict[str, Any]] = field(default_factory=list)
+    # Trial id -> the upstream trial it started from, when this stage chose among several.
+    trial_upstreams: dict[str, str] = field(default_factory=dict)
+    # Several objectives: {objectives, select, front: [{trial_id, values, checkpoint, params}],
+    # plot}; the trial above is the one the select rule picked from the front.
+    pareto: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Written only when used, so a plain search's manifest reads as it always did.
+        for key in ("carried", "trial_upstreams", "pareto"):
+            if not data[key]:
+                del data[key]
+        return data
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(StageManifest)}
@@ -122,8 +138,18 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
     for key in ("upstream", "created"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise bad(key, "a string or null")
-    if "test_metrics" in data and not isinstance(data["test_metrics"], dict):
-        raise bad("test_metrics", "a JSON object of metric -> value")
+    for key, kind, expected in (("test_metrics", dict, "a JSON object of metric -> value"),
+                                ("lineage", list, "a list of 'stage:trial_id'"),
+                                ("carried", list, "a list of carried trials"),
+                                ("trial_upstreams", dict, "a JSON object of trial id -> upstream trial id"),
+                                ("pareto", (dict, type(None)), "a JSON object or null")):
+        if key in data and not isinstance(data[key], kind):
+            raise bad(key, expected)
+    for i, entry in enumerate(data.get("carried") or []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("trial_id"), str) \
+                or not isinstance(entry.get("checkpoint"), str):
+            raise ManifestError(f"{where}: carried[{i}]: {entry!r} must be an object with a "
+                                f"trial_id and a checkpoint")
 
     checkpoint = os.path.join(os.path.dirname(os.path.abspath(where)), data["checkpoint"])
     checkpoint = os.path.normpath(checkpoint)
@@ -182,6 +208,39 @@ def upstream_checkpoint(stage: str, storage: str | os.PathLike, experiment: str,
     m = _read_stage_manifest(path, upstream)
     return m.checkpoint, (f"best {upstream} trial {m.trial_id} "
                           f"({m.metric_name}={m.metric_value:.6g}) from {path}")
+
+
+def upstream_manifest(stage: str, storage: str | os.PathLike, experiment: str,
+                      from_checkpoint: str | None) -> StageManifest | None:
+    """The upstream stage's manifest that ``stage`` starts from; None for pretrain or a user
+    checkpoint."""
+    upstream = STAGES[stage].upstream
+    if from_checkpoint is not None or upstream is None:
+        return None
+    path = manifest_path(storage, experiment, upstream)
+    return _read_stage_manifest(path, upstream) if path.exists() else None
+
+
+def carried_choices(manifest: StageManifest | None) -> dict[str, dict[str, Any]]:
+    """Upstream trial id -> its carried entry, when the upstream stage carried two or more
+    trials on (--carry_top); empty otherwise (the stage starts from the one best checkpoint).
+    A carried checkpoint that is gone is an error naming it."""
+    if manifest is None or len(manifest.carried) < 2:
+        return {}
+    choices = {}
+    for entry in manifest.carried:
+        if not os.path.exists(entry["checkpoint"]):
+            raise ManifestError(f"stage {manifest.stage}: carried trial {entry['trial_id']}: "
+                                f"checkpoint {entry['checkpoint']} does not exist (moved or deleted?)")
+        choices[entry["trial_id"]] = entry
+    return choices
+
+
+def manifest_lineage(manifest: StageManifest | None) -> list[str]:
+    """The lineage of a manifest's chosen trial (older manifests recorded none: just itself)."""
+    if manifest is None:
+        return []
+    return list(manifest.lineage) or [f"{manifest.stage}:{manifest.trial_id}"]
 
 
 def _read_stage_manifest(path: Path, stage: str) -> StageManifest:

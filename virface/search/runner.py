@@ -5,7 +5,8 @@ Experiment layout, under ``<storage>/<name>/``:
   <stage>/trials.json        every trial: parameters, best value, epochs, outcome
   <stage>/tb/<stage>_<id>/   TensorBoard run of each trial (scalars + HParams with the outcome)
   <stage>/optuna.journal     the Optuna study (open it with optuna-dashboard)
-  <stage>/plots/             Optuna's history and importance plots (--plots)
+  <stage>/plots/             Optuna's history and importance plots (--plots); pareto_front.png
+                             (several objectives)
   search_<stage>/            Tune's experiment state (what --resume restores)
   train_<stage>_<id>/        multi-worker trials' shared run folder (removed when they end)
 
@@ -27,12 +28,16 @@ from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
 from virface.search.lock import ExperimentLock
-from virface.search.manifest import (StageManifest, manifest_path, plan_chain, read_manifest,
-                                     upstream_checkpoint, write_manifest)
+from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
+                                     plan_chain, read_manifest, upstream_checkpoint, upstream_manifest,
+                                     write_manifest)
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
                                    write_optuna_plots, write_trials)
-from virface.search.space import SearchSpace, default_space_path, load_search_space
-from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources, trials_at_once
+from virface.search.pareto import (NoTrialSelected, TrialPoint, format_front, pareto_front, plot_front,
+                                   rank_by_rule, select_point)
+from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
+from virface.search.trial import (CHECKPOINT_FILE, UPSTREAM_PARAMETER, TrialSetup, run_trial, trial_resources,
+                                  trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
@@ -153,6 +158,10 @@ class SearchOptions:
              "and report paired test differences to the baseline (default: no comparison)")
     seeds: int = setting(3, group=GROUP_SEARCH,
                          help="seeds each compared winner is retrained with")
+    carry_top: int = setting(
+        1, group=GROUP_SEARCH, metavar="K",
+        help="pass each stage's K best trials (on validation) on: the next stage searches which "
+             "one to start from (its 'upstream' parameter); 1: only the best, as a plain chain")
     data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
     # Set by a comparison, not the command line: --stage's trials x epochs x steps for an arm.
     budget_overrides: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +174,7 @@ class SearchOptions:
             raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
         # Before anything starts: -1 trials would search forever, 0 would "fail" every trial.
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1),
-                          ("seeds", 1)):
+                          ("seeds", 1), ("carry_top", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{name}: {value} must be >= {low}")
@@ -189,8 +198,26 @@ class StageOutcome:
     error: str | None = None
 
     def table(self) -> str:
-        return format_table(self.stage, self.metric, self.rows, reused=self.reused,
+        text = format_table(self.stage, self.metric, self.rows, reused=self.reused,
                             manifest=self.manifest, manifest_path=self.manifest_path, error=self.error)
+        m = self.manifest
+        if m is not None and m.pareto:
+            from virface.search.pareto import Objective, SelectRule
+
+            rule = m.pareto["select"]
+            text += "\n" + format_front(
+                [Objective(*o) for o in m.pareto["objectives"]],
+                [TrialPoint(**p) for p in m.pareto["front"]], m.trial_id,
+                SelectRule(rule["metric"], rule["mode"],
+                           {k: (b["min"], b["max"]) for k, b in rule["where"].items()}))
+            if m.pareto.get("plot"):
+                text += f"\nplot: {m.pareto['plot']}"
+        if m is not None and m.carried:
+            text += (f"\ncarried on to the next stage ({len(m.carried)}): "
+                     + ", ".join(f"{c['trial_id']} ({m.metric_name}={c['metric_value']:.4f})" for c in m.carried))
+        if m is not None and len(m.lineage) > 1:
+            text += f"\nlineage: {' -> '.join(m.lineage)}"
+        return text
 
 
 def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
@@ -199,6 +226,9 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     space = load_search_space(path, stage)
     fixed = dict(space.fixed)
     if options.arch and stage_spec(stage).is_first:
+        if "arch" in space.parameter_names:
+            raise ConfigError(f"arch: --arch {options.arch} fixes the backbone, but {space.path} "
+                              f"searches arch; drop --arch or the parameter")
         fixed["arch"] = options.arch
     budget, resources = space.budget, space.resources
     if options.budget == "smoke":
@@ -363,20 +393,31 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     stage_dir = os.path.join(experiment_dir, stage)
     search_dir = os.path.join(experiment_dir, f"search_{stage}")
     base = base_train_config(options)
-    upstream, upstream_source = upstream_checkpoint(stage, options.storage, options.name,
-                                                   options.from_checkpoint if stage == options.stage else None)
-    check_upstream(stage, upstream, base, space)
+    from_checkpoint = options.from_checkpoint if stage == options.stage else None
+    upstream, upstream_source = upstream_checkpoint(stage, options.storage, options.name, from_checkpoint)
+    parent = upstream_manifest(stage, options.storage, options.name, from_checkpoint)
+    choices = carried_choices(parent)
+    for checkpoint in ([c["checkpoint"] for c in choices.values()] if choices else [upstream]):
+        check_upstream(stage, checkpoint, base, space)
+    if choices:
+        space = with_upstream_parameter(space, list(choices))
+        upstream_source = (f"one of the {len(choices)} {parent.stage} trials carried on "
+                           f"({', '.join(choices)}), searched as the parameter '{UPSTREAM_PARAMETER}'")
     check_trial_fits(space)
+    objectives = (", ".join(f"{o.name} ({o.mode})" for o in space.objectives) + " (Pareto front; select: "
+                  f"{space.select_rule().describe()})" if space.multi_objective
+                  else f"{space.metric_name} ({space.metric_mode})")
     say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
         f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
-        f"{space.metric_name} ({space.metric_mode}); starts from: {upstream_source}")
+        f"{objectives}; starts from: {upstream_source}")
 
     metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
         stage=stage, base_config={**base, **space.fixed, "best_metric": metric},
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
-        resources=space.resources)
+        resources=space.resources, measure_cost=bool(space.cost_metrics),
+        upstream_choices={k: c["checkpoint"] for k, c in choices.items()})
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     import ray
 
@@ -401,10 +442,18 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         os.makedirs(stage_dir, exist_ok=True)
         write_text_atomic(space_record, json.dumps(space.describe(), indent=2, sort_keys=True) + "\n")
         storage = JournalStorage(JournalFileBackend(os.path.join(stage_dir, "optuna.journal")))
+        if space.multi_objective:
+            # Optuna is told each trial's best epoch for the selection metric and the others'
+            # last values (cost metrics are the same every epoch).
+            search_metric = [selection if o.name == metric else o.name for o in space.objectives]
+            search_mode: Any = [o.mode for o in space.objectives]
+            objective_name: Any = [o.name for o in space.objectives]
+        else:
+            search_metric, search_mode, objective_name = selection, space.metric_mode, metric
         searcher = StageOptunaSearch(
-            space=space.define_by_run, metric=selection, mode=space.metric_mode,
+            space=space.define_by_run, metric=search_metric, mode=search_mode,
             points_to_evaluate=space.points_to_evaluate() or None, sampler=space.make_sampler(),
-            study_name=f"{options.name}-{stage}", storage=storage, objective_name=metric,
+            study_name=f"{options.name}-{stage}", storage=storage, objective_name=objective_name,
             max_epochs=space.max_epochs)
         tuner = tune.Tuner(
             trainable,
@@ -434,22 +483,71 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     if not ok:
         errors = "; ".join(sorted({str(r.error).strip().splitlines()[-1] for r in results if r.error})) or "no results"
         return StageOutcome(stage, None, None, rows, metric, error=f"every trial of stage {stage} failed: {errors}")
-    best_path, best_value, best_result = None, None, None
+    # Each trial at its best validation epoch: its checkpoint and what it reported there.
+    points = []
     for result in ok:
-        path, value = best_checkpoint_of(result, metric, space.metric_mode)
-        if path and (best_value is None or _better(value, best_value, space.metric_mode)):
-            best_path, best_value, best_result = path, value, result
-    if best_path is None:
+        path, epoch_metrics = best_epoch_of(result, metric, space.metric_mode)
+        if path is not None:
+            names = [o.name for o in space.objectives] or [metric]
+            points.append(TrialPoint(_trial_id(result), {n: epoch_metrics.get(n) for n in names}, path,
+                                     {k: result.config.get(k) for k in space.parameter_names
+                                      if k in (result.config or {})}))
+    if not points:
         return StageOutcome(stage, None, None, rows, metric, error=f"stage {stage}: no trial reported a checkpoint")
+    pareto = None
+    if space.multi_objective:
+        objectives, rule = space.objective_list(), space.select_rule()
+        front = pareto_front(points, objectives)
+        try:
+            select_point(front, rule)            # NoTrialSelected when no front trial fits
+            ranked = rank_by_rule(front, rule)
+        except NoTrialSelected as exc:
+            return StageOutcome(stage, None, None, rows, metric, error=f"stage {stage}: {exc}")
+        plot = os.path.join(stage_dir, "plots", "pareto_front.png")
+        os.makedirs(os.path.dirname(plot), exist_ok=True)
+        plot_front(objectives, points, front, ranked[0].trial_id, plot)
+        pareto = {"objectives": [[o.name, o.mode] for o in objectives], "select": rule.to_dict(),
+                  "front": [p.to_dict() for p in front],
+                  "trials": [p.to_dict() for p in points], "plot": plot}
+    else:
+        # Best first; equal values keep the order the trials finished in.
+        sign = -1.0 if space.metric_mode == "max" else 1.0
+        ranked = sorted(points, key=lambda p: sign * p.values[metric])
+    best = ranked[0]
     from virface.checkpoint import load_checkpoint
 
-    chosen = load_checkpoint(best_path)
+    chosen = load_checkpoint(best.checkpoint)
+
+    def started_from(point: TrialPoint) -> tuple[str | None, list[str]]:
+        """The upstream checkpoint a trial started from, and its lineage."""
+        choice = point.params.get(UPSTREAM_PARAMETER)
+        if choice is not None:
+            entry = choices[choice]
+            return entry["checkpoint"], list(entry.get("lineage") or []) + [f"{stage}:{point.trial_id}"]
+        return upstream, manifest_lineage(parent) + [f"{stage}:{point.trial_id}"]
+
+    best_upstream, lineage = started_from(best)
+    carried = []
+    if options.carry_top > 1:
+        if len(ranked) < options.carry_top:
+            say(f"[{stage}] --carry_top {options.carry_top}: only {len(ranked)} trial(s) qualify; "
+                f"carrying those on")
+        for point in ranked[:options.carry_top]:
+            start, point_lineage = started_from(point)
+            carried.append({"trial_id": point.trial_id, "checkpoint": point.checkpoint,
+                            "metric_value": float(point.values[metric]), "params": point.params,
+                            "upstream": point.params.get(UPSTREAM_PARAMETER)
+                            or (parent.trial_id if parent else None),
+                            "upstream_checkpoint": start, "lineage": point_lineage})
     manifest = StageManifest(
-        stage=stage, experiment=options.name, trial_id=_trial_id(best_result),
+        stage=stage, experiment=options.name, trial_id=best.trial_id,
         config=chosen["config"], metric_name=metric,
-        metric_value=float(best_value), metric_mode=space.metric_mode, checkpoint=best_path,
-        upstream=upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
-                                         if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))})
+        metric_value=float(best.values[metric]), metric_mode=space.metric_mode, checkpoint=best.checkpoint,
+        upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
+                                              if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
+        lineage=lineage, carried=carried, pareto=pareto,
+        trial_upstreams={r.trial_id: str(r.params[UPSTREAM_PARAMETER]) for r in rows
+                         if UPSTREAM_PARAMETER in r.params} if choices else {})
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
                  space.max_epochs, rows)
     path = manifest_path(options.storage, options.name, stage)
@@ -486,24 +584,36 @@ def stage_interrupted(results, space: SearchSpace, elapsed_s: float) -> bool:
     return len(results) < space.budget.num_samples and (budget is None or elapsed_s < budget)
 
 
-def _better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
-
-
 def _trial_id(result) -> str:
     return str(result.metrics.get("trial_id") or os.path.basename(result.path))
 
 
-def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """The trial's best-epoch checkpoint file and its metric value (not merely the last epoch's):
-    trials report a checkpoint per epoch to Tune, which keeps the best ones by ``metric``."""
+def best_epoch_of(result, metric: str, mode: str) -> tuple[str | None, dict[str, Any]]:
+    """The trial's best-epoch checkpoint file and the metrics it reported at that epoch (not
+    merely the last epoch's): trials report a checkpoint per epoch to Tune, which keeps the best
+    ones by ``metric``."""
     candidates = list(result.best_checkpoints or [])
     candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float))
                   and math.isfinite(m[metric])]
     if not candidates:
-        return None, None
+        return None, {}
     pick = (max if mode == "max" else min)(candidates, key=lambda cm: cm[1][metric])
-    return os.path.join(pick[0].path, CHECKPOINT_FILE), float(pick[1][metric])
+    return os.path.join(pick[0].path, CHECKPOINT_FILE), dict(pick[1])
+
+
+def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, float | None]:
+    """The trial's best-epoch checkpoint file and its metric value."""
+    path, metrics = best_epoch_of(result, metric, mode)
+    return path, (float(metrics[metric]) if path else None)
+
+
+def with_upstream_parameter(space: SearchSpace, trial_ids: list[str]) -> SearchSpace:
+    """The space with a first, categorical parameter choosing the upstream trial to start from;
+    the first trial starts from the best one (``trial_ids[0]``), as a plain chain would."""
+    from optuna.distributions import CategoricalDistribution
+
+    parameter = Parameter(UPSTREAM_PARAMETER, CategoricalDistribution(list(trial_ids)), default=trial_ids[0])
+    return replace(space, parameters=[parameter, *space.parameters])
 
 
 def trial_row(result, space: SearchSpace) -> TrialRow:

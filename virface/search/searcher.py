@@ -9,6 +9,9 @@ what the manifest picks a trial by, so here:
   last intermediate value, the best so far); a full trial is COMPLETE with its best value;
 - the study's objective carries the metric's name (Optuna's dashboard labels the axis with it).
 
+With several objectives (``metric`` and ``mode`` lists) Optuna takes no intermediate values and
+prunes nothing: each trial is told its final values, COMPLETE (or FAIL without them).
+
 The study lives in a journal file, written at once; Tune's state (this searcher's pickle
 included) is saved a moment later. A driver killed in between leaves a journal ahead of Tune's
 state, which the restored search must accept rather than crash on (Optuna refuses to update a
@@ -29,8 +32,8 @@ class StageOptunaSearch(OptunaSearch):
     """OptunaSearch for one stage. ``metric`` must be the best-so-far metric the trials report;
     ``objective_name`` names the study's objective; ``max_epochs`` is a full trial's length."""
 
-    def __init__(self, *args, objective_name: str, max_epochs: int, **kwargs):
-        self._objective_name = objective_name
+    def __init__(self, *args, objective_name: str | list[str], max_epochs: int, **kwargs):
+        self._objective_names = [objective_name] if isinstance(objective_name, str) else list(objective_name)
         self._max_epochs = max_epochs
         super().__init__(*args, **kwargs)
 
@@ -41,7 +44,7 @@ class StageOptunaSearch(OptunaSearch):
         with warnings.catch_warnings():
             # set_metric_names is marked experimental; we use it on purpose.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._ot_study.set_metric_names([self._objective_name])
+            self._ot_study.set_metric_names(self._objective_names)
 
     def _finished_in_study(self, trial_id: str) -> bool:
         from optuna.trial import TrialState
@@ -61,8 +64,12 @@ class StageOptunaSearch(OptunaSearch):
                 log.warning("optuna trial %d was started by a driver that died before Tune "
                             "recorded it; marked FAIL", frozen.number)
 
+    @property
+    def _multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials:
+        if trial_id not in self._completed_trials and not self._multi_objective:
             self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: dict | None) -> None:
@@ -86,6 +93,12 @@ class StageOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)     # recorded before the driver died
             return
         ot_trial = self._ot_trials[trial_id]
+        if self._multi_objective:
+            values = [(result or {}).get(m) for m in self.metric]
+            ok = not error and all(isinstance(v, (int, float)) for v in values)
+            state = TrialState.COMPLETE if ok else TrialState.FAIL
+            self._tell(trial_id, ot_trial, [float(v) for v in values] if ok else None, state)
+            return
         # Tune does not pass the result that ends a trial (ASHA's stop at a rung, the last
         # epoch) to on_trial_result: report it here, so a PRUNED trial keeps its final value.
         self._report(trial_id, result)
@@ -96,6 +109,9 @@ class StageOptunaSearch(OptunaSearch):
             state, value = TrialState.PRUNED, None      # Optuna keeps the last intermediate value
         else:
             state = TrialState.COMPLETE
+        self._tell(trial_id, ot_trial, value, state)
+
+    def _tell(self, trial_id: str, ot_trial, value, state) -> None:
         try:
             self._ot_study.tell(ot_trial, value, state=state)
         except Exception as exc:   # e.g. a NaN value: Optuna refuses it; the trial still ends

@@ -15,6 +15,14 @@ A file names the metric, the searcher, the scheduler, the budget, the resources 
       g_lr: {type: float, low: 1.0e-3, high: 0.3, log: true, default: 0.1,
              when: {optim_mode: alternate}}
 
+Several objectives (a Pareto front, see virface.search.pareto) are a list; cost metrics
+(params, macs, latency_ms) are measured by each trial, and ``select`` picks the front's trial
+whose checkpoint goes on (default: the best on the first accuracy/loss objective)::
+
+    metric: [{mode: max}, {name: latency_ms, mode: min}]   # an entry without name: the default
+    select: {maximize: synth_cfp_fp_acc, where: {latency_ms: {max: 5}}}
+    scheduler: {type: none}                                 # ASHA stops trials on one metric
+
 Parameters are Optuna distributions (FloatDistribution, IntDistribution, CategoricalDistribution),
 samplers are Optuna's (``searcher.type``: tpe, random, qmc, gp, nsga2; the other keys are the
 sampler's own arguments) and the scheduler is Ray Tune's ASHA (its own arguments), so their own
@@ -47,7 +55,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from virface.config import METHODS, TEST_PREFIX, TrainConfig, config_field_names, inherited_fields
 from virface.errors import ConfigError
 from virface.fileio import read_text
-from virface.metrics import METRIC_MODES, metric_mode, selection_metric, stage_metric_names
+from virface.metrics import COST_METRICS, METRIC_MODES, metric_mode, selection_metric, stage_metric_names
 from virface.stage_table import stage_spec
 
 PARAMETER_TYPES = ("float", "int", "categorical")
@@ -62,7 +70,9 @@ SCHEDULER_TYPES = ("asha", "none")
 # ASHA arguments the search sets itself: epochs are its time, max_t is the stage's max_epoch.
 _SCHEDULER_SET_BY_SEARCH = ("time_attr", "metric", "mode", "max_t")
 
-_TOP_LEVEL_KEYS = ("metric", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
+_TOP_LEVEL_KEYS = ("metric", "select", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
+_SELECT_KEYS = ("maximize", "minimize", "where")
+_BOUND_KEYS = ("min", "max")
 _PARAMETER_KEYS = ("type", "low", "high", "log", "step", "choices", "default", "when")
 _RANGE_ONLY_KEYS = ("low", "high", "log", "step")
 # Fields a search space cannot set: the stage decides the method, and the runner sets the
@@ -86,6 +96,19 @@ _KeyPath = tuple
 class MetricSpec:
     name: str | None = None   # None: follow the data (see _parse_metric)
     mode: str | None = None   # "max" | "min"; None: from the name
+    where: str = ""           # "file:line" of its entry, for errors found once the data is known
+
+
+@dataclass(frozen=True)
+class SelectSpec:
+    """Which trial of a Pareto front passes its checkpoint on: the best ``metric`` (None: the
+    stage's selection metric) in ``mode`` (None: the metric's own) among the trials inside every
+    bound (metric -> (min, max), either end None)."""
+
+    metric: str | None = None
+    mode: str | None = None
+    bounds: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    where: str = ""           # "file:line" of the select key
 
 
 @dataclass(frozen=True)
@@ -201,6 +224,35 @@ class SearchSpace:
     fixed: dict[str, Any]
     parameters: list[Parameter]
     metric_where: str = ""         # "file:line" of the metric key, for errors found later
+    # Several objectives (metric: a list): a Pareto front, and the rule that picks from it.
+    # metric_name/metric_mode are then the first objective that is not a cost metric: what picks
+    # each trial's best epoch and what its checkpoints are kept by.
+    objectives: tuple[MetricSpec, ...] = ()
+    select: SelectSpec | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def cost_metrics(self) -> list[str]:
+        """The cost metrics the trials must measure (those named as objectives)."""
+        return [o.name for o in self.objectives if o.name in COST_METRICS]
+
+    def objective_list(self):
+        """The resolved objectives as ``virface.search.pareto.Objective`` (after resolve_metric)."""
+        from virface.search.pareto import Objective
+
+        return [Objective(o.name, o.mode) for o in self.objectives]
+
+    def select_rule(self):
+        """The resolved select rule (``virface.search.pareto.SelectRule``), after resolve_metric."""
+        from virface.search.pareto import SelectRule
+
+        spec = self.select or SelectSpec()
+        metric = spec.metric or self.metric_name
+        mode = spec.mode or next((o.mode for o in self.objectives if o.name == metric), self.metric_mode)
+        return SelectRule(metric, mode, dict(spec.bounds))
 
     @property
     def parameter_names(self) -> list[str]:
@@ -222,29 +274,57 @@ class SearchSpace:
         hardest pair set's accuracy; gen_loss for the generator). A named metric the stage cannot
         report with this data is a ConfigError listing the metrics it would report.
         """
-        available = stage_metric_names(self.stage, pair_set_names)
-        if self.metric_name is None:
-            if self.fixed.get("eval") is False and stage_spec(self.stage).default_metric is None:
-                raise ConfigError(f"{self.metric_where}: metric: eval is off, so no pair-set "
-                                  f"accuracy exists to select on; name a metric (one of {available})")
-            name, mode = selection_metric(self.stage, pair_set_names, True)
-        else:
-            name = self.metric_name
-            if name.startswith(TEST_PREFIX):
-                raise ConfigError(f"{self.metric_where}: metric.name: {name!r} is a --test pair set's "
-                                  f"metric; test pairs are reported, never selected on; select on "
-                                  f"a --val set (one of {available})")
-            if name not in available:
-                close = difflib.get_close_matches(name, available, n=3)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                given = (f"pair sets {pair_set_names}" if pair_set_names
-                         else "no pair sets (give --val NAME=PATH)")
-                raise ConfigError(
-                    f"{self.metric_where}: metric.name: {name!r}{hint} is not a metric of stage "
-                    f"{self.stage} with {given}; it reports {available}; or leave metric.name "
-                    f"out to select on the hardest pair set's accuracy")
-            mode = metric_mode(name)
+        if self.objectives:
+            return self._resolve_objectives(pair_set_names)
+        name, mode = self._resolve_one(self.metric_name, self.metric_where, "metric", pair_set_names)
         return dataclasses.replace(self, metric_name=name, metric_mode=self.metric_mode or mode)
+
+    def _resolve_one(self, name: str | None, where: str, key: str,
+                     pair_set_names: list[str]) -> tuple[str, str]:
+        available = stage_metric_names(self.stage, pair_set_names)
+        if name is None:
+            if self.fixed.get("eval") is False and stage_spec(self.stage).default_metric is None:
+                raise ConfigError(f"{where}: {key}: eval is off, so no pair-set "
+                                  f"accuracy exists to select on; name a metric (one of {available})")
+            return selection_metric(self.stage, pair_set_names, True)
+        if name.startswith(TEST_PREFIX):
+            raise ConfigError(f"{where}: {key}.name: {name!r} is a --test pair set's "
+                              f"metric; test pairs are reported, never selected on; select on "
+                              f"a --val set (one of {available})")
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=3)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            given = (f"pair sets {pair_set_names}" if pair_set_names
+                     else "no pair sets (give --val NAME=PATH)")
+            raise ConfigError(
+                f"{where}: {key}.name: {name!r}{hint} is not a metric of stage "
+                f"{self.stage} with {given}; it reports {available}; or leave {key}.name "
+                f"out to select on the hardest pair set's accuracy")
+        return name, metric_mode(name)
+
+    def _resolve_objectives(self, pair_set_names: list[str]) -> "SearchSpace":
+        resolved: list[MetricSpec] = []
+        for i, o in enumerate(self.objectives):
+            if o.name in COST_METRICS:
+                resolved.append(MetricSpec(o.name, "min", o.where))
+                continue
+            name, mode = self._resolve_one(o.name, o.where, f"metric[{i}]", pair_set_names)
+            if any(r.name == name for r in resolved):
+                raise ConfigError(f"{o.where}: metric[{i}]: {name!r} is already an objective "
+                                  f"(an entry without a name stands for it with this data)")
+            resolved.append(MetricSpec(name, o.mode or mode, o.where))
+        primary = next(o for o in resolved if o.name not in COST_METRICS)
+        names = [o.name for o in resolved]
+        if self.select is not None:
+            for key, name in ([("maximize" if self.select.mode == "max" else "minimize", self.select.metric)]
+                              + [(f"where.{n}", n) for n in self.select.bounds]):
+                if name is not None and name not in names:
+                    close = difflib.get_close_matches(name, names, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConfigError(f"{self.select.where}: select.{key}: {name!r}{hint} is not an "
+                                      f"objective; the front is over {names}")
+        return dataclasses.replace(self, objectives=tuple(resolved), metric_name=primary.name,
+                                   metric_mode=primary.mode)
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run function for ``OptunaSearch(space=space.define_by_run)``.
@@ -288,7 +368,11 @@ class SearchSpace:
     def describe(self) -> dict[str, Any]:
         """Everything that decides which trials run, as plain JSON values (no file path): what a
         resumed search must still agree with."""
-        return {
+        extra = {}
+        if self.objectives:
+            extra = {"objectives": [[o.name, o.mode] for o in self.objectives],
+                     "select": self.select_rule().to_dict() if self.metric_name else None}
+        return {**extra,
             "stage": self.stage, "metric": [self.metric_name, self.metric_mode],
             "searcher": {"type": self.searcher.type, **self.searcher.arguments},
             "scheduler": {"type": self.scheduler.type, **self.scheduler.arguments},
@@ -433,7 +517,13 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
         raise ctx.error((), f"expected a mapping with keys {list(_TOP_LEVEL_KEYS)}, "
                             f"got {type(data).__name__}")
     _check_keys(ctx, (), data, _TOP_LEVEL_KEYS)
-    metric = _parse_metric(ctx, data.get("metric"))
+    objectives: tuple[MetricSpec, ...] = ()
+    if isinstance(data.get("metric"), list):
+        objectives = _parse_objectives(ctx, data["metric"])
+        metric = next(o for o in objectives if o.name not in COST_METRICS)
+    else:
+        metric = _parse_metric(ctx, data.get("metric"))
+    select = _parse_select(ctx, data.get("select"), len(objectives))
     fixed = _parse_fixed(ctx, data.get("fixed"), stage)
     parameters = _parse_parameters(ctx, data.get("parameters"), stage, fixed)
     line = ctx.lines.line(("metric",))
@@ -441,8 +531,9 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
                         searcher=_parse_searcher(ctx, data.get("searcher")),
                         scheduler=SchedulerSpec(), budget=_parse_budget(ctx, data.get("budget")),
                         resources=_parse_resources(ctx, data.get("resources")), fixed=fixed,
-                        parameters=parameters, metric_where=f"{ctx.where}:{line}" if line else ctx.where)
-    space.scheduler = _parse_scheduler(ctx, data.get("scheduler"), space.max_epochs)
+                        parameters=parameters, metric_where=f"{ctx.where}:{line}" if line else ctx.where,
+                        objectives=objectives, select=select)
+    space.scheduler = _parse_scheduler(ctx, data.get("scheduler"), space.max_epochs, len(objectives))
     _check_train_configs(ctx, space)
     return space
 
@@ -505,7 +596,8 @@ def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:
     best.pt by (the hardest pair set's accuracy; gen_loss for the generator), resolved once the
     data is known. The mode defaults to min for losses and max otherwise."""
     if value is not None and not isinstance(value, Mapping):
-        raise ctx.error(("metric",), f"expected a mapping {{name: ..., mode: max|min}}, got {value!r}")
+        raise ctx.error(("metric",), f"expected a mapping {{name: ..., mode: max|min}} (or a list "
+                                     f"of them: several objectives), got {value!r}")
     section = _section(ctx, "metric", value, ("name", "mode"))
     name = section.get("name")
     if name is not None and (not isinstance(name, str) or not name):
@@ -515,6 +607,79 @@ def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:
     if mode is not None:
         mode = _choice(ctx, ("metric", "mode"), mode, METRIC_MODES)
     return MetricSpec(name, mode)
+
+
+def _parse_objectives(ctx: _Context, value: list) -> tuple[MetricSpec, ...]:
+    """``metric`` as a list: two or more objectives, each ``{name, mode}``; one entry may leave
+    the name out (the data's default metric); a cost metric is minimised; at least one objective
+    must be something training moves (an accuracy or a loss)."""
+    if len(value) < 2:
+        raise ctx.error(("metric",), "a list names several objectives (a Pareto front); for one, "
+                                     "write a mapping {name: ..., mode: max|min}")
+    parsed: list[MetricSpec] = []
+    for i, entry in enumerate(value):
+        path = ("metric", i)
+        if not isinstance(entry, Mapping):
+            raise ctx.error(path, f"expected a mapping {{name: ..., mode: max|min}}, got {entry!r}")
+        _check_keys(ctx, path, entry, ("name", "mode"))
+        name, mode = entry.get("name"), entry.get("mode")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ctx.error(path + ("name",), f"{name!r} must be a non-empty metric name")
+        if mode is not None:
+            mode = _choice(ctx, path + ("mode",), mode, METRIC_MODES)
+        if name in COST_METRICS and mode == "max":
+            raise ctx.error(path + ("mode",), f"{name} is a cost; it can only be minimised (mode: min)")
+        if name is None and any(o.name is None for o in parsed):
+            raise ctx.error(path, "only one objective may leave its name out (it stands for the "
+                                  "data's default metric)")
+        if name is not None and any(o.name == name for o in parsed):
+            raise ctx.error(path + ("name",), f"{name!r} is listed twice")
+        line = ctx.lines.line(path)
+        parsed.append(MetricSpec(name, mode, f"{ctx.where}:{line}" if line else ctx.where))
+    if all(o.name in COST_METRICS for o in parsed):
+        raise ctx.error(("metric",), f"every objective is a cost ({[o.name for o in parsed]}); add "
+                                     "an accuracy or a loss (an entry {mode: max} without a name "
+                                     "is the data's default accuracy)")
+    return tuple(parsed)
+
+
+def _parse_select(ctx: _Context, value: Any, n_objectives: int) -> SelectSpec | None:
+    """``select: {maximize|minimize: METRIC, where: {METRIC: {min: X, max: Y}}}``; only beside
+    several objectives (it picks from their Pareto front). Metric names are checked against the
+    objectives once the data is known (resolve_metric)."""
+    if value is None:
+        return None
+    if n_objectives < 2:
+        raise ctx.error(("select",), "select picks a trial from a Pareto front; give metric as a "
+                                     "list of two or more objectives")
+    section = _section(ctx, "select", value, _SELECT_KEYS)
+    if "maximize" in section and "minimize" in section:
+        raise ctx.error(("select", "minimize"), "give one of maximize or minimize, not both")
+    metric, mode = None, None
+    for key, direction in (("maximize", "max"), ("minimize", "min")):
+        if key in section:
+            metric, mode = section[key], direction
+            if not isinstance(metric, str) or not metric:
+                raise ctx.error(("select", key), f"{metric!r} must be a metric name")
+    where = section.get("where") or {}
+    if not isinstance(where, Mapping):
+        raise ctx.error(("select", "where"), f"expected a mapping of metric -> {{min: X, max: Y}}, "
+                                             f"got {where!r}")
+    bounds = {}
+    for name, limits in where.items():
+        path = ("select", "where", name)
+        if not isinstance(limits, Mapping) or not limits:
+            raise ctx.error(path, f"expected {{min: X}}, {{max: Y}} or both, got {limits!r}")
+        _check_keys(ctx, path, limits, _BOUND_KEYS)
+        for key in _BOUND_KEYS:
+            if limits.get(key) is not None and not _is_number(limits[key]):
+                raise ctx.error(path + (key,), f"{limits[key]!r} must be a number")
+        low, high = (None if limits.get(k) is None else float(limits[k]) for k in _BOUND_KEYS)
+        if low is not None and high is not None and low > high:
+            raise ctx.error(path + ("min",), f"{low:g} is more than max {high:g}; no trial fits")
+        bounds[str(name)] = (low, high)
+    line = ctx.lines.line(("select",))
+    return SelectSpec(metric, mode, bounds, f"{ctx.where}:{line}" if line else ctx.where)
 
 
 def _arguments_of(ctx: _Context, path: _KeyPath, section: Mapping, target, exclude=()) -> dict:
@@ -541,9 +706,15 @@ def _parse_searcher(ctx: _Context, value: Any) -> SearcherSpec:
     return SearcherSpec(kind, arguments)
 
 
-def _parse_scheduler(ctx: _Context, value: Any, max_epochs: int) -> SchedulerSpec:
+def _parse_scheduler(ctx: _Context, value: Any, max_epochs: int, n_objectives: int = 0) -> SchedulerSpec:
     section = _section(ctx, "scheduler", value)
-    kind = _choice(ctx, ("scheduler", "type"), section.get("type", "asha"), SCHEDULER_TYPES)
+    # ASHA compares trials on one metric; with several objectives every trial runs to the end.
+    default = "none" if n_objectives > 1 else "asha"
+    kind = _choice(ctx, ("scheduler", "type"), section.get("type", default), SCHEDULER_TYPES)
+    if kind == "asha" and n_objectives > 1:
+        raise ctx.error(("scheduler", "type"), f"ASHA stops trials by one metric, and this search "
+                                               f"has {n_objectives} objectives (metric is a list); "
+                                               f"use scheduler: {{type: none}}")
     if kind == "none":
         _check_keys(ctx, ("scheduler",), section, ("type",))
         return SchedulerSpec("none", {})

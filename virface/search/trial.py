@@ -26,6 +26,9 @@ from virface.progress import write_progress
 from virface.search.space import ResourcesSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The categorical parameter of a stage that starts from one of several carried upstream
+# checkpoints (--carry_top): its value is the upstream trial's id.
+UPSTREAM_PARAMETER = "upstream"
 
 
 @dataclass
@@ -40,11 +43,18 @@ class TrialSetup:
     metric: str
     mode: str
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    measure_cost: bool = False           # report params, macs and latency_ms (virface.cost)
+    # Upstream trial id -> its checkpoint, when the upstream stage carried several (--carry_top):
+    # each trial starts from the one its ``upstream`` parameter names.
+    upstream_choices: dict[str, str] = field(default_factory=dict)
 
 
 def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    choice = params.pop(UPSTREAM_PARAMETER, None)
+    upstream = setup.upstream_choices[choice] if choice is not None else setup.upstream_checkpoint
     values = {**setup.base_config, **params, "method": setup.stage,
-              "pretrained_file": setup.upstream_checkpoint, "resume_file": None,
+              "pretrained_file": upstream, "resume_file": None,
               "snapshot_prefix": None, "tensorboard": True}
     if setup.resources.gpus_per_worker == 0:
         values["device"] = "cpu"
@@ -86,16 +96,23 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     train_config = trial_train_config(setup, params)
     tb_dir = os.path.join(setup.tb_root, f"{setup.stage}_{trial_id}")
     if setup.resources.workers == 1:
-        _run_in_process(train_config, tb_dir)
+        _run_in_process(train_config, tb_dir, setup.measure_cost)
     else:
         _run_with_ranks(train_config, tb_dir, setup, trial_id)
 
 
-def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
+def run_cost(run) -> dict[str, float]:
+    """params, macs and latency_ms of a StageRun's backbone, at its input size, on its device."""
+    from virface.cost import model_cost
+
+    return model_cost(run.models.backbone, run.config.input_size, run.ctx.device)
+
+
+def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: bool = False) -> None:
     from ray import tune
 
     from virface.config import TrainConfig
-    from virface.stages import run_stage
+    from virface.stages import StageRun
 
     checkpoint = tune.get_checkpoint()
     work = tempfile.mkdtemp(prefix="virface-trial-")
@@ -113,9 +130,17 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str) -> None:
                 copy_checkpoint(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-        run_stage(config, os.path.join(work, "run"), on_epoch_end=report, tb_dir=tb_dir,
-                  on_progress=lambda progress: write_progress(tb_dir, progress),
-                  keep_epoch_checkpoints=False)
+        # run_stage's loop, with the model's cost (measured once, before training) in every report.
+        run = StageRun(config, os.path.join(work, "run"), tb_dir=tb_dir,
+                       on_progress=lambda progress: write_progress(tb_dir, progress),
+                       keep_epoch_checkpoints=False)
+        try:
+            cost = run_cost(run) if measure_cost else {}
+            while not run.done:
+                metrics, checkpoint_path = run.run_epoch()
+                report({**metrics, **cost}, checkpoint_path)
+        finally:
+            run.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -161,6 +186,9 @@ class RankWorker:
 
     def done(self) -> bool:
         return self.run.done
+
+    def cost(self) -> dict[str, float]:
+        return run_cost(self.run)
 
     def epoch(self) -> tuple[dict[str, Any], str | None]:
         return self.run.run_epoch()
@@ -247,8 +275,10 @@ def _run_with_ranks(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup
         _all_ranks([rank.start.remote(backend, f"tcp://{host}:{port}", k, r.workers, train_config,
                                       run_dir if k == 0 else None, tb_dir)
                     for k, rank in enumerate(ranks)])
+        cost = ray.get(ranks[0].cost.remote()) if setup.measure_cost else {}
         while not ray.get(ranks[0].done.remote()):
             (metrics, path), *_ = _all_ranks([rank.epoch.remote() for rank in ranks])
+            metrics = {**metrics, **cost}
             with tempfile.TemporaryDirectory(dir=shared) as d:
                 copy_checkpoint(path, os.path.join(d, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
