@@ -32,7 +32,8 @@ from virface.search.manifest import (StageManifest, manifest_path, plan_chain, r
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
                                    write_optuna_plots, write_trials)
 from virface.search.space import SearchSpace, default_space_path, load_search_space
-from virface.search.trial import CHECKPOINT_FILE, TrialSetup, run_trial, trial_resources, trials_at_once
+from virface.search.trial import (TrialSetup, best_checkpoint_of, checkpoint_retention, run_trial,
+                                  trial_resources, trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
@@ -419,9 +420,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
             run_config=tune.RunConfig(
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=metric,
-                    checkpoint_score_order=space.metric_mode),
+                checkpoint_config=checkpoint_retention(),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
     started = time.time()
@@ -436,7 +435,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         return StageOutcome(stage, None, None, rows, metric, error=f"every trial of stage {stage} failed: {errors}")
     best_path, best_value, best_result = None, None, None
     for result in ok:
-        path, value = best_checkpoint_of(result, metric, space.metric_mode)
+        path, value = best_checkpoint_of(result, metric)
         if path and (best_value is None or _better(value, best_value, space.metric_mode)):
             best_path, best_value, best_result = path, value, result
     if best_path is None:
@@ -492,18 +491,6 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 def _trial_id(result) -> str:
     return str(result.metrics.get("trial_id") or os.path.basename(result.path))
-
-
-def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """The trial's best-epoch checkpoint file and its metric value (not merely the last epoch's):
-    trials report a checkpoint per epoch to Tune, which keeps the best ones by ``metric``."""
-    candidates = list(result.best_checkpoints or [])
-    candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float))
-                  and math.isfinite(m[metric])]
-    if not candidates:
-        return None, None
-    pick = (max if mode == "max" else min)(candidates, key=lambda cm: cm[1][metric])
-    return os.path.join(pick[0].path, CHECKPOINT_FILE), float(pick[1][metric])
 
 
 def trial_row(result, space: SearchSpace) -> TrialRow:
