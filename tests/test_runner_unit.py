@@ -1,8 +1,12 @@
 """The search runner's decisions, without Ray."""
+import os
+import shutil
 from types import SimpleNamespace
 
-from virface.search.runner import (SMOKE_FIXED, SearchOptions, base_train_config, best_checkpoint_of,
-                                   stage_space)
+import pytest
+
+from virface.search.runner import SMOKE_FIXED, SearchOptions, base_train_config, stage_space
+from virface.search.trial import ReportedCheckpoints, best_checkpoint_of, checkpoint_retention
 
 
 def test_smoke_budget_shrinks_every_stage_and_its_data():
@@ -34,22 +38,121 @@ def test_storage_is_made_absolute():
     assert SearchOptions(stage="pretrain", storage="rel/dir").storage.startswith("/")
 
 
-def fake_result(epochs):
-    """A Tune result whose kept checkpoints are the given (epoch, accuracy) pairs."""
-    ckpts = [(SimpleNamespace(path=f"/ckpt/epoch{e}"), {"epoch": e, "acc": acc}) for e, acc in epochs]
-    return SimpleNamespace(best_checkpoints=ckpts, metrics={"epoch": epochs[-1][0]})
+class TuneSide:
+    """Tune's side of a trial's reports, as Ray 2.60 does it: each reported directory is copied
+    to storage as checkpoint_NNNNNN and registered with Tune's own checkpoint manager under the
+    search's retention, which deletes what it does not keep."""
+
+    def __init__(self, storage):
+        from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+        self.storage, self.count, self.metrics = storage, 0, None
+        self.manager = _CheckpointManager(checkpoint_retention())
+
+    def report(self, metrics, checkpoint):
+        from ray import tune
+        from ray.train._internal.session import _TrainingResult
+
+        target = self.storage / f"checkpoint_{self.count:06d}"
+        shutil.copytree(checkpoint.path, target)
+        self.count += 1
+        self.manager.register_checkpoint(_TrainingResult(tune.Checkpoint.from_directory(str(target)), metrics))
+        self.metrics = metrics
+
+    def kept(self):
+        return sorted(p.name for p in self.storage.glob("checkpoint_*"))
+
+    def result(self):
+        """What the search reads of the finished trial: its latest checkpoint and last result."""
+        latest = self.manager.latest_checkpoint_result
+        return SimpleNamespace(checkpoint=latest.checkpoint if latest else None, metrics=self.metrics)
 
 
-def test_manifest_takes_the_best_epoch_not_the_last():
-    path, value = best_checkpoint_of(fake_result([(1, 0.7), (2, 0.9), (3, 0.8)]), "acc", "max")
-    assert path == "/ckpt/epoch2/checkpoint.pt" and value == 0.9
-    path, value = best_checkpoint_of(fake_result([(1, 0.7), (2, 0.9), (3, 0.8)]), "acc", "min")
-    assert path == "/ckpt/epoch1/checkpoint.pt" and value == 0.7
+def run_epochs(checkpoints, tune_side, run_dir, accuracies, first_epoch=1, best=(None, None)):
+    """A trial's epochs as StageRun runs them: each saves epoch_NNN.pt (its content names the
+    epoch), tracks the best epoch by accuracy (max; a tie keeps the earlier epoch), reports
+    ``acc`` and ``best_acc``, then deletes its checkpoint (keep_epoch_checkpoints=False)."""
+    best_epoch, best_value = best
+    for epoch, acc in enumerate(accuracies, start=first_epoch):
+        path = run_dir / f"epoch_{epoch:03d}.pt"
+        path.write_text(f"epoch {epoch}")
+        if best_value is None or acc > best_value:
+            best_epoch, best_value = epoch, acc
+        checkpoints.report({"epoch": epoch, "acc": acc, "best_acc": best_value}, str(path), best_epoch)
+        path.unlink()
+    return best_epoch, best_value
 
 
-def test_nan_epochs_are_never_the_best():
-    path, value = best_checkpoint_of(fake_result([(1, float("nan")), (2, 0.6)]), "acc", "max")
-    assert value == 0.6
+@pytest.fixture
+def trial(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "storage").mkdir()
+    tune_side = TuneSide(tmp_path / "storage")
+    return ReportedCheckpoints(str(tmp_path / "work"), report=tune_side.report), tune_side, tmp_path / "run"
+
+
+def test_the_checkpoint_a_lagging_snapshot_names_survives_the_next_epochs_checkpoint(trial):
+    # Tune deletes what it does not keep as a new checkpoint arrives, before its next snapshot,
+    # which may still name the checkpoint before (issue: kept by score, epoch 2's was deleted when
+    # the better epoch 3 arrived, and the resumed trial could not be restored).
+    checkpoints, tune_side, run_dir = trial
+    accuracies = [0.9, 0.5, 0.8, 0.7, 0.95, 0.6]
+    for n, acc in enumerate(accuracies):
+        run_epochs(checkpoints, tune_side, run_dir, [acc], first_epoch=n + 1,
+                   best=(1, 0.9) if n else (None, None))
+        names = [f"checkpoint_{k:06d}" for k in range(max(0, n - 1), n + 1)]
+        assert tune_side.kept() == names                     # the latest, the one before; no more
+
+
+def test_the_manifest_takes_the_trials_best_epoch_not_its_last(trial):
+    checkpoints, tune_side, run_dir = trial
+    run_epochs(checkpoints, tune_side, run_dir, [0.7, 0.9, 0.8, 0.6])
+    assert tune_side.kept() == ["checkpoint_000002", "checkpoint_000003"]
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert path.endswith("checkpoint_000003/best.pt") and value == 0.9
+    assert open(path).read() == "epoch 2"
+
+
+def test_a_trial_whose_last_epoch_is_its_best_stores_it_once(trial):
+    checkpoints, tune_side, run_dir = trial
+    run_epochs(checkpoints, tune_side, run_dir, [0.7, 0.9, 0.6, 0.95])
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert path.endswith("checkpoint_000003/checkpoint.pt") and value == 0.95
+    assert open(path).read() == "epoch 4"
+    assert sorted(os.listdir(os.path.dirname(path))) == ["checkpoint.pt"]
+
+
+def test_a_tie_keeps_the_earlier_epoch_as_the_best(trial):
+    checkpoints, tune_side, run_dir = trial
+    run_epochs(checkpoints, tune_side, run_dir, [0.8, 0.9, 0.9])
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert open(path).read() == "epoch 2" and value == 0.9
+
+
+def test_a_restored_trial_keeps_its_best_epoch_from_before_the_restore(trial, tmp_path):
+    checkpoints, tune_side, run_dir = trial
+    best = run_epochs(checkpoints, tune_side, run_dir, [0.7, 0.9, 0.8])
+    # The driver was killed; --resume restores the trial, in a new process and work folder,
+    # from its latest directory (epoch 3's).
+    (tmp_path / "work2").mkdir()
+    restored = ReportedCheckpoints(str(tmp_path / "work2"), report=tune_side.report)
+    resume = restored.restore(tune_side.result().checkpoint.path)
+    assert open(resume).read() == "epoch 3"
+    run_epochs(restored, tune_side, run_dir, [0.6], first_epoch=4, best=best)
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert open(path).read() == "epoch 2" and value == 0.9
+    run_epochs(restored, tune_side, run_dir, [0.95], first_epoch=5, best=best)
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert open(path).read() == "epoch 5" and value == 0.95
+
+
+def test_a_trial_without_a_finite_best_or_a_checkpoint_offers_none():
+    checkpoint = SimpleNamespace(path="/ckpt/checkpoint_000001")
+    assert best_checkpoint_of(SimpleNamespace(checkpoint=checkpoint, metrics={"best_acc": float("nan")}),
+                              "acc") == (None, None)
+    assert best_checkpoint_of(SimpleNamespace(checkpoint=None, metrics={"best_acc": 0.9}), "acc") == (None, None)
+    assert best_checkpoint_of(SimpleNamespace(checkpoint=checkpoint, metrics={}), "acc") == (None, None)
 
 
 def test_smoke_budget_keeps_asha_grace_within_its_single_epoch():

@@ -119,8 +119,8 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
 
     from virface.checkpoint import load_checkpoint
     from virface.search.callbacks import TrialProgress
-    from virface.search.runner import best_checkpoint_of
-    from virface.search.trial import TrialSetup, run_trial, trial_resources
+    from virface.search.trial import (TrialSetup, best_checkpoint_of, checkpoint_retention, run_trial,
+                                      trial_resources)
 
     experiment = os.path.join(options.storage, options.name, COMPARISON_DIR)
     space = stage_space(replace(options, stage=arm), arm)
@@ -146,9 +146,7 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
             run_config=tune.RunConfig(
                 name=name, storage_path=experiment, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2,
-                                                        checkpoint_score_attribute=manifest.metric_name,
-                                                        checkpoint_score_order=manifest.metric_mode),
+                checkpoint_config=checkpoint_retention(),
                 callbacks=[TrialProgress(arm, manifest.metric_name, ["seed"], len(seeds),
                                          space.max_epochs, 1, setup.tb_root, print_lines=not options.quiet),
                            CSVLoggerCallback(), JsonLoggerCallback()]))
@@ -156,7 +154,7 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
     for result in tuner.fit():
         if result.error is not None:
             raise SearchError(f"compare: retraining the {arm} winner failed: {result.error}")
-        path, value = best_checkpoint_of(result, manifest.metric_name, manifest.metric_mode)
+        path, value = best_checkpoint_of(result, manifest.metric_name)
         metrics = load_checkpoint(path)["metrics"]
         runs.append({"seed": result.config["seed"], "best_epoch": metrics["epoch"], "val": value,
                      **{k: v for k, v in metrics.items() if k.startswith(TEST_PREFIX)}})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -36,8 +35,8 @@ from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_tri
 from virface.search.pareto import (NoTrialSelected, TrialPoint, format_front, pareto_front, plot_front,
                                    rank_by_rule, select_point)
 from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
-from virface.search.trial import (CHECKPOINT_FILE, UPSTREAM_PARAMETER, TrialSetup, run_trial, trial_resources,
-                                  trials_at_once)
+from virface.search.trial import (UPSTREAM_PARAMETER, TrialSetup, best_checkpoint_of, checkpoint_retention,
+                                  run_trial, trial_resources, trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
@@ -468,9 +467,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
             run_config=tune.RunConfig(
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2, checkpoint_score_attribute=metric,
-                    checkpoint_score_order=space.metric_mode),
+                checkpoint_config=checkpoint_retention(),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
     started = time.time()
@@ -486,7 +483,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     # Each trial at its best validation epoch: its checkpoint and what it reported there.
     points = []
     for result in ok:
-        path, epoch_metrics = best_epoch_of(result, metric, space.metric_mode)
+        path, epoch_metrics = best_epoch_of(result, metric)
         if path is not None:
             names = [o.name for o in space.objectives] or [metric]
             points.append(TrialPoint(_trial_id(result), {n: epoch_metrics.get(n) for n in names}, path,
@@ -588,23 +585,14 @@ def _trial_id(result) -> str:
     return str(result.metrics.get("trial_id") or os.path.basename(result.path))
 
 
-def best_epoch_of(result, metric: str, mode: str) -> tuple[str | None, dict[str, Any]]:
-    """The trial's best-epoch checkpoint file and the metrics it reported at that epoch (not
-    merely the last epoch's): trials report a checkpoint per epoch to Tune, which keeps the best
-    ones by ``metric``."""
-    candidates = list(result.best_checkpoints or [])
-    candidates = [(c, m) for c, m in candidates if isinstance(m.get(metric), (int, float))
-                  and math.isfinite(m[metric])]
-    if not candidates:
+def best_epoch_of(result, metric: str) -> tuple[str | None, dict[str, Any]]:
+    """The trial's best-epoch checkpoint file and its objective values there: ``metric`` at its
+    best epoch (``best_<metric>``), the others from the last report (the cost metrics are
+    measured once per trial, so every report carries the same)."""
+    path, value = best_checkpoint_of(result, metric)
+    if path is None:
         return None, {}
-    pick = (max if mode == "max" else min)(candidates, key=lambda cm: cm[1][metric])
-    return os.path.join(pick[0].path, CHECKPOINT_FILE), dict(pick[1])
-
-
-def best_checkpoint_of(result, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """The trial's best-epoch checkpoint file and its metric value."""
-    path, metrics = best_epoch_of(result, metric, mode)
-    return path, (float(metrics[metric]) if path else None)
+    return path, {**(result.metrics or {}), metric: value}
 
 
 def with_upstream_parameter(space: SearchSpace, trial_ids: list[str]) -> SearchSpace:

@@ -14,18 +14,25 @@ Either way the loop is the library's own, unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from virface.checkpoint import copy_checkpoint
 from virface.progress import write_progress
 from virface.search.space import ResourcesSpec
 
-CHECKPOINT_FILE = "checkpoint.pt"
+# What a trial reports to Tune after each epoch is one directory holding:
+CHECKPOINT_FILE = "checkpoint.pt"   # the epoch's checkpoint: what a restored trial resumes from
+BEST_FILE = "best.pt"               # the trial's best epoch so far, when that is an earlier epoch
+# (when it is this epoch, CHECKPOINT_FILE is the best and BEST_FILE is left out). Each directory
+# is complete on its own, so Tune keeps only the most recent ones (checkpoint_retention).
+CHECKPOINTS_KEPT = 2
 # The categorical parameter of a stage that starts from one of several carried upstream
 # checkpoints (--carry_top): its value is the upstream trial's id.
 UPSTREAM_PARAMETER = "upstream"
@@ -88,6 +95,91 @@ def trials_at_once(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
     return max(0, min(fits))
 
 
+def checkpoint_retention():
+    """Tune's retention of each trial's reported directories: the ``CHECKPOINTS_KEPT`` most
+    recent, by recency and never by score.
+
+    Tune deletes a directory the moment a newer one is registered, before its next experiment
+    snapshot, while a snapshot taken earlier may still name it as the trial's latest: that is the
+    directory a ``--resume`` after a ``kill -9`` restores the trial from. Kept by score, it could
+    be the one deleted (a better newer epoch pushes out a worse latest one), and the running trial
+    was lost. Kept by recency, the latest and the one before it are kept, and the snapshot moves
+    on at least every ``num_to_keep`` checkpoints (Tune forces it) and every second (the search's
+    ``TUNE_GLOBAL_CHECKPOINT_S``). With 1, the directory the snapshot names would be deleted as
+    soon as the next one arrives, before the snapshot catches up.
+    """
+    from ray import tune
+
+    return tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
+
+
+def best_file_in(checkpoint_dir: str) -> str:
+    """The trial's best-epoch checkpoint as of the epoch that reported ``checkpoint_dir``."""
+    best = os.path.join(checkpoint_dir, BEST_FILE)
+    return best if os.path.isfile(best) else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
+
+
+def best_checkpoint_of(result, metric: str) -> tuple[str | None, float | None]:
+    """A finished trial's best-epoch checkpoint file and its ``metric`` value (not merely the last
+    epoch's): the best file of its latest reported directory (the one Tune always keeps), valued
+    at its last result's ``best_<metric>``. ``(None, None)`` without a checkpoint or a finite value.
+    """
+    checkpoint = getattr(result, "checkpoint", None)
+    value = (result.metrics or {}).get(f"best_{metric}")
+    if checkpoint is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, None
+    return best_file_in(checkpoint.path), float(value)
+
+
+def _link_or_copy(source: str, target: str) -> str:
+    """``target`` becomes ``source``'s content: a hard link (no bytes written) where the file
+    system allows one, else an atomic copy. Checkpoints are never rewritten in place (they are
+    saved by rename), so a linked file never changes under its other name."""
+    temporary = f"{target}.{os.getpid()}.link"
+    try:
+        os.link(source, temporary)
+        os.replace(temporary, target)
+        return target
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return copy_checkpoint(source, target)
+
+
+class ReportedCheckpoints:
+    """A trial's checkpoints for Tune, made in ``work`` (a folder of the trial's own): after each
+    epoch a directory with that epoch's ``CHECKPOINT_FILE`` and, when an earlier epoch is the
+    best so far, its ``BEST_FILE``. ``report`` is ``ray.tune.report`` (a test passes its own)."""
+
+    def __init__(self, work: str, report: Callable[..., None] | None = None):
+        self.work = work
+        self.best = os.path.join(work, BEST_FILE)     # the best epoch's checkpoint so far
+        self._report = report
+
+    def restore(self, checkpoint_dir: str) -> str:
+        """Continue from a reported directory (Tune restored the trial): its best epoch stays
+        the best so far. Returns the checkpoint to resume the run from."""
+        resume = _link_or_copy(os.path.join(checkpoint_dir, CHECKPOINT_FILE),
+                               os.path.join(self.work, "resume.pt"))
+        _link_or_copy(best_file_in(checkpoint_dir), self.best)
+        return resume
+
+    def report(self, metrics: dict[str, Any], checkpoint_path: str, best_epoch: int) -> None:
+        """Report an epoch's ``metrics`` with its checkpoint; ``best_epoch`` is the run's best
+        epoch so far (``StageRun.best``), this one or an earlier one."""
+        from ray import tune
+
+        report = self._report or tune.report
+
+        with tempfile.TemporaryDirectory(dir=self.work) as d:
+            current = _link_or_copy(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
+            if best_epoch == metrics["epoch"]:
+                _link_or_copy(current, self.best)
+            else:
+                _link_or_copy(self.best, os.path.join(d, BEST_FILE))
+            report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable."""
     from ray import tune
@@ -116,29 +208,22 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: boo
 
     checkpoint = tune.get_checkpoint()
     work = tempfile.mkdtemp(prefix="virface-trial-")
+    checkpoints = ReportedCheckpoints(work)
     try:
         if checkpoint is not None:
             # Tune restored this trial: continue from its last reported epoch.
             with checkpoint.as_directory() as d:
-                copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(work, "resume.pt"))
-            train_config = {**train_config, "resume_file": os.path.join(work, "resume.pt"),
-                            "pretrained_file": None}
-        config = TrainConfig.from_dict(train_config)
-
-        def report(metrics: dict[str, Any], checkpoint_path: str | None) -> None:
-            with tempfile.TemporaryDirectory(dir=work) as d:
-                copy_checkpoint(checkpoint_path, os.path.join(d, CHECKPOINT_FILE))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-        # run_stage's loop, with the model's cost (measured once, before training) in every report.
-        run = StageRun(config, os.path.join(work, "run"), tb_dir=tb_dir,
+                resume = checkpoints.restore(d)
+            train_config = {**train_config, "resume_file": resume, "pretrained_file": None}
+        run = StageRun(TrainConfig.from_dict(train_config), os.path.join(work, "run"), tb_dir=tb_dir,
                        on_progress=lambda progress: write_progress(tb_dir, progress),
                        keep_epoch_checkpoints=False)
         try:
+            # The model's cost, measured once before training, goes into every report.
             cost = run_cost(run) if measure_cost else {}
             while not run.done:
-                metrics, checkpoint_path = run.run_epoch()
-                report({**metrics, **cost}, checkpoint_path)
+                metrics, path = run.run_epoch()
+                checkpoints.report({**metrics, **cost}, path, run.best["epoch"])
         finally:
             run.close()
     finally:
@@ -190,8 +275,11 @@ class RankWorker:
     def cost(self) -> dict[str, float]:
         return run_cost(self.run)
 
-    def epoch(self) -> tuple[dict[str, Any], str | None]:
-        return self.run.run_epoch()
+    def epoch(self) -> tuple[dict[str, Any], str | None, int]:
+        """The next epoch's metrics, checkpoint (rank 0's; None on the others) and the run's best
+        epoch so far."""
+        metrics, path = self.run.run_epoch()
+        return metrics, path, self.run.best["epoch"]
 
     def close(self) -> None:
         if getattr(self, "run", None) is not None:
@@ -264,10 +352,12 @@ def _run_with_ranks(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup
     # On shared storage: every rank reads the resume checkpoint; the trial reads rank 0's.
     shared = os.path.join(setup.train_storage, f"train_{setup.stage}_{trial_id}")
     try:
+        os.makedirs(shared, exist_ok=True)
+        checkpoints = ReportedCheckpoints(shared)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                resume = copy_checkpoint(os.path.join(d, CHECKPOINT_FILE), os.path.join(shared, "resume.pt"))
+                resume = checkpoints.restore(d)
             train_config = {**train_config, "resume_file": resume, "pretrained_file": None}
         host, port = ray.get(ranks[0].address.remote())
         backend = "nccl" if r.gpus_per_worker > 0 else "gloo"
@@ -277,11 +367,8 @@ def _run_with_ranks(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup
                     for k, rank in enumerate(ranks)])
         cost = ray.get(ranks[0].cost.remote()) if setup.measure_cost else {}
         while not ray.get(ranks[0].done.remote()):
-            (metrics, path), *_ = _all_ranks([rank.epoch.remote() for rank in ranks])
-            metrics = {**metrics, **cost}
-            with tempfile.TemporaryDirectory(dir=shared) as d:
-                copy_checkpoint(path, os.path.join(d, CHECKPOINT_FILE))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            (metrics, path, best_epoch), *_ = _all_ranks([rank.epoch.remote() for rank in ranks])
+            checkpoints.report({**metrics, **cost}, path, best_epoch)
     finally:
         # Done, or stopped between epochs (ASHA stops a trial at its report: the ranks are
         # idle): they close their run and wait for the next trial. A rank that cannot (it
