@@ -31,9 +31,9 @@ Protocol, per training seed:
     python benchmarks/shallow_data.py --from-json docs/shallow_data/results.json   # tables again
 
 Writes ``results.json`` (plan, every run's per-epoch validation metrics and losses, its test metrics, wall
-times, machine), ``summary.json`` (the schema of docs/RESULTS.md), ``table.md`` and
-``gains.png`` into ``--out`` (default docs/shallow_data) and prints the tables. Nothing here
-imports Ray or Optuna.
+times, machine), ``summary.json`` (the schema of docs/RESULTS.md), ``table.md``, ``gains.png`` and
+``curves.png`` (validation accuracy and L_vi per epoch) into ``--out`` (default
+docs/shallow_data) and prints the tables. Nothing here imports Ray or Optuna.
 """
 from __future__ import annotations
 
@@ -507,6 +507,39 @@ def plot_gains(summary: dict[str, Any], path: str) -> str:
     return path
 
 
+def plot_curves(records: list[dict[str, Any]], path: str) -> str:
+    """Validation accuracy on the hardest pair set per continuation epoch, mean over seeds, and
+    each arm's training loss: where an arm gains or loses ground, and whether its loss explains it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["kind"] == "arm"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    fig, (ax_acc, ax_vi) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, arm in enumerate(arms):
+        mine = [r for r in runs if r["arm"] == arm]
+        acc = np.mean([[100 * e[SELECT_ON] for e in r["epochs"]] for r in mine], axis=0)
+        epochs = range(1, len(acc) + 1)
+        style = {"color": f"C{i}", "lw": 2.2 if arm in ("baseline", "oracle") else 1.4}
+        ax_acc.plot(epochs, acc, label=arm.replace("virface:", "VirFace "), **style)
+        vi = [[e.get("loss_vi") for e in r["epochs"]] for r in mine]
+        if all(v is not None for row in vi for v in row):
+            ax_vi.plot(epochs, np.mean(vi, axis=0), label=arm.replace("virface:", "VirFace "), **style)
+    ax_acc.set_xlabel("continuation epoch")
+    ax_acc.set_ylabel(f"validation {HARDEST} accuracy %, mean over seeds")
+    ax_acc.legend(fontsize=8)
+    ax_vi.set_xlabel("continuation epoch")
+    ax_vi.set_ylabel("L_vi (VirInstance CE), epoch mean, mean over seeds")
+    if ax_vi.lines:
+        ax_vi.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------- main
 
 def parse_args(argv):
@@ -609,6 +642,7 @@ def write_outputs(results: dict[str, Any], summary: dict[str, Any], plan: Plan, 
     write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary_json(summary, plan), indent=2) + "\n")
     write_text_atomic(os.path.join(out, "table.md"), table + "\n" + "\n".join(results["verdict"]) + "\n")
     plot_gains(summary, os.path.join(out, "gains.png"))
+    plot_curves(results["records"], os.path.join(out, "curves.png"))
     print()
     print(table)
     print("\n".join(results["verdict"]))

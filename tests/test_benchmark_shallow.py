@@ -99,8 +99,9 @@ def test_tables_and_plot_are_written_and_rebuilt_from_results_json(smoke_run, tm
     table = (out / "table.md").read_text()
     for label in ("ArcFace baseline", "VirClass", "VirFace alternate", "VirFace residual", "oracle"):
         assert label in table
-    png = (out / "gains.png").read_bytes()
-    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+    for name in ("gains.png", "curves.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == PNG_MAGIC and len(png) > 10_000, name
     again = tmp_path / "again"
     bench.main(["--from-json", str(out / "results.json"), "--out", str(again)])
     assert json.loads((again / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
