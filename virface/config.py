@@ -155,8 +155,8 @@ class TrainConfig(ConfigDataclass):
              "convolutions with tensor cores); ignored on CPU")
     compile: bool = setting(
         False, group=GROUP_OPTIM,
-        help="torch.compile the backbone's training forward; an opt-in (see docs/RESULTS.md for "
-             "what it measured)")
+        help="torch.compile the backbone's training forward; an opt-in: its gain is not measured "
+             "yet (no GPU was available; benchmarks/gpu_throughput.py --suite measures it)")
 
     # data
     labeled: str | None = setting(
