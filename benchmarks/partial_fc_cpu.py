@@ -1,7 +1,7 @@
 """Partial FC: the head's share of a training step with r = 0.1 against r = 1.0, side by side.
 
-A linear layer on random 512-d inputs stands in for the backbone; the head is PartialFCHead over
-1,000,000 identities. The two sample rates run in alternate steps on the same W (so a change in
+The library's smallest backbone (``mobilefacenet_s`` on random 32 x 32 images, the built-in
+data's size) feeds PartialFCHead over 1,000,000 identities. The two sample rates run in alternate steps on the same W (so a change in
 the machine's load hits both), each step timed in two parts: the backbone's forward + backward
 and the head's (logits, cross-entropy, backward to W and the features). Prints per rate the
 median milliseconds, the head's share of the step, and the head's memory:
@@ -30,11 +30,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
+from virface.backbones import build_backbone  # noqa: E402
 from virface.partial_fc import PartialFCHead  # noqa: E402
 
 RATES = (0.1, 1.0)
+BACKBONE, INPUT_SIZE = "mobilefacenet_s", 32     # a tiny real backbone: the head's share is visible
 
 
 def sync(device: torch.device) -> None:
@@ -103,7 +104,7 @@ def head_step(head: PartialFCHead, feats: torch.Tensor, labels: torch.Tensor) ->
 
 def run(num_classes: int, feat_len: int, batch: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    backbone = nn.Linear(512, feat_len).to(device)
+    backbone = build_backbone(BACKBONE, feat_len=feat_len, input_size=INPUT_SIZE).to(device)
     heads = {r: PartialFCHead(num_classes, feat_len, s=64.0, m=0.5, dropout=0.0, sample_rate=r).to(device)
              for r in RATES}
     for r in RATES[1:]:                     # one W for both: memory for one, and the same values
@@ -112,7 +113,7 @@ def run(num_classes: int, feat_len: int, batch: int, steps: int, device: torch.d
     times = {r: {"backbone_ms": [], "head_ms": []} for r in RATES}
     for step in range(steps + 1):           # step 0 warms up
         for r in RATES:
-            inputs = torch.randn(batch, 512, device=device)
+            inputs = torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE, device=device)
             labels = torch.randint(0, num_classes, (batch,), device=device)
             sync(device)
             t0 = time.perf_counter()
@@ -133,7 +134,7 @@ def run(num_classes: int, feat_len: int, batch: int, steps: int, device: torch.d
     for r in RATES:
         backbone_ms = statistics.median(times[r]["backbone_ms"])
         head_ms = statistics.median(times[r]["head_ms"])
-        feats = backbone(torch.randn(batch, 512, device=device)).detach()
+        feats = backbone(torch.randn(batch, 3, INPUT_SIZE, INPUT_SIZE, device=device)).detach()
         labels = torch.randint(0, num_classes, (batch,), device=device)
         saved = saved_activation_bytes(heads[r], feats, labels)
         with PeakMemory(device) as peak:
@@ -162,7 +163,8 @@ def run(num_classes: int, feat_len: int, batch: int, steps: int, device: torch.d
 
 
 def report(figures: dict) -> None:
-    print(f"Partial FC, {figures['num_classes']:,} identities, feat_len {figures['feat_len']}, batch "
+    print(f"Partial FC, {figures['num_classes']:,} identities, {BACKBONE} at {INPUT_SIZE} px, feat_len "
+          f"{figures['feat_len']}, batch "
           f"{figures['batch']}, {figures['device']} ({figures['threads']} thread(s)); median of "
           f"{figures['steps']} steps, the rates alternating")
     print(f"{'r':>5} {'columns':>9} {'backbone ms':>12} {'head ms':>10} {'head share':>11} "
