@@ -90,3 +90,16 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_intact(tmp_pat
         copy_checkpoint(str(source), str(target))
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch_002.pt"]
     assert target.read_bytes() == b"old weights"
+
+
+def test_files_written_atomically_get_the_mode_open_would_give_them(tmp_path):
+    from virface.fileio import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "results.json", "{}\n")
+        save_checkpoint({"x": torch.zeros(1)}, str(tmp_path / "w.pt"))
+    finally:
+        os.umask(old)
+    for name in ("results.json", "w.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name   # not mkstemp's 0600

@@ -26,6 +26,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except OSError as exc:
         raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); nothing was changed") from exc
     try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask), so
+        # results and checkpoints on shared storage stay readable by those who could read them.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -38,6 +41,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             raise WriteError(f"{path}: cannot write ({exc.strerror or exc}); the file is as it "
                              f"was before") from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)      # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
