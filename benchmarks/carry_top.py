@@ -34,8 +34,9 @@ actually run are counted too):
            tiny data; seed 1; the tests use it
 The full run trains 960 + 2 x (160 + 640) = 2560 steps per seed, 7680 in all: about 4.4 times
 one default chain (1760 steps; 4 min on the quiet 2-core machine, 20-30 min under heavy load),
-so about 17 min quiet (estimated, not measured). --smoke took 54 s (65 s with start-up) on the
-2-core machine shared with another benchmark.
+measured: 43.6 min for the 3 seeds on the 2-core machine, 29 min of it for seed 1 under load
+average 6-10 and about 7 min for each of the others at load 2-4 (docs/RESULTS.md). --smoke
+took 54 s (65 s with start-up) on the 2-core machine shared with another benchmark.
 
 The full command (run it on a quiet machine; it keeps its experiments in --work-dir):
 
