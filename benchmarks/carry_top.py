@@ -239,11 +239,13 @@ def run_seed(work_dir: str, mode: BenchmarkMode, seed: int, k: int) -> tuple[lis
 def summarize(records: list[dict], k: int) -> dict:
     """Per arm: mean test and validation; the paired test difference top<K> - greedy per seed,
     in points (mean, std over seeds, signs)."""
+    from virface.metrics import paired_differences
+
     top = carry_arm(k)
     by = {(r["arm"], r["seed"]): r for r in records}
     seeds = sorted({r["seed"] for r in records})
-    diffs = [100.0 * (by[(top, s)]["test"] - by[(GREEDY, s)]["test"]) for s in seeds]
-    val_diffs = [100.0 * (by[(top, s)]["val"] - by[(GREEDY, s)]["val"]) for s in seeds]
+    test = paired_differences([by[(top, s)]["test"] for s in seeds], [by[(GREEDY, s)]["test"] for s in seeds])
+    val = paired_differences([by[(top, s)]["val"] for s in seeds], [by[(GREEDY, s)]["val"] for s in seeds])
 
     def spread(values: list[float]) -> dict:
         return {"mean": statistics.fmean(values),
@@ -252,13 +254,10 @@ def summarize(records: list[dict], k: int) -> dict:
     arms = {arm: {"test": spread([by[(arm, s)]["test"] for s in seeds]),
                   "val": spread([by[(arm, s)]["val"] for s in seeds])} for arm in (GREEDY, top)}
     return {"seeds": seeds, "arms": arms,
-            "test_diff_points": {**spread(diffs), "per_seed": dict(zip(map(str, seeds), diffs)),
-                                 "signs": "".join(sign(d) for d in diffs)},
-            "val_diff_points": {**spread(val_diffs), "per_seed": dict(zip(map(str, seeds), val_diffs))}}
-
-
-def sign(value: float) -> str:
-    return "+" if value > 1e-9 else "-" if value < -1e-9 else "0"
+            "test_diff_points": {"mean": test["mean"], "std": test["std"],
+                                 "per_seed": dict(zip(map(str, seeds), test["values"])), "signs": test["signs"]},
+            "val_diff_points": {"mean": val["mean"], "std": val["std"],
+                                "per_seed": dict(zip(map(str, seeds), val["values"]))}}
 
 
 def format_budget(budgets: dict, records: list[dict]) -> list[str]:

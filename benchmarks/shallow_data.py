@@ -61,6 +61,7 @@ from virface.data.loading import StageData  # noqa: E402
 from virface.data.sources import ArraySource  # noqa: E402
 from virface.data.synthetic import PAIR_SET_NAMES as PAIR_SETS  # noqa: E402
 from virface.fileio import write_text_atomic  # noqa: E402
+from virface.metrics import paired_differences  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARDEST = "synth_cfp_fp"
@@ -396,13 +397,13 @@ def summarise(records: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     variants = [a for a in arms if a.startswith("virface:")]
     best_variant = max(variants, key=lambda a: arms[a][SELECT_ON]["mean"])   # validation only
 
-    def gain(arm: str, metric: str) -> dict[str, Any]:
-        st = _mean_std([100 * (by[arm, s][metric] - by["baseline", s][metric]) for s in seeds])
-        return {**st, "signs": "".join("+" if v > 0 else "-" if v < 0 else "0" for v in st["values"])}
+    def gain(arm: str, metric: str, reference: str = "baseline") -> dict[str, Any]:
+        d = paired_differences([by[arm, s][metric] for s in seeds], [by[reference, s][metric] for s in seeds])
+        return {**d, "std": d["std"] or 0.0}        # one seed: no spread, as _mean_std
 
     gains = {arm: {"test": gain(arm, REPORT_ON), "val": gain(arm, SELECT_ON)}
              for arm in arms if arm != "baseline"}
-    vc_vs = _mean_std([100 * (by[best_variant, s][REPORT_ON] - by["virclass", s][REPORT_ON]) for s in seeds])
+    vc_vs = gain(best_variant, REPORT_ON, reference="virclass")
     oracle = gains["oracle"]["test"]["mean"]
     return {"arms": arms, "best_variant": best_variant, "gains": gains,
             "virface_minus_virclass": vc_vs,

@@ -57,3 +57,12 @@ def test_a_smoke_comparison_searches_retrains_and_reports(tmp_path):
     assert (folder / "paired_differences.png").stat().st_size > 1000
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "the comparison finished earlier" in again.stdout
+
+
+def test_paired_differences_are_in_points_and_a_rounding_tie_is_a_tie():
+    from virface.metrics import paired_differences
+
+    d = paired_differences([0.3 + 0.6, 0.5, 0.7], [0.9, 0.4, 0.8])      # 0.3 + 0.6 != 0.9 in floats
+    assert d["values"] == pytest.approx([0.0, 10.0, -10.0]) and d["signs"] == "0+-"
+    assert d["mean"] == pytest.approx(0.0) and d["std"] == pytest.approx(10.0)
+    assert paired_differences([0.9], [0.8])["std"] is None

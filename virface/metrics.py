@@ -1,7 +1,10 @@
 """Metric names: what each stage reports per epoch, which one selects by default, and how each
-is shown in TensorBoard. Plain functions of names (no torch), shared by the stage loop and the
-search."""
+is shown in TensorBoard; and the paired differences comparisons report. Plain functions (no
+torch), shared by the stage loop, the search and the benchmarks."""
 from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
 
 from virface.config import TEST_PREFIX
 from virface.stage_table import stage_spec
@@ -82,3 +85,14 @@ def tensorboard_tag(metric: str) -> str:
 # the backbone's parameter count, its multiply-accumulates for one image at the input size, and
 # its batch-1 forward latency on the trial's device. Lower is better for all three.
 COST_METRICS = ("params", "macs", "latency_ms")
+
+
+def paired_differences(values: Sequence[float], reference: Sequence[float],
+                       scale: float = 100.0) -> dict[str, Any]:
+    """Seed-by-seed ``scale * (value - reference)`` (points, for accuracies): the differences
+    (``values``), their ``mean``, sample ``std`` (None with fewer than two) and one sign per seed
+    in ``signs`` ("0" within 1e-9: equal accuracies are a tie whatever the float rounding)."""
+    diffs = [scale * (v - r) for v, r in zip(values, reference, strict=True)]
+    return {"values": diffs, "mean": statistics.fmean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "signs": "".join("+" if d > 1e-9 else "-" if d < -1e-9 else "0" for d in diffs)}

@@ -27,6 +27,7 @@ from typing import Any
 from virface.config import TEST_PREFIX
 from virface.errors import ConfigError
 from virface.fileio import write_text_atomic
+from virface.metrics import paired_differences
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import StageManifest, read_manifest
 from virface.search.runner import (SearchError, SearchOptions, base_train_config, init_ray, run_search,
@@ -189,16 +190,15 @@ def summarise(arms: list[str], budget: dict[str, Any], manifests: dict[str, Stag
                                  "winner_config": {k: m.config.get(k) for k in sorted(m.config)
                                                    if k not in ("val", "test", "synthetic")},
                                  "runs": runs[arm], "test_points": values, "test_mean": mean, "test_std": std}
-    base = {r["seed"]: 100.0 * r[metric] for r in runs[BASELINE]}
+    base = {r["seed"]: r[metric] for r in runs[BASELINE]}
     for arm in arms:
         if arm == BASELINE:
             continue
-        diffs = [100.0 * r[metric] - base[r["seed"]] for r in runs[arm]]
-        mean, std = _mean_std(diffs)
+        d = paired_differences([r[metric] for r in runs[arm]], [base[r["seed"]] for r in runs[arm]])
+        std = float("nan") if d["std"] is None else d["std"]
         result["differences_to_baseline"][arm] = {
-            "per_seed": diffs, "mean": mean, "std": std,
-            "signs": "".join("+" if d > 0 else ("-" if d < 0 else "0") for d in diffs),
-            "over_2_paired_stds": bool(std == std and std > 0 and abs(mean) > 2 * std)}
+            "per_seed": d["values"], "mean": d["mean"], "std": std, "signs": d["signs"],
+            "over_2_paired_stds": bool(std == std and std > 0 and abs(d["mean"]) > 2 * std)}
     return result
 
 
