@@ -17,7 +17,8 @@ METRIC_MODES = ("max", "min")
 PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
 EASY_PAIR_SETS = ("cfp_ff", "lfw")
 EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
-PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
+# Per pair set: accuracy, its standard error over pairs, its std over the 10 folds, TAR@FAR.
+PAIR_SET_METRICS = ("acc", "acc_se", "acc_std", "tar_far1e-3")
 
 
 def hardest_pair_set(names: list[str]) -> str:
@@ -74,7 +75,7 @@ def tensorboard_tag(metric: str) -> str:
         return f"test/{metric[len(TEST_PREFIX):]}"
     if metric.startswith(("loss", "gen_")):
         return f"loss/{metric}"
-    if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):
+    if metric.endswith(tuple(f"_{m}" for m in PAIR_SET_METRICS)):
         return f"val/{metric}"
     return f"train/{metric}"
 
