@@ -1,9 +1,8 @@
 """Metric names: what each stage reports per epoch, which one selects by default, and how each
-is shown in TensorBoard; and the paired differences comparisons report. Plain functions (no
-torch), shared by the stage loop, the search and the benchmarks."""
+is shown in TensorBoard. Plain functions (no torch), shared by the stage loop, the search and the
+benchmarks. Comparisons' statistics are in virface.stats."""
 from __future__ import annotations
 
-import statistics
 from typing import Any, Sequence
 
 from virface.config import TEST_PREFIX
@@ -90,10 +89,9 @@ COST_METRICS = ("params", "macs", "latency_ms")
 
 def paired_differences(values: Sequence[float], reference: Sequence[float],
                        scale: float = 100.0) -> dict[str, Any]:
-    """Seed-by-seed ``scale * (value - reference)`` (points, for accuracies): the differences
-    (``values``), their ``mean``, sample ``std`` (None with fewer than two) and one sign per seed
-    in ``signs`` ("0" within 1e-9: equal accuracies are a tie whatever the float rounding)."""
-    diffs = [scale * (v - r) for v, r in zip(values, reference, strict=True)]
-    return {"values": diffs, "mean": statistics.fmean(diffs),
-            "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
-            "signs": "".join("+" if d > 1e-9 else "-" if d < -1e-9 else "0" for d in diffs)}
+    """The seed-paired differences of :func:`virface.stats.paired_over_seeds` (``values``,
+    ``mean``, ``std``, ``signs`` among its keys). Kept only for benchmarks/shallow_data.py until it
+    reads virface.stats itself; nothing else may use it."""
+    from virface.stats import paired_over_seeds
+
+    return paired_over_seeds(values, reference, scale)
