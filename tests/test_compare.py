@@ -52,6 +52,24 @@ def test_differences_are_paired_seed_by_seed_on_the_hardest_test_set():
     assert "not distinguishable from 0 at 0.05" in table
 
 
+def test_with_per_pair_correctness_the_difference_also_gets_an_interval_over_seeds_and_pairs():
+    import numpy as np
+
+    runs = {"baseline": [{"seed": 1, "test_lfw_acc": 0.5}, {"seed": 2, "test_lfw_acc": 0.5}],
+            "virclass": [{"seed": 1, "test_lfw_acc": 0.75}, {"seed": 2, "test_lfw_acc": 0.5}]}
+    # 4 pairs; virclass seed 1 gets one more pair right than the baseline: +25 and 0 points.
+    correct = {"baseline": np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool),
+               "virclass": np.array([[1, 1, 1, 0], [1, 0, 1, 0]], dtype=bool)}
+    result = summarise(["virclass", "baseline"], {"num_samples": 1}, {s: manifest(s, 0.9) for s in runs},
+                       runs, 2, correct)
+    both = result["differences_to_baseline"]["virclass"]["seeds_and_pairs"]
+    assert both["mean"] == pytest.approx(12.5) and both["n_seeds"] == 2 and both["n_pairs"] == 4
+    # virclass is never wrong where the baseline is right, so no draw is below 0; a draw above
+    # 50 needs seed 1 twice and its one discordant pair drawn 3+ times of 4 (p = 1/4 x 0.051).
+    assert 0.0 <= both["ci95"][0] <= 12.5 <= both["ci95"][1] <= 50.0
+    assert "seeds and pairs resampled" in comparison_table(result)
+
+
 def test_one_seed_gives_a_difference_without_an_interval():
     runs = {"baseline": [{"seed": 1, "test_lfw_acc": 0.90}], "virclass": [{"seed": 1, "test_lfw_acc": 0.95}]}
     result = summarise(["virclass", "baseline"], {"num_samples": 1}, {s: manifest(s, 0.9) for s in runs}, runs, 1)

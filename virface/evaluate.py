@@ -62,6 +62,11 @@ class Scored:
     pairs_per_s: list[float]
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The pair-set options given, validated as virface-train validates them."""
+    return TrainConfig.from_dict(given_options(args, OPTIONS), where="virface-eval options")
+
+
 def load_models(paths: list[str], device) -> tuple[list, list[dict[str, Any]]]:
     """The backbones of ``paths`` and their checkpoints; two checkpoints must describe the same
     backbone (arch, embedding size, input size), or their scores are not on one footing."""
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and os.path.exists(args.json):
             raise ConfigError(f"json: {args.json} exists; give a new path (results are never "
                               f"overwritten)")
-        config = TrainConfig.from_dict(given_options(args, OPTIONS), where="virface-eval options")
+        config = config_from_args(args)
         from virface.distributed import resolve_device
 
         device = resolve_device(config.device)

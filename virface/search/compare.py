@@ -11,8 +11,9 @@
    the mean gain, its standard error over seeds, a 95% interval, the two-sided paired t-test's
    p-value and each seed's sign, as a table, a plot and
    ``<storage>/<name>/comparison/comparison.json``. Every seed is scored on the same test pairs,
-   so this interval leaves out pair sampling; ``virface-eval`` scores two checkpoints on the
-   same pairs.
+   so this interval leaves out pair sampling; a second interval resamples seeds and test pairs
+   together (``bootstrap_seeds_and_pairs``; each run's best checkpoint is scored again on the
+   hardest test set for its per-pair correctness).
 
 The baseline (the ``baseline`` stage) is the pretrained model trained on for as long on the
 labeled faces alone, searching the same lr, margin and labeled-feature dropout: a method must
@@ -35,7 +36,7 @@ from virface.search.manifest import StageManifest, read_manifest
 from virface.search.runner import (SearchError, SearchOptions, base_train_config, init_ray, run_search,
                                    search_environment, sigterm_as_sigint, stage_space)
 from virface.stage_table import STAGES
-from virface.stats import describe, paired_over_seeds
+from virface.stats import bootstrap_seeds_and_pairs, describe, paired_over_seeds
 
 COMPARISON_DIR = "comparison"
 BASELINE = "baseline"
@@ -107,7 +108,9 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
                 import ray
 
                 ray.shutdown()
-    result = summarise(arms, budget, manifests, runs, options.seeds)
+    metric = _hardest_test_metric(runs[BASELINE])
+    correct = test_correctness(options, runs, metric, say)
+    result = summarise(arms, budget, manifests, runs, options.seeds, correct)
     os.makedirs(folder, exist_ok=True)
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
     write_text_atomic(os.path.join(folder, "comparison.md"), comparison_table(result) + "\n")
@@ -161,6 +164,7 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
         path, value = best_checkpoint_of(result, manifest.metric_name)
         metrics = load_checkpoint(path)["metrics"]
         runs.append({"seed": result.config["seed"], "best_epoch": metrics["epoch"], "val": value,
+                     "checkpoint": path,
                      **{k: v for k, v in metrics.items() if k.startswith(TEST_PREFIX)}})
     return sorted(runs, key=lambda r: r["seed"])
 
@@ -179,8 +183,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def test_correctness(options: SearchOptions, runs: dict[str, list[dict[str, Any]]], metric: str,
+                     say) -> dict[str, Any]:
+    """Per arm, (seeds, pairs) bool: each run's best checkpoint scored again on the test pair set
+    ``metric`` names, pair by pair, in seed order (what the bootstrap over pairs needs)."""
+    import numpy as np
+
+    from virface.checkpoint import load_backbone
+    from virface.config import TrainConfig
+    from virface.data.loading import build_stage_data
+    from virface.evaluation.verification import evaluate_pair_set
+
+    name = metric[len(TEST_PREFIX):-len("_acc")]
+    _, state = load_backbone(runs[BASELINE][0]["checkpoint"])
+    config = TrainConfig.from_dict({**base_train_config(options), "input_size": state["model"]["input_size"]})
+    pair_set = build_stage_data(config).test_pair_sets[name]
+    say(f"scoring every retrained run on the {len(pair_set)} {name} test pairs, pair by pair")
+    correct = {}
+    for arm, arm_runs in runs.items():
+        rows = []
+        for run in arm_runs:
+            backbone, _ = load_backbone(run["checkpoint"])
+            rows.append(evaluate_pair_set(backbone, pair_set).correct)
+        correct[arm] = np.stack(rows)
+    return correct
+
+
 def summarise(arms: list[str], budget: dict[str, Any], manifests: dict[str, StageManifest],
-              runs: dict[str, list[dict[str, Any]]], seeds: int) -> dict[str, Any]:
+              runs: dict[str, list[dict[str, Any]]], seeds: int,
+              correct: dict[str, Any] | None = None) -> dict[str, Any]:
+    """comparison.json's content. ``correct``: per arm, (seeds, pairs) bool on the reported test
+    set, in seed order; when given, each difference also gets an interval over seeds and pairs."""
     metric = _hardest_test_metric(runs[BASELINE])
     result: dict[str, Any] = {"arms": arms, "budget": budget, "seeds": seeds,
                               "select_on": manifests[BASELINE].metric_name, "report_on": metric, "by_arm": {},
@@ -202,6 +235,11 @@ def summarise(arms: list[str], budget: dict[str, Any], manifests: dict[str, Stag
             "per_seed": d["values"], "mean": d["mean"], "std": d["std"], "se": d["se"],
             "ci95": d["ci95"], "t": d["t"], "p_value": d["p_value"], "signs": d["signs"],
             "test": "paired t over seeds", "verdict": describe(d, f"{arm} - {BASELINE}")}
+        if correct is not None:
+            boot = bootstrap_seeds_and_pairs(correct[arm], correct[BASELINE])
+            result["differences_to_baseline"][arm]["seeds_and_pairs"] = {
+                **boot, "test": f"bootstrap over seeds and test pairs ({boot['n_boot']} draws)",
+                "verdict": describe(boot, f"{arm} - {BASELINE}, seeds and pairs resampled")}
     return result
 
 
@@ -225,7 +263,10 @@ def comparison_table(result: dict[str, Any]) -> str:
                      f"{row['test_mean']:.2f} ± {row['test_std']:.2f} | {cells} {diff['signs'] if diff else ''} |")
     lines += ["", "Paired t-test over seeds (points): SE = std / sqrt(seeds); every seed is scored on "
               "the same test pairs, so pair sampling is not in this interval."]
-    lines += [d["verdict"] for d in result["differences_to_baseline"].values()]
+    for d in result["differences_to_baseline"].values():
+        lines.append(d["verdict"])
+        if "seeds_and_pairs" in d:
+            lines.append(d["seeds_and_pairs"]["verdict"] + f" ({d['seeds_and_pairs']['test']})")
     return "\n".join(lines)
 
 
