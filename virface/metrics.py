@@ -36,8 +36,10 @@ def hardest_pair_set(names: list[str]) -> str:
 
 
 def metric_mode(metric: str) -> str:
-    """``min`` for losses, ``max`` for everything else (accuracies, TAR)."""
-    return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
+    """``min`` for losses and for an accuracy's uncertainty (``_acc_se``, ``_acc_std``), ``max``
+    for everything else (accuracies, TAR)."""
+    lower_is_better = ("loss", "_mse", "_kl", "_acc_se", "_acc_std")
+    return "min" if metric.endswith(lower_is_better) or metric.startswith("loss") else "max"
 
 
 def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
