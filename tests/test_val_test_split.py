@@ -48,6 +48,8 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert "test/held_out_acc" in acc.Tags()["scalars"] and "val/tiny_pairs_acc" in acc.Tags()["scalars"]
+    # Each accuracy's standard error over pairs sits beside it.
+    assert {"test/held_out_acc_se", "val/tiny_pairs_acc_se"} <= set(acc.Tags()["scalars"])
 
 
 def test_a_test_metric_can_never_be_what_selects():
