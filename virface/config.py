@@ -210,6 +210,11 @@ class TrainConfig(ConfigDataclass):
         None, group=GROUP_RUN, metavar="METRIC",
         help="metric that picks best.pt (default: the hardest --val pair set's accuracy; "
              "generator: gen_loss)")
+    selection: str = setting(
+        "best", group=GROUP_RUN, metavar="RULE",
+        help="how the run's value is taken from its epochs' best_metric: best (the best epoch), "
+             "last, or mean_last:K (mean of the last K epochs); best.pt is the epoch the rule "
+             "points to (the last one for last and mean_last:K)")
     log_every: int = setting(20, group=GROUP_RUN,
                              help="steps between progress lines and per-step TensorBoard points "
                                   "(0: none)")
@@ -293,6 +298,9 @@ class TrainConfig(ConfigDataclass):
         if self.best_metric and self.best_metric.startswith(TEST_PREFIX):
             raise ConfigError(f"best_metric: {self.best_metric!r} is a test pair set's metric; test "
                               f"pair sets are reported, never selected on (use a --val set)")
+        from virface.selection import parse_rule
+
+        self.selection = parse_rule(self.selection, "selection").text
         if self.unlabeled is not None and self.labeled is None:
             raise ConfigError("unlabeled: given without labeled data; give --labeled too, or "
                               "neither for the built-in synthetic faces")

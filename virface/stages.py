@@ -31,6 +31,7 @@ from virface.metrics import selection_metric, tensorboard_tag
 from virface.models import StageModels, build_models, build_optimizers
 from virface.partial_fc import full_optimizer_state, load_optimizer_state
 from virface.progress import RunClock, StepProgress
+from virface.selection import RuleTracker, parse_rule
 from virface.stage_table import stage_spec
 from virface.steps import StageStep
 
@@ -234,6 +235,8 @@ class StageRun:
         if self.best.get("metric") not in (None, self.metric_name):
             raise ConfigError(f"best_metric: the resumed run tracked {self.best['metric']!r}, not "
                               f"{self.metric_name!r}")
+        self.rule = RuleTracker.from_state(parse_rule(config.selection), self.metric_name,
+                                           self.metric_mode, self.best)
 
         backbone = models.backbone
         if config.channels_last and ctx.device.type == "cuda":
@@ -293,14 +296,12 @@ class StageRun:
                                               prefix=TEST_PREFIX))
             self.clock.eval_s = time.perf_counter() - eval_start
         metrics = ctx.broadcast_object(metrics)
-        name, mode, best = self.metric_name, self.metric_mode, self.best
+        name = self.metric_name
         if name not in metrics:
             raise ConfigError(f"best_metric: {name!r} is not among this stage's metrics {sorted(metrics)}")
-        value = float(metrics[name])
-        is_best = not best or (value > best["value"] if mode == "max" else value < best["value"])
-        if is_best:
-            self.best = best = {"metric": name, "mode": mode, "value": value, "epoch": epoch}
-        metrics["best_" + name] = best["value"]
+        # best_<metric>: the run's value so far under its selection rule (what a search reads).
+        is_best, metrics["best_" + name] = self.rule.update(metrics[name], epoch)
+        self.best = best = self.rule.state()
         ckpt_path = None
         # Every rank: a sharded head gathers its W (and W's optimiser state) for the checkpoint.
         head_state = getattr(models.head, "full_state_dict", models.head.state_dict)()

@@ -405,14 +405,15 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     check_trial_fits(space)
     objectives = (", ".join(f"{o.name} ({o.mode})" for o in space.objectives) + " (Pareto front; select: "
                   f"{space.select_rule().describe()})" if space.multi_objective
-                  else f"{space.metric_name} ({space.metric_mode})")
+                  else f"{space.metric_name} ({space.metric_mode})") + f", each trial's value: {space.selection}"
     say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
         f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
         f"{objectives}; starts from: {upstream_source}")
 
     metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
-        stage=stage, base_config={**base, **space.fixed, "best_metric": metric},
+        stage=stage, base_config={**base, **space.fixed, "best_metric": metric,
+                                      "selection": space.selection},
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
         resources=space.resources, measure_cost=bool(space.cost_metrics),
