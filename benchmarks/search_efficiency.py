@@ -35,7 +35,7 @@ Compute per mode, per method and seed (TPE + ASHA's trials run past the budget; 
   --quick    1 seed:  random 6 trials x 4 epochs = 24; TPE+ASHA 12 trials; 15 steps/epoch
   (full)     5 seeds: random 8 trials x 6 epochs = 48; TPE+ASHA 24 trials; 20 steps/epoch
 
-    python benchmarks/search_efficiency.py            # full: ~40 min on 2 cores (printed at start)
+    python benchmarks/search_efficiency.py            # full: ~50 min on 2 idle cores (~10 min a seed)
     python benchmarks/search_efficiency.py --quick    # ~3 min
     python benchmarks/search_efficiency.py --smoke    # ~40 s; the tests use it
 """
