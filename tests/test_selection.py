@@ -78,3 +78,29 @@ def test_a_resumed_tracker_continues_the_window_and_may_not_change_the_rule():
     assert RuleTracker.from_state(parse_rule("best"), "acc", "max", old).best["value"] == 0.8
     with pytest.raises(ConfigError, match="may not change the selection rule"):
         RuleTracker.from_state(parse_rule("last"), "acc", "max", old)
+
+
+# Three trials' per-epoch metric. As accuracies (max): best A 0.90 > C 0.80 > B 0.76; last B 0.76 >
+# C 0.70 > A 0.64; mean of the last 3: C 0.767 > B 0.74 > A 0.72. As losses (min): best C 0.50 <
+# A 0.60 < B 0.70; last A 0.64 < C 0.70 < B 0.76; mean of the last 3: A 0.72 < B 0.74 < C 0.767.
+TRIALS = {"A": [0.60, 0.90, 0.62, 0.64], "B": [0.70, 0.72, 0.74, 0.76], "C": [0.50, 0.80, 0.80, 0.70]}
+
+
+@pytest.mark.parametrize("rule, mode, order", [
+    ("best", "max", "ACB"), ("last", "max", "BCA"), ("mean_last:3", "max", "CBA"),
+    ("best", "min", "CAB"), ("last", "min", "ACB"), ("mean_last:3", "min", "ABC")])
+def test_a_search_ranks_trials_by_the_value_their_rule_reported(tmp_path, rule, mode, order):
+    from types import SimpleNamespace
+
+    from virface.search.pareto import SelectRule, TrialPoint, rank_by_rule
+    from virface.search.runner import best_epoch_of
+
+    points = []
+    for trial_id, history in TRIALS.items():
+        tracker = RuleTracker(parse_rule(rule), "m", mode)
+        reported = [tracker.update(v, e)[1] for e, v in enumerate(history, 1)]   # best_m per epoch
+        result = SimpleNamespace(metrics={"m": history[-1], "best_m": reported[-1]},
+                                 checkpoint=SimpleNamespace(path=str(tmp_path)))
+        path, values = best_epoch_of(result, "m")
+        points.append(TrialPoint(trial_id, {"m": values["m"]}, path))
+    assert "".join(p.trial_id for p in rank_by_rule(points, SelectRule("m", mode))) == order
