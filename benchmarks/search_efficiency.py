@@ -51,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -433,7 +434,8 @@ def plot_best_so_far(per_seed: list[dict], budget: int, path: str, title: str) -
                 for xi, yi in zip(x, y):
                     values[xi - 1:] = yi
                 stacked.append(values)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():      # before any trial finished: all NaN, no line
+                warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(np.vstack(stacked), axis=0) if len(stacked) > 1 else stacked[0]
             ax.step(grid, mean, where="post", color=color, ls=style, lw=2.5,
                     label=label + (f", mean of {len(per_seed)} seeds" if len(per_seed) > 1 else ""))
