@@ -120,3 +120,32 @@ def test_the_stages_report_the_diagnostics_each_epoch_and_select_the_generator_o
                                 **{**tiny, "diagnostic_pairs": 0}), str(tmp_path / "vf_off"), data=tiny_data)
     assert off.history[-1]["loss"] == vf.history[-1]["loss"]
     assert "vi_identity_keep" not in off.history[-1]
+
+
+def test_the_benchmark_gate_refuses_a_generator_that_draws_a_w_row_unless_told_to_go_on(tmp_path, tiny_data):
+    from virface.checkpoint import load_backbone, load_checkpoint, save_checkpoint
+    from virface.evaluation.verification import extract_embeddings
+    from virface.instance_diagnostics import diagnostic_pairs, generator_gate
+    from virface.stages import run_stage
+
+    tiny = dict(arch="mobilefacenet_s", feat_len=16, label_batch_size=8, unlabel_batch_size=4,
+                steps_per_epoch=1, max_epoch=1, gen_num=2, tensorboard=False, device="cpu")
+    pre = run_stage(TrainConfig(method="pretrain", **tiny), str(tmp_path / "pre"), data=tiny_data)
+    gen = run_stage(TrainConfig(method="generator", pretrained_file=pre.best_checkpoint, **tiny),
+                    str(tmp_path / "gen"), data=tiny_data)
+    state = load_checkpoint(gen.best_checkpoint)
+    # A decoder whose output is its bias, W's row 0: every instance is that class centre.
+    state["generator"]["decoder.2.weight"].zero_()
+    state["generator"]["decoder.2.bias"].copy_(state["head"]["weight"][0])
+    path = save_checkpoint(state, str(tmp_path / "w_row.pt"))
+    pairs = diagnostic_pairs(tiny_data)
+    backbone = load_backbone(path)[0]
+    f_a, f_b = (extract_embeddings(backbone, im, flip=False) for im in (pairs.images_a, pairs.images_b))
+    w0 = F.normalize(state["head"]["weight"][0], dim=0)
+    expected = float((f_b @ w0).mean() - (f_a * f_b).sum(1).mean())
+    assert expected < 0          # on these random faces a and b are closer than W's row 0 is to b
+    with pytest.raises(IdentityLossError, match=f"generator {path}: its instances lose identity"):
+        generator_gate(path, tiny_data)
+    figures = generator_gate(path, tiny_data, go_on=True)
+    assert figures["vi_identity_keep"] == pytest.approx(expected, abs=1e-5)
+    assert figures["vi_draw_cos"] == pytest.approx(1.0)

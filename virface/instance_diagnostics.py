@@ -177,7 +177,7 @@ def identity_gate(metrics: dict[str, float], generator: str, go_on: bool = False
                f"so L_vi trains on instances of the wrong identity")
     log.warning("%s", message)
     if not go_on:
-        raise IdentityLossError(message + " (go on anyway: --go-on / go_on=True)")
+        raise IdentityLossError(message + " (go_on=True goes on anyway)")
     return False
 
 
@@ -205,7 +205,7 @@ def generator_gate(checkpoint: str, data, go_on: bool = False, device: str = "cp
         raise VirFaceError(f"{checkpoint}: no same-identity pair to measure the generator on "
                            f"(no validation pair set, and no labeled identity with two images)")
     f_a, f_b = pair_features(models.backbone, pairs, dev)
-    sample = build_instance_sampler(config, models, data, dev)
+    sample = build_instance_sampler(config, models, data, dev).sample
     metrics = measure_instances(sample, f_a, f_b, models.head.state_dict()["weight"], config.gen_num,
                                 config.unlabel_batch_size, config.seed)
     identity_gate(metrics, checkpoint, go_on)

@@ -35,6 +35,14 @@ from virface.stage_table import stage_spec
 Terms = dict[str, torch.Tensor]
 
 
+def same_identity_partners(rows: torch.Tensor, start: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """For each of ``rows`` (n,) a uniformly random other row of its identity, whose rows are
+    start[r] .. start[r] + size[r] - 1 (size >= 2): the row r + k (mod size) for k in 1..size-1."""
+    s, k = start[rows], size[rows]
+    shift = (torch.rand(rows.shape[0], device=rows.device) * (k - 1)).long().clamp_max(k - 2) + 1
+    return s + (rows - s + shift) % k
+
+
 class StageStep:
     """One training step of a stage; returns the loss terms of the step."""
 
@@ -113,8 +121,7 @@ class StageStep:
         cfg = self.config
         feats, start, size = self.variation_bank
         a = torch.randint(0, feats.shape[0], (n,), device=feats.device)
-        shift = (torch.rand(n, device=feats.device) * (size[a] - 1)).long() + 1    # 1 .. size-1
-        b = start[a] + (a - start[a] + shift) % size[a]
+        b = same_identity_partners(a, start, size)
         mse, kl = generator_losses(self.models.generator, feats[a], feats[b])
         terms = {"gen_mse": mse, "gen_kl": kl}
         loss = cfg.L2 * mse + cfg.KL * kl
