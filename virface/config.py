@@ -161,8 +161,9 @@ class TrainConfig(ConfigDataclass):
     gen_diversity: float = setting(
         0.0, group=GROUP_LOSSES,
         help="generator stage, not the reference's: weight of a term pulling the mean cosine "
-             "between two draws from one source to the batch's real same-identity cosine "
-             "(needs --gen_target same_identity; 0: off)")
+             "between two draws from one source to the real same-identity cosine of as many "
+             "pairs of labeled images (the frozen backbone's features of --variation_images "
+             "images); 0: off")
 
     # optimisation
     label_batch_size: int = setting(128, group=GROUP_OPTIM,
@@ -312,9 +313,6 @@ class TrainConfig(ConfigDataclass):
         _positive_int("variation_images", self.variation_images)
         _non_negative("cov_scale", self.cov_scale)
         _non_negative("gen_diversity", self.gen_diversity)
-        if self.gen_diversity > 0 and self.gen_target != "same_identity":
-            raise ConfigError("gen_diversity: the diversity term matches draws to real same-identity "
-                              "images; it needs gen_target same_identity")
         if self.vi_gen_grad and self.optim_mode != "alternate":
             raise ConfigError("vi_gen_grad: the joint optimiser already gives the generator L_vi's "
                               "gradient; vi_gen_grad is for optim_mode alternate")

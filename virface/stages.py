@@ -285,7 +285,7 @@ class StageRun:
                          "vi_gen_grad and the generator's loss weights do not apply",
                          config.method, "covariance transfer" if config.vi_generator == "covariance"
                          else "the same_identity generator")
-        elif spec.trains_generator and config.gen_target == "same_identity":
+        elif spec.trains_generator and (config.gen_target == "same_identity" or config.gen_diversity > 0):
             self.step_fn.set_variation_bank(*labeled_features(models.backbone, data, config.variation_images,
                                                               ctx.device))
         self.diag_pairs = self.diag_features = None

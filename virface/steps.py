@@ -110,28 +110,28 @@ class StageStep:
         change = torch.ones_like(labels, dtype=torch.bool)
         change[1:] = labels[1:] != labels[:-1]
         group = torch.cumsum(change.long(), 0) - 1
-        starts = torch.flatnonzero(change)
+        starts = torch.nonzero(change).squeeze(1)
         sizes = torch.diff(torch.cat([starts, starts.new_tensor([labels.shape[0]])]))
         self.variation_bank = (feats, starts[group], sizes[group])
 
-    def same_identity_terms(self, n: int) -> Terms:
-        """The within-identity generator's terms on n random bank pairs (a, b), b another image
-        of a's identity: L2 * mse(G(f_a), f_b) + KL * kl + gen_diversity * (draw agreement -
-        real cos(f_a, f_b))^2."""
-        cfg = self.config
+    def bank_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (n, D) of n random bank images a and (n, D) of another image b of each a's
+        identity."""
         feats, start, size = self.variation_bank
         a = torch.randint(0, feats.shape[0], (n,), device=feats.device)
-        b = same_identity_partners(a, start, size)
-        mse, kl = generator_losses(self.models.generator, feats[a], feats[b])
-        terms = {"gen_mse": mse, "gen_kl": kl}
-        loss = cfg.L2 * mse + cfg.KL * kl
-        if cfg.gen_diversity > 0:
-            real = (feats[a] * feats[b]).sum(1).mean()
-            gap = (draw_agreement(self.models.generator, feats[a]) - real).pow(2)
-            terms["gen_diversity"] = gap
-            loss = loss + cfg.gen_diversity * gap
-        terms["gen_loss"] = loss
-        return terms
+        return feats[a], feats[same_identity_partners(a, start, size)]
+
+    def same_identity_terms(self, f_a: torch.Tensor, f_b: torch.Tensor) -> Terms:
+        """The within-identity generator's terms: L2 * mse(G(f_a), f_b) + KL * kl."""
+        mse, kl = generator_losses(self.models.generator, f_a, f_b)
+        return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
+
+    def with_diversity(self, terms: Terms, x: torch.Tensor) -> Terms:
+        """``terms`` plus gen_diversity * (agreement of two draws from x - the real same-identity
+        cosine of as many bank pairs)^2, added to gen_loss."""
+        f_a, f_b = self.bank_pairs(x.shape[0])
+        gap = (draw_agreement(self.models.generator, x) - (f_a * f_b).sum(1).mean()).pow(2)
+        return {**terms, "gen_diversity": gap, "gen_loss": terms["gen_loss"] + self.config.gen_diversity * gap}
 
     def vi_weight(self) -> float:
         """L_vi's weight now: ``vi_weight``, ramped linearly over ``vi_warmup_epochs``."""
@@ -167,13 +167,16 @@ def pretrain_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> T
 
 
 def generator_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
-    if s.variation_bank is not None:
+    if s.config.gen_target == "same_identity":
         # Pairs of the frozen backbone's bank: the batch gives only how many.
-        terms = s.same_identity_terms(labels.shape[0])
+        x, f_b = s.bank_pairs(labels.shape[0])
+        terms = s.same_identity_terms(x, f_b)
     else:
         with torch.no_grad():             # the backbone is frozen: no graph through it
             x = s.features(images)
         terms = s.generator_terms(x, labels)
+    if s.config.gen_diversity > 0:
+        terms = s.with_diversity(terms, x)
     s.backward_step(terms["gen_loss"], "generator", s.models.generator.parameters())
     return {"loss": terms["gen_loss"], **terms}
 
