@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from virface.checkpoint import load_checkpoint  # noqa: E402
 from virface.config import TrainConfig  # noqa: E402
 from virface.data.loading import build_stage_data  # noqa: E402
-from virface.instance_diagnostics import format_diagnostics, generator_gate  # noqa: E402
+from virface.instance_diagnostics import generator_gate  # noqa: E402
+from virface.metrics import format_instance_metrics  # noqa: E402
 
 
 def checkpoint_data(path: str):
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, changes in variants:
             figures = generator_gate(path, data, go_on=True, device=args.device, **changes)
             results.append({"checkpoint": path, "instances": name, **figures})
-            print(f"{path} [{name}]: {format_diagnostics(figures)}")
+            print(f"{path} [{name}]: {format_instance_metrics(figures)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from virface.errors import VirFaceError
-from virface.metrics import INSTANCE_METRICS  # noqa: F401  (the names, listed once there)
+from virface.metrics import INSTANCE_METRICS, format_instance_metrics  # noqa: F401  (names listed there)
 
 log = logging.getLogger("virface")
 
@@ -156,12 +156,6 @@ class IdentityLossError(VirFaceError):
     """A generator's instances lose identity (identity keep < 0) and the caller did not go on."""
 
 
-def format_diagnostics(metrics: dict[str, float]) -> str:
-    return (f"identity keep {metrics['vi_identity_keep']:+.3f}, draw cos {metrics['vi_draw_cos']:.3f} "
-            f"(real same-identity cos {metrics['vi_real_cos']:.3f}), nearest-W pull "
-            f"{metrics['vi_w_pull']:+.3f}, own class wins {100 * metrics['vi_own_class_share']:.1f} %")
-
-
 def identity_gate(metrics: dict[str, float], generator: str, go_on: bool = False,
                   where: str = "") -> bool:
     """Check a generator's diagnostics before an accuracy run. Returns True when its instances
@@ -170,9 +164,9 @@ def identity_gate(metrics: dict[str, float], generator: str, go_on: bool = False
     ``go_on``, else raises :class:`IdentityLossError`."""
     keep = metrics["vi_identity_keep"]
     if keep >= 0:
-        log.info("%sgenerator %s: %s", where, generator, format_diagnostics(metrics))
+        log.info("%sgenerator %s: %s", where, generator, format_instance_metrics(metrics))
         return True
-    message = (f"{where}generator {generator}: its instances lose identity: {format_diagnostics(metrics)}; "
+    message = (f"{where}generator {generator}: its instances lose identity: {format_instance_metrics(metrics)}; "
                f"an instance of image a lies further from image b of its identity than a itself, "
                f"so L_vi trains on instances of the wrong identity")
     log.warning("%s", message)

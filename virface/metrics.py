@@ -43,6 +43,13 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
 
 
+def format_instance_metrics(metrics: dict[str, float]) -> str:
+    """One line of the vi_* diagnostics, e.g. for the gate's warning and the stage tables."""
+    return (f"identity keep {metrics['vi_identity_keep']:+.3f}, draw cos {metrics['vi_draw_cos']:.3f} "
+            f"(real same-identity cos {metrics['vi_real_cos']:.3f}), nearest-W pull "
+            f"{metrics['vi_w_pull']:+.3f}, own class wins {100 * metrics['vi_own_class_share']:.1f} %")
+
+
 def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
     """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
     spec = stage_spec(method)
