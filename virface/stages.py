@@ -501,5 +501,6 @@ def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    keys = [k for k in metrics if k.endswith("_acc") or k in ("loss", "samples_per_s", "lr")]
+    keys = [k for k in metrics if k.endswith("_acc") or k in ("loss", "samples_per_s", "lr", "vi_identity_keep",
+                                                              "vi_draw_cos", "vi_real_cos")]
     return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
