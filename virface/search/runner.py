@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
+from virface.metrics import INSTANCE_METRICS
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
                                      plan_chain, read_manifest, upstream_checkpoint, upstream_manifest,
@@ -544,6 +545,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
                                               if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
         lineage=lineage, carried=carried, pareto=pareto,
+        instance_metrics={k: float(chosen["metrics"][k]) for k in INSTANCE_METRICS if k in chosen["metrics"]},
         trial_upstreams={r.trial_id: str(r.params[UPSTREAM_PARAMETER]) for r in rows
                          if UPSTREAM_PARAMETER in r.params} if choices else {})
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
