@@ -3,8 +3,6 @@ is shown in TensorBoard. Plain functions (no torch), shared by the stage loop, t
 benchmarks. Comparisons' statistics are in virface.stats."""
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 from virface.config import TEST_PREFIX
 from virface.stage_table import stage_spec
 
@@ -18,6 +16,9 @@ EASY_PAIR_SETS = ("cfp_ff", "lfw")
 EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
 # Per pair set: accuracy, its standard error over pairs, its std over the 10 folds, TAR@FAR.
 PAIR_SET_METRICS = ("acc", "acc_se", "acc_std", "tar_far1e-3")
+# The generator and virface stages' diagnostics of their virtual instances, per epoch (names
+# and meaning: virface.instance_diagnostics, which imports torch; this module does not).
+INSTANCE_METRICS = ("vi_draw_cos", "vi_real_cos", "vi_identity_keep", "vi_w_pull", "vi_own_class_share")
 
 
 def hardest_pair_set(names: list[str]) -> str:
@@ -42,10 +43,19 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith(lower_is_better) or metric.startswith("loss") else "max"
 
 
+def format_instance_metrics(metrics: dict[str, float]) -> str:
+    """One line of the vi_* diagnostics, e.g. for the gate's warning and the stage tables."""
+    return (f"identity keep {metrics['vi_identity_keep']:+.3f}, draw cos {metrics['vi_draw_cos']:.3f} "
+            f"(real same-identity cos {metrics['vi_real_cos']:.3f}), nearest-W pull "
+            f"{metrics['vi_w_pull']:+.3f}, own class wins {100 * metrics['vi_own_class_share']:.1f} %")
+
+
 def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
     """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
     spec = stage_spec(method)
     names = list(EPOCH_METRICS) + list(spec.loss_terms)
+    if spec.builds_generator:     # the instance diagnostics (virface.instance_diagnostics)
+        names += list(INSTANCE_METRICS)
     if spec.trains_backbone:      # a frozen backbone has nothing new to verify
         names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
     return names
@@ -74,6 +84,8 @@ def tensorboard_tag(metric: str) -> str:
         return f"best/{metric[5:]}"
     if metric.startswith(TEST_PREFIX):
         return f"test/{metric[len(TEST_PREFIX):]}"
+    if metric.startswith("vi_"):
+        return f"instances/{metric}"
     if metric.startswith(("loss", "gen_")):
         return f"loss/{metric}"
     if metric.endswith(tuple(f"_{m}" for m in PAIR_SET_METRICS)):
@@ -87,13 +99,3 @@ def tensorboard_tag(metric: str) -> str:
 # the backbone's parameter count, its multiply-accumulates for one image at the input size, and
 # its batch-1 forward latency on the trial's device. Lower is better for all three.
 COST_METRICS = ("params", "macs", "latency_ms")
-
-
-def paired_differences(values: Sequence[float], reference: Sequence[float],
-                       scale: float = 100.0) -> dict[str, Any]:
-    """The seed-paired differences of :func:`virface.stats.paired_over_seeds` (``values``,
-    ``mean``, ``std``, ``signs`` among its keys). Kept only for benchmarks/shallow_data.py until it
-    reads virface.stats itself; nothing else may use it."""
-    from virface.stats import paired_over_seeds
-
-    return paired_over_seeds(values, reference, scale)
