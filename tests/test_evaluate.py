@@ -123,3 +123,17 @@ def test_bad_input_is_named(two_runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main([best, best, best])
     assert torch.load(best, weights_only=True)["epoch"] == 1        # nothing was written over
+
+
+def test_compare_scores_each_retrained_run_pair_by_pair_as_its_training_logged(two_runs):
+    from virface.search.compare import per_pair_correctness
+    from virface.search.runner import SearchOptions
+
+    spec = {k: int(v) for k, v in (a.split("=") for a in TINY_SYNTHETIC[1::2])}
+    options = SearchOptions(stage="virclass", compare="baseline", data={"synthetic": spec})
+    metric = "test_synth_cfp_fp_acc"
+    runs = {arm: [{"seed": 1, "checkpoint": path, metric: logged[metric]}]
+            for arm, (path, logged) in zip(("virclass", "baseline"), two_runs)}
+    correct = per_pair_correctness(options, runs, metric, say=lambda text: None)
+    for arm, (_, logged) in zip(("virclass", "baseline"), two_runs):
+        assert correct[arm].shape == (1, 40) and correct[arm].mean() == pytest.approx(logged[metric])

@@ -109,7 +109,7 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
 
                 ray.shutdown()
     metric = _hardest_test_metric(runs[BASELINE])
-    correct = test_correctness(options, runs, metric, say)
+    correct = per_pair_correctness(options, runs, metric, say)
     result = summarise(arms, budget, manifests, runs, options.seeds, correct)
     os.makedirs(folder, exist_ok=True)
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
@@ -183,7 +183,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def test_correctness(options: SearchOptions, runs: dict[str, list[dict[str, Any]]], metric: str,
+def per_pair_correctness(options: SearchOptions, runs: dict[str, list[dict[str, Any]]], metric: str,
                      say) -> dict[str, Any]:
     """Per arm, (seeds, pairs) bool: each run's best checkpoint scored again on the test pair set
     ``metric`` names, pair by pair, in seed order (what the bootstrap over pairs needs)."""
