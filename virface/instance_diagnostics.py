@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from virface.errors import VirFaceError
+from virface.generator import CovarianceTransfer
 from virface.metrics import INSTANCE_METRICS, format_instance_metrics  # noqa: F401  (names listed there)
 
 log = logging.getLogger("virface")
@@ -184,7 +185,6 @@ def generator_gate(checkpoint: str, data, go_on: bool = False, device: str = "cp
     from virface.checkpoint import load_checkpoint, load_models
     from virface.config import TrainConfig
     from virface.models import build_models
-    from virface.steps import build_instance_sampler
 
     state = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict({**state["config"], "method": "virface", "pretrained_file": None,
@@ -235,3 +235,13 @@ def labeled_features(backbone: torch.nn.Module, data, n_images: int,
     feats = extract_embeddings(backbone, read_images(data.labeled, index, data.input_size),
                                device=device, flip=False)
     return feats.to(device), torch.as_tensor(np.asarray(data.labeled.labels)[index], device=device)
+
+
+def build_instance_sampler(config, models, data, device: torch.device):
+    """What draws a virface stage's instances (``.sample(sources, n)``): the generator, or with
+    ``vi_generator: covariance`` a CovarianceTransfer estimated from the backbone's features of
+    ``variation_images`` labeled images of ``data`` (a StageData)."""
+    if config.vi_generator != "covariance":
+        return models.generator
+    feats, labels = labeled_features(models.backbone, data, config.variation_images, device)
+    return CovarianceTransfer.from_features(feats, labels, config.cov_rank, config.cov_scale)

@@ -33,7 +33,8 @@ from virface.partial_fc import full_optimizer_state, load_optimizer_state
 from virface.progress import RunClock, StepProgress
 from virface.selection import RuleTracker, parse_rule
 from virface.stage_table import stage_spec
-from virface.steps import StageStep, build_instance_sampler
+from virface.instance_diagnostics import build_instance_sampler
+from virface.steps import StageStep
 
 log = logging.getLogger("virface")
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from virface.config import TrainConfig
 from virface.data.images import normalize_pixels
 from virface.distributed import DistributedContext
-from virface.generator import CovarianceTransfer, draw_agreement, generator_losses
+from virface.generator import draw_agreement, generator_losses
 from virface.models import StageModels
 from virface.stage_table import stage_spec
 
@@ -235,15 +235,3 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
         s.backward_step(loss_vc + weighted_vi, "main", head.averaged_parameters())
         loss = loss_vc + weighted_vi + (terms["gen_loss"].detach() if terms else 0.0)
     return {"loss": loss, "loss_vi": loss_vi, **out, **terms}
-
-
-def build_instance_sampler(config: TrainConfig, models: StageModels, data, device: torch.device):
-    """What draws a virface stage's instances (``.sample(sources, n)``): the generator, or with
-    ``vi_generator: covariance`` a CovarianceTransfer estimated from the backbone's features of
-    ``variation_images`` labeled images of ``data`` (a StageData)."""
-    if config.vi_generator != "covariance":
-        return models.generator
-    from virface.instance_diagnostics import labeled_features
-
-    feats, labels = labeled_features(models.backbone, data, config.variation_images, device)
-    return CovarianceTransfer.from_features(feats, labels, config.cov_rank, config.cov_scale)
