@@ -280,3 +280,22 @@ def test_manifest_of_the_wrong_stage_is_rejected(tmp_path):
     with pytest.raises(ManifestError, match=rf"^{path}: stage: 'virclass' but the file is where "
                                             r"stage generator's manifest belongs"):
         upstream_checkpoint("virface", tmp_path, EXPERIMENT, None)
+
+
+def test_the_chosen_trials_accuracies_carry_their_standard_errors_into_the_manifest_and_table(tmp_path):
+    from virface.search.report import format_table
+
+    path = tmp_path / "best.json"
+    write_manifest(make_manifest(tmp_path, metric_se=0.0135,
+                                 test_metrics={"test_lfw_acc": 0.9, "test_lfw_acc_se": 0.0122}), path)
+    manifest = read_manifest(path)
+    assert manifest.metric_se == 0.0135 and manifest.test_metrics["test_lfw_acc_se"] == 0.0122
+    table = format_table("pretrain", "synth_cfp_fp_acc", [], manifest=manifest, manifest_path=str(path))
+    assert "best: trial a1b2 synth_cfp_fp_acc=0.8750 ± 0.0135 (SE over pairs" in table
+    assert "test_lfw_acc=0.9000 ± 0.0122" in table
+    # A manifest written before the field existed reads as it did, without one.
+    write_manifest(make_manifest(tmp_path), path)
+    assert "metric_se" not in json.loads(path.read_text()) and read_manifest(path).metric_se is None
+    data = json.loads(path.read_text())
+    with pytest.raises(ManifestError, match="metric_se: -1 must be a finite number >= 0 or null"):
+        read_manifest(write_raw(tmp_path, {**data, "metric_se": -1}))

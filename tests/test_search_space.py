@@ -94,6 +94,15 @@ def test_a_named_metric_the_data_cannot_produce_is_an_error_listing_the_ones_it_
     assert (loss.metric_name, loss.metric_mode) == ("loss_vc", "min")
 
 
+def test_an_accuracys_standard_error_is_a_metric_to_minimise_and_the_test_sets_stay_out(tmp_path):
+    space = load(tmp_path, "metric: {name: lfw_acc_se}\n", stage="virclass").resolve_metric(["lfw"])
+    assert (space.metric_name, space.metric_mode) == ("lfw_acc_se", "min")
+    spread = load(tmp_path, "metric: {name: lfw_acc_std}\n", stage="virclass").resolve_metric(["lfw"])
+    assert spread.metric_mode == "min"
+    with pytest.raises(ConfigError, match="'test_lfw_acc_se' is a --test pair set's metric"):
+        load(tmp_path, "metric: {name: test_lfw_acc_se}\n", stage="virclass").resolve_metric(["lfw"])
+
+
 def test_only_pretrain_fixes_the_backbone():
     assert load_search_space(default_space_path("pretrain"), "pretrain").fixed["arch"] == \
         "mobilefacenet_s"

@@ -33,8 +33,8 @@ def test_pretrain_writes_one_checkpoint_per_epoch_best_and_metrics(tmp_path, tin
     assert len(result.history) == 2                                 # exactly max_epoch epochs
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
-    for key in ("loss", "loss_arcface", "tiny_pairs_acc", "tiny_pairs_acc_std", "tiny_pairs_tar_far1e-3",
-                "lr", "samples_per_s"):
+    for key in ("loss", "loss_arcface", "tiny_pairs_acc", "tiny_pairs_acc_se", "tiny_pairs_acc_std",
+                "tiny_pairs_tar_far1e-3", "lr", "samples_per_s"):
         assert key in lines[-1]
     assert os.listdir(run_dir / "tb")
     state = load_checkpoint(str(run_dir / "best.pt"))

@@ -63,7 +63,7 @@ def test_the_smoke_search_runs_every_stage_on_a_rec_a_meta_list_and_bin_pair_set
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished earlier" in again.stdout and "starting a local Ray" not in again.stdout
     assert "== stage virclass (finished earlier; reused)" in again.stdout
-    assert "test (reported, not selected on): test_agedb_acc=" in again.stdout
+    assert "test (reported, not selected on; ± SE over pairs): test_agedb_acc=" in again.stdout
     assert time.time() - start < 30
 
 

@@ -13,6 +13,7 @@ from virface.data.loading import build_stage_data
 from virface.errors import ConfigError
 from virface.evaluation.pairs import PairSet
 from virface.evaluation.verification import write_bin
+from virface.metrics import PAIR_SET_METRICS
 from virface.search.space import parse_search_space
 
 TINY = dict(method="pretrain", arch="mobilefacenet_s", feat_len=16, label_batch_size=8,
@@ -28,7 +29,7 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
             return {}
         value = next(test_acc if prefix else val_acc)
         return {f"{prefix}{name}_{key}": (value if key == "acc" else 0.0)
-                for name in pair_sets for key in ("acc", "acc_std", "tar_far1e-3")}
+                for name in pair_sets for key in PAIR_SET_METRICS}
 
     monkeypatch.setattr(virface.stages, "evaluate_pair_sets", scripted)
     data = tiny_data
@@ -53,6 +54,8 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert "test/tiny_pairs_acc" in acc.Tags()["scalars"] and "val/tiny_pairs_acc" in acc.Tags()["scalars"]
+    # Each accuracy's standard error over pairs sits beside it.
+    assert {"test/tiny_pairs_acc_se", "val/tiny_pairs_acc_se"} <= set(acc.Tags()["scalars"])
 
 
 def test_a_test_metric_can_never_be_what_selects():

@@ -219,6 +219,25 @@ def test_one_impostor_below_all_genuine_pairs_costs_one_pair_in_its_fold():
     assert result.far == pytest.approx(0.1)
 
 
+def test_each_pair_is_marked_right_or_wrong_at_its_folds_threshold_and_acc_has_its_se():
+    # The case above: the impostor at 0.105 (pair 5) is accepted at fold 1's t=0.21; all else right.
+    distances = [0.205] * 5 + [0.105] + [1.005] * 4 + [0.205] * 5 + [1.005] * 5
+    issame = ([True] * 5 + [False] * 5) * 2
+    result = verify_10fold(pairs_at_distances(distances), issame, n_folds=2, far_target=0.1)
+    assert result.correct.dtype == bool and result.correct.tolist() == [True] * 5 + [False] + [True] * 14
+    # binomial SE over 20 pairs: sqrt(0.95 x 0.05 / 20)
+    assert result.acc_se == pytest.approx((0.95 * 0.05 / 20) ** 0.5)
+
+
+def test_a_threshold_chosen_on_other_folds_can_misclassify_a_same_pair():
+    # Fold 1: its same pair at 0.5 is rejected by fold 2's threshold (0.31): one pair wrong,
+    # the same one in ``correct``, whatever the accuracy's fold averaging.
+    distances = [0.5, 2.5, 0.3, 2.5]
+    result = verify_10fold(pairs_at_distances(distances), [True, False, True, False], n_folds=2)
+    assert result.correct.tolist() == [False, True, True, True]
+    assert result.acc == pytest.approx(0.75)
+
+
 def test_tar_threshold_is_zero_when_training_far_never_reaches_the_target():
     # every different pair is far beyond the last threshold (3.99), so train FAR stays 0
     result = verify_10fold(pairs_at_distances([0.5, 5.0] * 4), [True, False] * 4,

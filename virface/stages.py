@@ -112,11 +112,12 @@ class RunLog:
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(tensorboard_tag(key), value, step)
-        rows = [f"| {n} | {metrics[n + '_acc']:.4f} ± {metrics[n + '_acc_std']:.4f} | "
-                f"{metrics[n + '_tar_far1e-3']:.4f} |" for n in pair_set_names if n + "_acc" in metrics]
+        rows = [f"| {n} | {metrics[n + '_acc']:.4f} ± {metrics[n + '_acc_se']:.4f} | "
+                f"{metrics[n + '_acc_std']:.4f} | {metrics[n + '_tar_far1e-3']:.4f} |"
+                for n in pair_set_names if n + "_acc" in metrics]
         if rows:
-            self.writer.add_text("verification", "| set | acc | TAR@FAR=1e-3 |\n|---|---|---|\n"
-                                 + "\n".join(rows), step)
+            self.writer.add_text("verification", "| set | acc ± SE (over pairs) | 10-fold std | "
+                                 "TAR@FAR=1e-3 |\n|---|---|---|---|\n" + "\n".join(rows), step)
         self.writer.flush()
 
     def step(self, global_step: int, progress: StepProgress) -> None:
@@ -502,6 +503,13 @@ def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
+    """One log line: loss, lr, throughput, each pair set's accuracy ± its SE over pairs and the
+    virtual instances' main diagnostics."""
     keys = [k for k in metrics if k.endswith("_acc") or k in ("loss", "samples_per_s", "lr", "vi_identity_keep",
                                                               "vi_draw_cos", "vi_real_cos")]
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+
+    def shown(key: str) -> str:
+        se = metrics.get(key + "_se")
+        return f"{key}={metrics[key]:.4g}" + (f"±{se:.2g}" if se is not None else "")
+
+    return " ".join(shown(k) for k in keys)

@@ -540,6 +540,8 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         stage=stage, experiment=options.name, trial_id=best.trial_id,
         config=chosen["config"], metric_name=metric,
         metric_value=float(best.values[metric]), metric_mode=space.metric_mode, checkpoint=best.checkpoint,
+        metric_se=(float(chosen["metrics"][metric + "_se"])
+                   if isinstance(chosen["metrics"].get(metric + "_se"), (int, float)) else None),
         upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
                                               if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
         lineage=lineage, carried=carried, pareto=pareto,
