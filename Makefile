@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick clean
+.PHONY: install demo test test-quick mutation clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,5 +27,10 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Mutation testing (not in CI; see docs/RESULTS.md "Mutation testing"): GROUPS="heads steps" for some.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	PY=$(PY) benchmarks/mutation.sh $(GROUPS)
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info mutants

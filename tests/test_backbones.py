@@ -263,7 +263,8 @@ def test_registering_a_taken_name_or_a_colon_name_is_refused():
         register_backbone("a:b")
 
 
-# --- speed, reported not asserted -------------------------------------------------------------
+# --- speed: timed by running this file as a script, not asserted in the suite (machines and
+# their load differ; a test that only prints would pass whatever the time).
 
 def _fwd_bwd_seconds(name, batch, size, repeats=5):
     model = build_backbone(name, feat_len=512, input_size=size)
@@ -276,15 +277,6 @@ def _fwd_bwd_seconds(name, batch, size, repeats=5):
         model(x).sum().backward()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
-
-
-def test_report_cpu_forward_backward_time_of_mobilefacenet_s():
-    """Prints the median forward+backward time (run with -s to see it). Not asserted: machines
-    differ; mobilefacenet_s is sized for well under 0.1 s on 2 CPU cores. The slower standard
-    mobilefacenet at 112x112 is timed by running this file as a script."""
-    seconds = _fwd_bwd_seconds("mobilefacenet_s", batch=64, size=32, repeats=7)
-    print(f"\nmobilefacenet_s: batch 64 at 32x32, forward+backward {seconds:.4f} s "
-          f"on {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,39 @@ def test_sample_is_sample_major_and_normalised():
     assert out.shape == (6, 4)
     assert torch.allclose(out.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.allclose(out[:3], out[3:], atol=1e-4)           # draw 1 of all U, then draw 2
+
+
+def test_draws_spread_by_the_standard_deviation_exp_half_logvar():
+    # z = mu + exp(logvar / 2) * N(0, 1): for mu = (0, 2, -1) and variances (4, 0.01, 1) the
+    # draws have means (0, 2, -1) and standard deviations (2, 0.1, 1).
+    n = 200_000
+    mu = torch.tensor([0.0, 2.0, -1.0]).repeat(n, 1)
+    logvar = torch.log(torch.tensor([4.0, 0.01, 1.0])).repeat(n, 1)
+    torch.manual_seed(0)
+    z = FeatureVAE.reparameterise(mu, logvar)
+    # Standard errors: mean sd / sqrt(n) <= 0.0045, sd about sd / sqrt(2n) <= 0.0032.
+    assert torch.allclose(z.mean(0), torch.tensor([0.0, 2.0, -1.0]), atol=0.02)
+    assert torch.allclose(z.std(0), torch.tensor([2.0, 0.1, 1.0]), rtol=0.01)
+
+
+def test_sample_draws_around_the_encoded_mean_with_the_encoded_spread():
+    # Encoder outputs mu = 0.5, logvar = log 0.04 (sd 0.2) in both latent dims; the decoder is
+    # relu(z) -> identity, so each instance's direction is (z1, z2) normalised.
+    g = FeatureVAE(feat_len=2, hidden=2, latent=2)
+    with torch.no_grad():
+        for lin, bias in ((g.to_mu, 0.5), (g.to_logvar, float(torch.log(torch.tensor(0.04))))):
+            lin.weight.zero_()
+            lin.bias.fill_(bias)
+        g.decoder[0].weight.copy_(torch.eye(2))
+        g.decoder[0].bias.zero_()
+        g.decoder[2].weight.copy_(torch.eye(2))
+        g.decoder[2].bias.zero_()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = g.sample(torch.randn(4, 2), gen_num=20_000)          # (80000, 2), unit rows
+    # z1, z2 ~ N(0.5, 0.2^2) independent (positive but for 0.6 %): the angle atan2(z2, z1) - pi/4
+    # has sd close to 0.2 / (0.5 * sqrt 2) = 0.283 for this small spread; a spread of 0.04 (the
+    # variance taken for the sd) or 1 would give 0.06 or well over 0.5.
+    angle = torch.atan2(out[:, 1], out[:, 0]) - torch.pi / 4
+    assert abs(float(angle.mean())) < 0.01
+    assert 0.25 < float(angle.std()) < 0.32

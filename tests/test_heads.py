@@ -96,3 +96,20 @@ def test_the_default_dropout_is_the_references_per_stage():
 def _rand_after_seed():
     torch.manual_seed(0)
     return torch.rand(3)
+
+
+def test_dropout_is_inactive_in_eval_mode():
+    # In eval mode the head's logits are the plain ones, cos(x, W) * s, for every row, however
+    # high the dropout rate, and no random numbers are drawn.
+    head = ArcFaceHead(3, 4, s=2.0, m=0.0, dropout=0.99).eval()
+    x = torch.tensor([[1.0, 2.0, 2.0, 4.0]]).repeat(16, 1)           # |x| = 5
+    labels = torch.zeros(16, dtype=torch.long)
+    w = head.weight.detach()
+    expected = 2.0 * (x / 5.0) @ (w / w.norm(dim=1, keepdim=True)).t()
+    torch.manual_seed(0)
+    assert torch.allclose(head(x, labels), expected, atol=1e-6)
+    u = torch.tensor([[0.0, 3.0, 0.0, 4.0]])                          # |u| = 5
+    vc = head.virclass(x, labels, u)
+    assert torch.allclose(vc[:, :3], expected, atol=1e-6)
+    assert torch.allclose(vc[:, 3], torch.full((16,), 2.0 * (6.0 + 16.0) / 25.0), atol=1e-6)
+    assert torch.equal(torch.rand(3), _rand_after_seed())

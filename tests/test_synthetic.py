@@ -8,7 +8,7 @@ from virface.data import synthetic
 from virface.data.synthetic import (FAMILY_SHARE, FAMILY_SIZE, LATENT_DIM, PAIR_SET_NAMES,
                                     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ROLE_VAL, TRAIT_RANGES,
                                     SyntheticSpec, build_synthetic, draw_identity, draw_nuisance,
-                                    draw_training_yaw, draw_yaw, export_synthetic, identity_index,
+                                    draw_training_yaw, draw_yaw, export_synthetic, identity_index, identity_traits,
                                     identity_latents, load_synthetic, render_faces, stack_traits,
                                     traits_from_latent)
 from virface.errors import ConfigError, DataError
@@ -76,6 +76,46 @@ def test_roles_use_disjoint_identities(tiny):
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
             assert not a & b
+
+
+def trait_vector(traits: dict, row=None) -> bytes:
+    """One identity's traits as bytes, comparable exactly: every trait, in name order."""
+    pick = (lambda v: v) if row is None else (lambda v: v[row])
+    return np.concatenate([np.ravel(pick(traits[k])).astype(np.float32) for k in sorted(traits)]).tobytes()
+
+
+def test_every_held_out_image_has_its_own_identitys_traits_and_none_a_validation_ones(monkeypatch):
+    # The renderer sees each image's traits; they must be those its identity index draws, so a
+    # test pair set cannot show validation faces under test indices.
+    rendered = []
+    real_render = synthetic.render_faces
+
+    def recording_render(traits, nuisance, size, *args, **kwargs):
+        rendered.append({k: np.array(v) for k, v in traits.items()})
+        return real_render(traits, nuisance, size, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "render_faces", recording_render)
+    faces = build_synthetic(SyntheticSpec(**TINY))
+    own = {}                                       # identity index -> its traits, drawn by index
+    for role, n in ((ROLE_VAL, 20), (ROLE_TEST, 30)):
+        traits = identity_traits(faces.spec.seed, role, np.arange(n))
+        own.update({int(identity_index(role, k)): trait_vector(traits, k) for k in range(n)})
+    val_traits = {own[int(i)] for i in identity_index(ROLE_VAL, np.arange(20))}
+    assert len(val_traits) == 20
+    # Pair sets render once each, all their images at once: 2 x 40 rows per validation set,
+    # 2 x 60 per test set, in PAIR_SET_NAMES order.
+    by_rows = {}
+    for traits in rendered:
+        by_rows.setdefault(len(traits["skin_tone"]), []).append(traits)
+    for rows, identities in ((80, faces.val_identities), (120, faces.test_identities)):
+        assert len(by_rows[rows]) == len(PAIR_SET_NAMES)
+        for traits, name in zip(by_rows[rows], PAIR_SET_NAMES):
+            assert [trait_vector(traits, r) for r in range(rows)] == [own[int(i)] for i in identities[name]]
+    test_rows = {trait_vector(t, r) for t in by_rows[120] for r in range(120)}
+    assert len(test_rows) == 30 and not test_rows & val_traits
+    # The draw by index is the one identity traits come from anywhere (one identity at a time).
+    first_test = int(identity_index(ROLE_TEST, 0))
+    assert trait_vector(draw_identity(faces.spec.seed, first_test)) == own[first_test]
 
 
 def test_test_pair_sets_are_their_own_images(tiny):

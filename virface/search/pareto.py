@@ -98,11 +98,25 @@ def pareto_front(points: list[TrialPoint], objectives: list[Objective]) -> list[
     return [p for p in usable if not any(dominates(q.values, p.values, objectives) for q in usable if q is not p)]
 
 
+def rank_trials(points: list[TrialPoint], metric: str, mode: str) -> list[TrialPoint]:
+    """The points best first by ``metric``: highest first for mode "max", lowest first for
+    "min". Equal values keep the order given (the order the trials finished in). ``ranked[0]``
+    is the trial a stage chooses and passes on."""
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(points, key=lambda p: sign * p.values[metric])
+
+
+def carried_trials(ranked: list[TrialPoint], carry_top: int) -> list[TrialPoint]:
+    """The trials ``--carry_top K`` passes on to the next stage: the K first of ``ranked`` (all
+    of them when fewer qualify), best first; none for K = 1, the plain chain, which passes on
+    ``ranked[0]`` alone."""
+    return list(ranked[:carry_top]) if carry_top > 1 else []
+
+
 def rank_by_rule(points: list[TrialPoint], rule: SelectRule) -> list[TrialPoint]:
     """The points inside the rule's bounds, best first by its metric (ties keep their order)."""
     admitted = [p for p in points if rule.admits(p.values) and isinstance(p.values.get(rule.metric), (int, float))]
-    sign = -1.0 if rule.mode == "max" else 1.0
-    return sorted(admitted, key=lambda p: sign * p.values[rule.metric])
+    return rank_trials(admitted, rule.metric, rule.mode)
 
 
 def select_point(front: list[TrialPoint], rule: SelectRule) -> TrialPoint:

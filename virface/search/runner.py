@@ -33,8 +33,8 @@ from virface.search.manifest import (StageManifest, carried_choices, manifest_li
                                      write_manifest)
 from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
                                    write_optuna_plots, write_trials)
-from virface.search.pareto import (NoTrialSelected, TrialPoint, format_front, pareto_front, plot_front,
-                                   rank_by_rule, select_point)
+from virface.search.pareto import (NoTrialSelected, TrialPoint, carried_trials, format_front, pareto_front,
+                                   plot_front, rank_by_rule, rank_trials, select_point)
 from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
 from virface.search.trial import (UPSTREAM_PARAMETER, TrialSetup, best_checkpoint_of, checkpoint_retention,
                                   run_trial, trial_resources, trials_at_once)
@@ -509,9 +509,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
                   "front": [p.to_dict() for p in front],
                   "trials": [p.to_dict() for p in points], "plot": plot}
     else:
-        # Best first; equal values keep the order the trials finished in.
-        sign = -1.0 if space.metric_mode == "max" else 1.0
-        ranked = sorted(points, key=lambda p: sign * p.values[metric])
+        ranked = rank_trials(points, metric, space.metric_mode)
     best = ranked[0]
     from virface.checkpoint import load_checkpoint
 
@@ -531,7 +529,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         if len(ranked) < options.carry_top:
             say(f"[{stage}] --carry_top {options.carry_top}: only {len(ranked)} trial(s) qualify; "
                 f"carrying those on")
-        for point in ranked[:options.carry_top]:
+        for point in carried_trials(ranked, options.carry_top):
             start, point_lineage = started_from(point)
             carried.append({"trial_id": point.trial_id, "checkpoint": point.checkpoint,
                             "metric_value": float(point.values[metric]), "params": point.params,
