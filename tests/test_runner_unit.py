@@ -175,3 +175,24 @@ def test_fractional_gpus_put_several_trials_on_one_gpu():
     assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 2.0}) == 8
     assert trials_at_once(ResourcesSpec(workers=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
     assert trials_at_once(ResourcesSpec(workers=1, cpus_per_worker=1, gpus_per_worker=1), {"CPU": 8.0}) == 0
+
+
+def test_a_stop_signal_is_recorded_once_and_a_second_one_stops_at_once():
+    import signal
+
+    from virface.search.runner import sigterm_as_sigint
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    with sigterm_as_sigint() as interrupted:
+        assert not interrupted.is_set()
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"     # Tune's would swallow it
+        os.kill(os.getpid(), signal.SIGTERM)                         # Tune is asked to stop (SIGUSR1)
+        assert interrupted.is_set()
+        with sigterm_as_sigint() as nested:                          # a comparison's stage search
+            assert nested is interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)                      # the second: stop now
+    assert {s: signal.getsignal(s) for s in before} == before
+    with sigterm_as_sigint() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)                          # Ctrl-C is recorded the same way
+        assert interrupted.is_set()

@@ -104,6 +104,25 @@ def test_an_interrupted_search_exits_non_zero_writes_no_manifest_and_resumes(sea
     finished_search_agrees_with_the_study(tmp_path / "exp")
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_as_the_stages_last_trial_starts_is_an_interrupt_and_resume_trains_that_trial(search, tmp_path, stop):
+    # One trial: the stage's last trial is its only one. Tune marks a trial it stops TERMINATED,
+    # with no epoch: that was taken for a finished stage ("stopped early", or "every trial failed").
+    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 3", "num_samples: 1"))
+    driver = start(search())
+    wait_for(driver, r"trial 1/1 \w+ started")
+    os.kill(driver.pid, stop)
+    output = finish(driver)
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "--resume" in output and "failed" not in output, output[-3000:]
+    assert not (tmp_path / "exp" / "default" / "pretrain" / "best.json").exists()
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [trial] = json.loads((tmp_path / "exp" / "default" / "pretrain" / "trials.json").read_text())["trials"]
+    assert (trial["epochs"], trial["outcome"]) == (2, "completed"), trial
+    assert read_manifest(tmp_path / "exp" / "default" / "pretrain" / "best.json").metric_value == trial["metric"]
+
+
 def test_one_driver_per_experiment_and_a_dead_drivers_lock_is_taken_over(search, tmp_path):
     # Long trials: the first driver must still be running while the others try.
     (tmp_path / "space.yaml").write_text(SPACE.replace("max_epoch: 2", "max_epoch: 8"))

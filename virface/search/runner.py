@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -58,22 +60,53 @@ class SearchInterrupted(VirFaceError):
     """The search was stopped (Ctrl-C, SIGTERM) before its stage finished; --resume continues."""
 
 
-@contextlib.contextmanager
-def sigterm_as_sigint() -> Iterator[None]:
-    """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
-    and returns, and no manifest is written for the unfinished stage."""
-    import signal
-    import threading
+class _StopHandler:
+    """SIGINT and SIGTERM during a search: the first records the interrupt and asks Tune to stop
+    (SIGUSR1: Tune saves its state and returns, as on Ctrl-C); a second stops at once."""
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    def __init__(self):
+        self.interrupted = threading.Event()
+
+    def __call__(self, signum, frame):
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt
+        self.interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def sigterm_as_sigint() -> Iterator[threading.Event]:
+    """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
+    and returns, and no manifest is written for the unfinished stage. Yields the event the first
+    such signal sets: what Tune returns after it is never taken for a finished stage (Tune marks
+    the trials it stops TERMINATED, a trial that had just started among them).
+
+    Tune's own SIGINT handler is kept out (``TUNE_DISABLE_SIGINT_HANDLER``): it would swallow the
+    signal without a trace; ours records it and stops Tune through Tune's other stop signal,
+    SIGUSR1 (ignored outside a run). Nested uses share the outer one's event."""
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, _StopHandler):
+        yield current.interrupted
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    if threading.current_thread() is not threading.main_thread():
+        yield threading.Event()
+        return
+    handler = _StopHandler()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGUSR1, lambda *_: None)   # Tune installs its own while it runs
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield handler.interrupted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -381,7 +414,10 @@ def init_ray(options: SearchOptions, say) -> bool:
     return True
 
 
-def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) -> StageOutcome:
+def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
+                 interrupted: threading.Event | None = None) -> StageOutcome:
+    """Search one stage. ``interrupted`` is set by a stop signal (:func:`sigterm_as_sigint`): a
+    search it stopped raises :class:`SearchInterrupted`, whatever its trials look like."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -470,9 +506,12 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
                 checkpoint_config=checkpoint_retention(),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
         )
+    if interrupted is not None and interrupted.is_set():
+        raise SearchInterrupted(f"the search was interrupted before stage {stage} started; continue "
+                                f"it with the same command and --resume")
     started = time.time()
     results = tuner.fit()
-    if stage_interrupted(results, space, time.time() - started):
+    if (interrupted is not None and interrupted.is_set()) or stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
                                 f"continue it with the same command and --resume")
     rows = [trial_row(r, space) for r in results]
@@ -664,9 +703,9 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             started = init_ray(options, say)
             try:
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
-                with sigterm_as_sigint():
+                with sigterm_as_sigint() as interrupted:
                     for stage in plan:
-                        outcome = search_stage(options, stage, spaces[stage], say)
+                        outcome = search_stage(options, stage, spaces[stage], say, interrupted)
                         outcomes.append(outcome)
                         if outcome.manifest is None:
                             break
