@@ -196,3 +196,25 @@ def test_a_stop_signal_is_recorded_once_and_a_second_one_stops_at_once():
     with sigterm_as_sigint() as interrupted:
         os.kill(os.getpid(), signal.SIGINT)                          # Ctrl-C is recorded the same way
         assert interrupted.is_set()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_ray_failing_to_start_is_named_and_says_how_to_continue(tmp_path, monkeypatch, capsys, resume):
+    import ray
+
+    from virface.search.cli import main
+
+    def overloaded(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some "
+                        "of the raylet failed to startup or the GCS has become overloaded.")
+    monkeypatch.setattr(ray, "init", overloaded)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["--stage", "pretrain", "--budget", "smoke", "--storage", str(tmp_path), "--quiet"]
+    assert main(argv + (["--resume"] if resume else [])) == 2
+    err = capsys.readouterr().err
+    assert ("error: the local Ray failed to start (Exception: The current node timed out during startup. "
+            "This could happen because some of the raylet failed to startup or the GCS has become "
+            "overloaded.); no trial ran and nothing of experiment default was changed: run the same "
+            "command again") in err
+    assert ("--resume continues the search where it stopped" if resume else "with --resume if an") in err
+    assert os.listdir(tmp_path / "default") == []                     # the lock released, nothing else

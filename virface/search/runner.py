@@ -388,7 +388,9 @@ def search_environment() -> Iterator[None]:
 
 def init_ray(options: SearchOptions, say) -> bool:
     """Connect to ``--address`` (or the cluster of a ``ray job submit``); else start a local Ray.
-    Returns whether this process started Ray (and so must stop it)."""
+    Returns whether this process started Ray (and so must stop it). Ray failing to start or to
+    connect (a loaded machine: "The current node timed out during startup") is a SearchError
+    saying so: nothing of the experiment was written yet, and the same command continues it."""
     import ray
 
     if ray.is_initialized():
@@ -399,8 +401,9 @@ def init_ray(options: SearchOptions, say) -> bool:
         # A cluster on loopback (a test, a laptop) has its raylet there too, not on the
         # machine's network address, which Ray would otherwise assume for this driver.
         local = address.split("://")[-1].startswith(("127.", "localhost"))
-        ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
-                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
+        with ray_start_errors(options, f"could not connect to the Ray cluster at {address}"):
+            ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
+                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     import torch
 
@@ -408,10 +411,30 @@ def init_ray(options: SearchOptions, say) -> bool:
     say(f"starting a local Ray ({cpus} CPU, {gpus} GPU; dashboard on 127.0.0.1) ...")
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); everything
     # listens on loopback only. address="local": our own Ray even beside another cluster.
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level=logging.WARNING)
+    with ray_start_errors(options, "the local Ray failed to start"):
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.WARNING)
     return True
+
+
+@contextlib.contextmanager
+def ray_start_errors(options: SearchOptions, what: str) -> Iterator[None]:
+    """``ray.init`` inside: its failure becomes a SearchError naming ``what`` failed and Ray's
+    reason. (The processes a failed start leaves share this process's fate: they end with it.)"""
+    import ray
+
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        again = ("run the same command again: --resume continues the search where it stopped"
+                 if options.resume else "run the same command again (with --resume if an "
+                 "earlier run of it was interrupted)")
+        raise SearchError(f"{what} ({type(exc).__name__}: {reason}); no trial ran and nothing "
+                          f"of experiment {options.name} was changed: {again}") from exc
 
 
 def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
