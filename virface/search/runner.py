@@ -446,6 +446,8 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
 
     from virface.search.callbacks import TrialProgress
     from virface.search.searcher import StageOptunaSearch
+    from virface.search.state import (KEPT_STATE_DIR, TuneStateKeeper, is_disk_error, repair_journal,
+                                      repair_tune_state)
 
     experiment_dir = os.path.join(options.storage, options.name)
     stage_dir = os.path.join(experiment_dir, stage)
@@ -488,9 +490,13 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
         raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
                           f"it with --resume, or choose another --name")
     space_record = os.path.join(stage_dir, SPACE_RECORD)
+    journal, kept_state = os.path.join(stage_dir, "optuna.journal"), os.path.join(stage_dir, KEPT_STATE_DIR)
     if options.resume and tune.Tuner.can_restore(search_dir):
         check_same_space(space, space_record)
         say(f"[{stage}] resuming the interrupted search in {search_dir}")
+        # What a write that failed (a full disk) left cut short, before Tune or Optuna reads it.
+        repair_tune_state(search_dir, kept_state, lambda text: say(f"[{stage}] {text}"))
+        repair_journal(journal, lambda text: say(f"[{stage}] {text}"))
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
@@ -499,7 +505,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
 
         os.makedirs(stage_dir, exist_ok=True)
         write_text_atomic(space_record, json.dumps(space.describe(), indent=2, sort_keys=True) + "\n")
-        storage = JournalStorage(JournalFileBackend(os.path.join(stage_dir, "optuna.journal")))
+        storage = JournalStorage(JournalFileBackend(journal))
         if space.multi_objective:
             # Optuna is told each trial's best epoch for the selection metric and the others'
             # last values (cost metrics are the same every epoch).
@@ -527,13 +533,23 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=checkpoint_retention(),
-                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
+                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback(),
+                           TuneStateKeeper(search_dir, kept_state)]),
         )
     if interrupted is not None and interrupted.is_set():
         raise SearchInterrupted(f"the search was interrupted before stage {stage} started; continue "
                                 f"it with the same command and --resume")
     started = time.time()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except Exception as exc:
+        if not is_disk_error(exc):
+            raise
+        raise SearchError(f"the search of stage {stage} stopped: a file under {experiment_dir} could "
+                          f"not be written, or was read back cut short ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); a "
+                          f"full disk? Free space, then continue with the same command and --resume: "
+                          f"every finished trial is kept") from exc
     if (interrupted is not None and interrupted.is_set()) or stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
                                 f"continue it with the same command and --resume")
