@@ -240,6 +240,9 @@ def test_a_trial_restored_from_a_lagging_snapshot_continues_from_its_newest_whol
     tune_side.metrics = None
     resume = restored.restore(str(tmp_path / "storage" / "checkpoint_000000"))   # the snapshot's
     assert load_checkpoint(resume)["epoch"] == 2                      # not trained again
+    # Tune writes its next report into checkpoint_000001 again: what it copies there must not be
+    # that directory's own file (a hard link), or the copy empties it.
+    assert not os.path.samefile(resume, tmp_path / "storage" / "checkpoint_000001" / "checkpoint.pt")
     restored.report_unseen({"params": 7.0})                           # Tune sees epoch 2 once
     assert tune_side.metrics == {"epoch": 2, "acc": 0.9, "best_acc": 0.9, "params": 7.0}
     path, value = best_checkpoint_of(tune_side.result(), "acc")

@@ -196,8 +196,11 @@ class ReportedCheckpoints:
         trial reported beside it that Tune's snapshot missed (:func:`newest_reported`): its best
         epoch stays the best so far. Returns the checkpoint to resume the run from."""
         newest = newest_reported(checkpoint_dir)
-        resume = _link_or_copy(os.path.join(newest, CHECKPOINT_FILE), os.path.join(self.work, "resume.pt"))
-        _link_or_copy(best_file_in(newest), self.best)
+        # Tune numbers the trial's next reports on from the directory it restored, into the later
+        # directories: a file linked from one of them would be overwritten by its own copy.
+        place = _link_or_copy if newest == checkpoint_dir else copy_checkpoint
+        resume = place(os.path.join(newest, CHECKPOINT_FILE), os.path.join(self.work, "resume.pt"))
+        place(best_file_in(newest), self.best)
         self._unseen = resume if newest != checkpoint_dir else None
         return resume
 
