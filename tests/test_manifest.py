@@ -81,6 +81,26 @@ def test_manifest_round_trip(tmp_path):
     assert json.loads(path.read_text())["metric_value"] == 0.875
 
 
+def test_a_generator_manifest_carries_its_instance_figures_into_the_stage_table(tmp_path):
+    from virface.search.report import format_table
+
+    figures = {"vi_draw_cos": 0.971, "vi_real_cos": 0.913, "vi_identity_keep": -0.017, "vi_w_pull": 0.042,
+               "vi_own_class_share": 0.009}
+    m = make_manifest(tmp_path, "generator", metric_name="vi_identity_keep", metric_value=-0.017,
+                      instance_metrics=figures)
+    path = write_manifest(m, tmp_path / "generator" / "best.json")
+    assert read_manifest(path).instance_metrics == figures
+    assert ("instances (held-out pairs, chosen epoch): identity keep -0.017, draw cos 0.971 (real "
+            "same-identity cos 0.913), nearest-W pull +0.042, own class wins 0.9 %") in format_table(
+        "generator", "vi_identity_keep", [], manifest=read_manifest(path), manifest_path=str(path))
+    # A stage without instances writes no such key, and its table no such line.
+    plain = make_manifest(tmp_path)
+    assert "instance_metrics" not in plain.to_dict()
+    assert "instances" not in format_table("pretrain", "synth_cfp_fp_acc", [], manifest=plain, manifest_path="x")
+    with pytest.raises(ManifestError, match="instance_metrics: .* must be a JSON object"):
+        read_manifest(write_raw(tmp_path, {**m.to_dict(), "instance_metrics": [0.1]}))
+
+
 def test_created_defaults_to_an_iso_utc_time(tmp_path):
     values = make_manifest(tmp_path).to_dict()
     del values["created"]

@@ -35,7 +35,7 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
     data.test_pair_sets = {"held_out": data.pair_sets["tiny_pairs"]}
     result = virface.stages.run_stage(TrainConfig(**TINY), str(tmp_path / "run"), data=data,
                                       tb_dir=str(tmp_path / "tb"))
-    assert result.best == {"metric": "tiny_pairs_acc", "mode": "max", "value": 0.9, "epoch": 2}
+    assert result.best == {"metric": "tiny_pairs_acc", "mode": "max", "value": 0.9, "epoch": 2, "rule": "best"}
     best = load_checkpoint(result.best_checkpoint)
     assert best["epoch"] == 2 and best["metrics"]["test_held_out_acc"] == 0.5
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

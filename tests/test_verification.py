@@ -304,3 +304,19 @@ def test_evaluate_pair_set_scores_a_colour_matching_backbone_perfectly():
     # same: distance 0; different: (1,-1,-1) vs (-1,1,-1) normalised, 2 - 2 * (-1/3) = 8/3
     assert result.acc == 1.0 and result.n_pairs == 20
     np.testing.assert_allclose(result.best_thresholds, [0.01] * 10)
+
+
+def test_per_pair_correctness_marks_exactly_the_pairs_the_fold_threshold_gets_wrong():
+    # 20 pairs, 2-d unit embeddings: same pairs at distance^2 0.02, different ones at 2.0, so
+    # any fold's threshold separates them; pair 7 (same) is given a distance of 2.0: it alone fails.
+    rng = np.random.default_rng(0)
+    issame = np.array([True, False] * 10)
+    angles = rng.uniform(0, 2 * np.pi, 20)
+    a = np.stack([np.cos(angles), np.sin(angles)], 1)
+    offset = np.where(issame, 0.1, np.pi / 2)
+    offset[6] = np.pi / 2           # pair index 6 is the 7th pair, a same pair, placed far apart
+    b = np.stack([np.cos(angles + offset), np.sin(angles + offset)], 1)
+    result = verify_10fold((torch.tensor(a), torch.tensor(b)), issame, n_folds=5)
+    assert result.correct.dtype == bool and result.correct.shape == (20,)
+    assert np.flatnonzero(~result.correct).tolist() == [6]
+    assert result.acc == pytest.approx(result.correct.mean()) == pytest.approx(19 / 20)

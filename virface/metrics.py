@@ -18,6 +18,9 @@ PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
 EASY_PAIR_SETS = ("cfp_ff", "lfw")
 EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
 PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
+# The generator and virface stages' diagnostics of their virtual instances, per epoch (names
+# and meaning: virface.instance_diagnostics, which imports torch; this module does not).
+INSTANCE_METRICS = ("vi_draw_cos", "vi_real_cos", "vi_identity_keep", "vi_w_pull", "vi_own_class_share")
 
 
 def hardest_pair_set(names: list[str]) -> str:
@@ -40,10 +43,19 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
 
 
+def format_instance_metrics(metrics: dict[str, float]) -> str:
+    """One line of the vi_* diagnostics, e.g. for the gate's warning and the stage tables."""
+    return (f"identity keep {metrics['vi_identity_keep']:+.3f}, draw cos {metrics['vi_draw_cos']:.3f} "
+            f"(real same-identity cos {metrics['vi_real_cos']:.3f}), nearest-W pull "
+            f"{metrics['vi_w_pull']:+.3f}, own class wins {100 * metrics['vi_own_class_share']:.1f} %")
+
+
 def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
     """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
     spec = stage_spec(method)
     names = list(EPOCH_METRICS) + list(spec.loss_terms)
+    if spec.builds_generator:     # the instance diagnostics (virface.instance_diagnostics)
+        names += list(INSTANCE_METRICS)
     if spec.trains_backbone:      # a frozen backbone has nothing new to verify
         names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
     return names
@@ -72,6 +84,8 @@ def tensorboard_tag(metric: str) -> str:
         return f"best/{metric[5:]}"
     if metric.startswith(TEST_PREFIX):
         return f"test/{metric[len(TEST_PREFIX):]}"
+    if metric.startswith("vi_"):
+        return f"instances/{metric}"
     if metric.startswith(("loss", "gen_")):
         return f"loss/{metric}"
     if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):

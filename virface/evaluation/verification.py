@@ -278,6 +278,8 @@ class VerificationResult:
     """Fold means of accuracy and of TAR (VAL) and FAR at the FAR target; stds over folds.
 
     ``best_thresholds`` (n_folds,): the accuracy threshold each fold chose on its other folds.
+    ``correct`` (n_pairs,) bool: whether each pair is classified right at its fold's threshold
+    (the per-pair outcomes paired comparisons of two models on the same pairs need).
     """
 
     acc: float
@@ -288,6 +290,7 @@ class VerificationResult:
     best_thresholds: np.ndarray
     n_pairs: int
     far_target: float = 1e-3
+    correct: np.ndarray | None = None
 
 
 def _pair_distances(embeddings, issame: np.ndarray) -> np.ndarray:
@@ -360,6 +363,7 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
     tar = np.empty(n_folds)
     far = np.empty(n_folds)
     best = np.empty(n_folds)
+    correct = np.empty(n_pairs, dtype=bool)
     for k, test in enumerate(folds):
         ta_train, fa_train = ta.sum(0) - ta[k], fa.sum(0) - fa[k]
         same_train, diff_train = n_same.sum() - n_same[k], n_diff.sum() - n_diff[k]
@@ -367,6 +371,7 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
         best_index = int(np.argmax(acc_train))
         best[k] = thresholds[best_index]
         acc[k] = (ta[k, best_index] + n_diff[k] - fa[k, best_index]) / len(test)
+        correct[test] = (dist[test] < best[k]) == issame[test]
 
         far_train = fa_train / diff_train if diff_train > 0 else np.zeros_like(thresholds)
         threshold = _far_threshold(far_train, thresholds, far_target)
@@ -379,7 +384,7 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
         tar_at_far=float(np.nanmean(tar)) if np.isfinite(tar).any() else float("nan"),
         tar_at_far_std=float(np.nanstd(tar)) if np.isfinite(tar).any() else float("nan"),
         far=float(np.nanmean(far)) if np.isfinite(far).any() else float("nan"),
-        best_thresholds=best, n_pairs=n_pairs, far_target=far_target)
+        best_thresholds=best, n_pairs=n_pairs, far_target=far_target, correct=correct)
 
 
 def evaluate_pair_set(backbone: torch.nn.Module, pair_set: PairSet,

@@ -13,6 +13,7 @@ from typing import Any
 
 from virface.fileio import write_text_atomic
 from virface.errors import VirFaceError
+from virface.metrics import INSTANCE_METRICS, format_instance_metrics
 
 TRIALS_FILE = "trials.json"
 # Optuna's importance estimate (fANOVA) means nothing on a handful of trials: below this many
@@ -80,6 +81,9 @@ def format_table(stage: str, metric: str, rows: list[TrialRow], *, reused: bool 
         if accuracies:
             lines.append("test (reported, not selected on): "
                          + ", ".join(f"{k}={v:.4f}" for k, v in sorted(accuracies.items())))
+        if manifest.instance_metrics.keys() >= set(INSTANCE_METRICS):
+            lines.append("instances (held-out pairs, chosen epoch): "
+                         + format_instance_metrics(manifest.instance_metrics))
         lines.append(f"manifest: {manifest_path}")
         lines.append(f"checkpoint: {manifest.checkpoint}")
     if error:
