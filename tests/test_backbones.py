@@ -160,6 +160,9 @@ class Builders:
         return without_size(feat_len)
 
 NOT_CALLABLE = 3
+
+def raises(feat_len, input_size):
+    raise ValueError("feat_len must be a power of two")
 '''
 
 
@@ -287,3 +290,23 @@ if __name__ == "__main__":
         seconds = _fwd_bwd_seconds(name, batch, size, repeats)
         print(f"{name}: batch {batch} at {size}x{size}, forward+backward {seconds:.4f} s "
               f"(median of {repeats}) on {torch.get_num_threads()} threads")
+
+
+def test_a_callable_that_raises_is_named_with_its_error(user_module):
+    with pytest.raises(ConfigError) as info:
+        build_backbone(f"{user_module}:raises", feat_len=24, input_size=32)
+    assert str(info.value) == (f"arch: '{user_module}:raises': raises(feat_len=24, input_size=32) raised "
+                               f"ValueError: feat_len must be a power of two")
+
+
+def test_virface_train_with_a_raising_user_callable_exits_2_naming_it(user_module, tmp_path, capsys):
+    from virface.train import main
+
+    code = main(["--method", "pretrain", "--arch", f"{user_module}:raises", "--device", "cpu",
+                 "--no-tensorboard", "--steps_per_epoch", "1", "--max_epoch", "1",
+                 "--snapshot_prefix", str(tmp_path / "run"), "--synthetic", "n_labeled_ids=4",
+                 "--synthetic", "images_per_labeled_id=2", "--synthetic", "n_val_ids=20",
+                 "--synthetic", "val_pairs=40", "--synthetic", "image_size=16"])
+    assert code == 2
+    assert f"arch: '{user_module}:raises': raises(feat_len=512, input_size=16) raised ValueError: " \
+           f"feat_len must be a power of two" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Mistakes a search can know about before it starts Ray are errors before it starts Ray: every
 stage's space in the chain, the budget, each arch choice, the data against the upstream."""
+import os
+
 import pytest
 import yaml
 
@@ -67,3 +69,40 @@ def test_data_with_another_identity_count_than_the_upstream_checkpoint_is_refuse
     with pytest.raises(VirFaceError, match="trained on 6 labeled identities, but the labeled data given has 9"):
         run_search(SearchOptions(stage="virclass", storage=str(tmp_path / "exp"), from_checkpoint=upstream,
                                  data={"synthetic": other}, quiet=True))
+
+
+def test_a_storage_that_is_a_file_is_named_before_ray_starts(tmp_path, capsys):
+    from virface.search.cli import main
+
+    (tmp_path / "storage").write_text("not a folder")
+    assert main(["--stage", "pretrain", "--budget", "smoke", "--storage", str(tmp_path / "storage")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'storage' / 'default'}: cannot create the experiment folder or write into it " \
+           f"(Not a directory" in err and "--storage must be a folder this process can write" in err
+    assert (tmp_path / "storage").read_text() == "not a folder"
+
+
+def test_a_storage_on_a_read_only_place_is_named_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from virface.search.cli import main
+
+    # Simulated: this test may run as root, whom permission bits do not stop; the file system
+    # answers every create under the storage with EROFS, as a read-only mount does.
+    storage = tmp_path / "ro"
+    storage.mkdir()
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def read_only(call):
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(storage)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return call(path, *args, **kwargs)
+        return refuse
+    monkeypatch.setattr(os, "open", read_only(real_open))
+    monkeypatch.setattr(os, "mkdir", read_only(real_mkdir))
+    assert main(["--stage", "pretrain", "--budget", "smoke", "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert f"{storage / 'default'}: cannot create the experiment folder or write into it " \
+           f"(Read-only file system: {storage / 'default'}" in err
+    assert os.listdir(storage) == []

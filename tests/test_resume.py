@@ -112,3 +112,93 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path, tiny_da
     for part in ("backbone", "head", "generator"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert first.history[0]["loss"] == whole.history[0]["loss"]
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def test_a_copied_run_folder_resumes_into_the_copy_and_never_touches_the_original(tmp_path):
+    import shutil
+
+    run, copy = str(tmp_path / "run"), str(tmp_path / "copy")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "2"]) == 0
+    shutil.copytree(run, copy)                                        # cp -a run copy
+    original = folder_bytes(run)
+    assert main(["--method", "pretrain", "--resume_file", f"{copy}/checkpoints/epoch_001.pt",
+                 "--max_epoch", "3"]) == 0
+    assert folder_bytes(run) == original                              # not one byte changed
+    assert load_checkpoint(f"{copy}/checkpoints/epoch_003.pt")["run_dir"] == copy
+    epochs = [json.loads(x)["epoch"] for x in open(f"{copy}/metrics.jsonl").read().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_a_moved_run_folder_resumes_where_it_is_and_the_old_place_is_not_recreated(tmp_path):
+    run, moved = str(tmp_path / "run"), str(tmp_path / "moved")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "1"]) == 0
+    os.rename(run, moved)
+    assert main(["--method", "pretrain", "--resume_file", f"{moved}/best.pt", "--max_epoch", "2"]) == 0
+    assert not os.path.exists(run)
+    assert sorted(os.listdir(f"{moved}/checkpoints")) == ["epoch_001.pt", "epoch_002.pt"]
+
+
+def test_a_checkpoint_outside_a_run_folder_resumes_only_into_a_folder_named_for_it(tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "1"]) == 0
+    shutil.copy(f"{run}/checkpoints/epoch_001.pt", tmp_path / "loose.pt")
+    original = folder_bytes(run)
+    resume = ["--method", "pretrain", "--resume_file", str(tmp_path / "loose.pt"), "--max_epoch", "2"]
+    assert main(resume) == 2
+    assert f"resume_file: {tmp_path / 'loose.pt'} is not in a run folder" in capsys.readouterr().err
+    assert main([*resume, "--snapshot_prefix", run]) == 2            # a folder holding a run
+    assert "holds another run than" in capsys.readouterr().err
+    assert main([*resume, "--snapshot_prefix", str(tmp_path / "new")]) == 0
+    assert folder_bytes(run) == original
+    assert os.path.isfile(tmp_path / "new" / "checkpoints" / "epoch_002.pt")
+
+
+def test_config_json_records_the_settings_the_resumed_run_trains_with(tmp_path):
+    run = str(tmp_path / "run")
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "1"]) == 0
+    assert json.load(open(f"{run}/config.json"))["sample_rate"] in (None, 1.0)
+    assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_001.pt",
+                 "--max_epoch", "2", "--sample_rate", "0.5"]) == 0
+    config = json.load(open(f"{run}/config.json"))
+    assert (config["sample_rate"], config["max_epoch"]) == (0.5, 2)
+    assert load_checkpoint(f"{run}/checkpoints/epoch_002.pt")["config"]["sample_rate"] == 0.5
+
+
+def test_a_full_disk_after_an_epochs_checkpoint_loses_no_metrics_line(tmp_path, scripted_accuracy,
+                                                                        monkeypatch, capsys):
+    import errno
+    import shutil
+
+    run = str(tmp_path / "run")
+    scripted_accuracy += [0.7, 0.9, 0.8]           # epoch 2 is the best: best.pt is copied then
+    real_copy, copies = shutil.copyfileobj, []
+
+    def disk_full_at_the_second_best_copy(src, dst, *args, **kwargs):
+        copies.append(dst.name)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(src, dst, *args, **kwargs)
+    # Simulated: the disk fills while epoch 2's best.pt is copied, after its checkpoint was saved.
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full_at_the_second_best_copy)
+    assert main([*RUN, "--snapshot_prefix", run, "--max_epoch", "3"]) == 2
+    assert "best.pt: cannot write (No space left on device)" in capsys.readouterr().err
+    epoch_2 = load_checkpoint(f"{run}/checkpoints/epoch_002.pt")["metrics"]
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)            # space freed
+    assert main(["--method", "pretrain", "--resume_file", f"{run}/checkpoints/epoch_002.pt"]) == 0
+    lines = [json.loads(x) for x in open(f"{run}/metrics.jsonl").read().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    assert lines[1] == epoch_2
+    assert [x["synth_cfp_fp_acc"] for x in lines] == [0.7, 0.9, 0.8]
+    assert load_checkpoint(f"{run}/best.pt")["epoch"] == 2

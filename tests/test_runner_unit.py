@@ -175,3 +175,91 @@ def test_fractional_gpus_put_several_trials_on_one_gpu():
     assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 2.0}) == 8
     assert trials_at_once(ResourcesSpec(workers=2, cpus_per_worker=1), {"CPU": 2.0}) == 1
     assert trials_at_once(ResourcesSpec(workers=1, cpus_per_worker=1, gpus_per_worker=1), {"CPU": 8.0}) == 0
+
+
+def test_a_stop_signal_is_recorded_once_and_a_second_one_stops_at_once():
+    import signal
+
+    from virface.search.runner import sigterm_as_sigint
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    with sigterm_as_sigint() as interrupted:
+        assert not interrupted.is_set()
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"     # Tune's would swallow it
+        os.kill(os.getpid(), signal.SIGTERM)                         # Tune is asked to stop (SIGUSR1)
+        assert interrupted.is_set()
+        with sigterm_as_sigint() as nested:                          # a comparison's stage search
+            assert nested is interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)                      # the second: stop now
+    assert {s: signal.getsignal(s) for s in before} == before
+    with sigterm_as_sigint() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)                          # Ctrl-C is recorded the same way
+        assert interrupted.is_set()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_ray_failing_to_start_is_named_and_says_how_to_continue(tmp_path, monkeypatch, capsys, resume):
+    import ray
+
+    from virface.search.cli import main
+
+    def overloaded(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some "
+                        "of the raylet failed to startup or the GCS has become overloaded.")
+    monkeypatch.setattr(ray, "init", overloaded)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["--stage", "pretrain", "--budget", "smoke", "--storage", str(tmp_path), "--quiet"]
+    assert main(argv + (["--resume"] if resume else [])) == 2
+    err = capsys.readouterr().err
+    assert ("error: the local Ray failed to start (Exception: The current node timed out during startup. "
+            "This could happen because some of the raylet failed to startup or the GCS has become "
+            "overloaded.); no trial ran and nothing of experiment default was changed: run the same "
+            "command again") in err
+    assert ("--resume continues the search where it stopped" if resume else "with --resume if an") in err
+    assert os.listdir(tmp_path / "default") == []                     # the lock released, nothing else
+
+
+def test_a_trial_restored_from_a_lagging_snapshot_continues_from_its_newest_whole_report(trial, tmp_path):
+    # kill -9 right after a trial finished: Tune's snapshot still names epoch 1's directory,
+    # though the trial had reported epoch 2, its last. It was trained again from epoch 1.
+    from virface.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoints, tune_side, run_dir = trial
+    for epoch, acc, best in ((1, 0.7, 1), (2, 0.9, 2)):
+        metrics = {"epoch": epoch, "acc": acc, "best_acc": max(0.7, acc)}
+        path = save_checkpoint({"epoch": epoch, "metrics": metrics,
+                                "best": {"metric": "acc", "epoch": best, "value": max(0.7, acc)}},
+                               str(run_dir / f"epoch_{epoch:03d}.pt"))
+        checkpoints.report(metrics, path, best)
+    (tmp_path / "storage" / "checkpoint_000009").mkdir()             # a later one, cut short
+    (tmp_path / "storage" / "checkpoint_000009" / "checkpoint.pt").write_bytes(
+        open(tmp_path / "storage" / "checkpoint_000001" / "checkpoint.pt", "rb").read()[:100])
+    (tmp_path / "work2").mkdir()
+    restored = ReportedCheckpoints(str(tmp_path / "work2"), report=tune_side.report)
+    tune_side.metrics = None
+    resume = restored.restore(str(tmp_path / "storage" / "checkpoint_000000"))   # the snapshot's
+    assert load_checkpoint(resume)["epoch"] == 2                      # not trained again
+    # Tune writes its next report into checkpoint_000001 again: what it copies there must not be
+    # that directory's own file (a hard link), or the copy empties it.
+    assert not os.path.samefile(resume, tmp_path / "storage" / "checkpoint_000001" / "checkpoint.pt")
+    restored.report_unseen({"params": 7.0})                           # Tune sees epoch 2 once
+    assert tune_side.metrics == {"epoch": 2, "acc": 0.9, "best_acc": 0.9, "params": 7.0}
+    path, value = best_checkpoint_of(tune_side.result(), "acc")
+    assert load_checkpoint(path)["epoch"] == 2 and value == 0.9
+    restored.report_unseen({})
+    assert tune_side.count == 3                                       # epochs 1, 2 and 2 once more
+
+
+def test_a_trial_restored_from_its_newest_report_reports_nothing_again(trial, tmp_path):
+    from virface.checkpoint import save_checkpoint
+
+    checkpoints, tune_side, run_dir = trial
+    metrics = {"epoch": 1, "acc": 0.7, "best_acc": 0.7}
+    checkpoints.report(metrics, save_checkpoint({"epoch": 1, "metrics": metrics, "best": {"epoch": 1}},
+                                                str(run_dir / "epoch_001.pt")), 1)
+    (tmp_path / "work2").mkdir()
+    restored = ReportedCheckpoints(str(tmp_path / "work2"), report=tune_side.report)
+    restored.restore(str(tmp_path / "storage" / "checkpoint_000000"))
+    restored.report_unseen({})
+    assert tune_side.count == 1

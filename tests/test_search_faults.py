@@ -69,6 +69,20 @@ def finish(process, timeout=120) -> str:
     return "".join(process.lines)
 
 
+def epochs_trained(storage) -> dict[str, list[int]]:
+    """Per trial, the epochs it trained (each trained epoch writes its scalars to the trial's
+    TensorBoard run; a report repeated after a restore does not), from the raw event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    trained = {}
+    for run in sorted((storage / "default" / "pretrain" / "tb").iterdir()):
+        steps = [event.step for events in sorted(run.glob("events.out.tfevents.*"))
+                 for event in EventFileLoader(str(events)).Load()
+                 if any(v.tag == "train/epoch_time_s" for v in event.summary.value)]
+        trained[run.name] = sorted(steps)
+    return trained
+
+
 def finished_search_agrees_with_the_study(storage):
     """Every trial finished once, in Tune and in the study; the manifest names the best one."""
     import optuna
@@ -102,6 +116,25 @@ def test_an_interrupted_search_exits_non_zero_writes_no_manifest_and_resumes(sea
     resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     finished_search_agrees_with_the_study(tmp_path / "exp")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_as_the_stages_last_trial_starts_is_an_interrupt_and_resume_trains_that_trial(search, tmp_path, stop):
+    # One trial: the stage's last trial is its only one. Tune marks a trial it stops TERMINATED,
+    # with no epoch: that was taken for a finished stage ("stopped early", or "every trial failed").
+    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 3", "num_samples: 1"))
+    driver = start(search())
+    wait_for(driver, r"trial 1/1 \w+ started")
+    os.kill(driver.pid, stop)
+    output = finish(driver)
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "--resume" in output and "failed" not in output, output[-3000:]
+    assert not (tmp_path / "exp" / "default" / "pretrain" / "best.json").exists()
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [trial] = json.loads((tmp_path / "exp" / "default" / "pretrain" / "trials.json").read_text())["trials"]
+    assert (trial["epochs"], trial["outcome"]) == (2, "completed"), trial
+    assert read_manifest(tmp_path / "exp" / "default" / "pretrain" / "best.json").metric_value == trial["metric"]
 
 
 def test_one_driver_per_experiment_and_a_dead_drivers_lock_is_taken_over(search, tmp_path):
@@ -146,6 +179,71 @@ def test_a_kill_between_the_optuna_journal_and_tunes_snapshot_resumes(search, tm
     resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     finished_search_agrees_with_the_study(tmp_path / "exp")
+    # The trial that finished just before the kill is not trained again, not even its last epoch.
+    assert epochs_trained(tmp_path / "exp") == {name: [1, 2] for name in epochs_trained(tmp_path / "exp")}
+
+
+DISK_FILLS_AFTER_THE_FIRST_TRIAL = """\
+import errno, glob, json, os, sys
+if sys.argv and sys.argv[0].endswith("run_search.py"):
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.execution.tune_controller import TuneController
+    from virface.search.searcher import StageOptunaSearch
+    storage = sys.argv[sys.argv.index("--storage") + 1]
+    full = []
+
+    def no_space():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    complete, append, save = (StageOptunaSearch.on_trial_complete, JournalFileBackend.append_logs,
+                              TuneController.save_to_dir)
+
+    def complete_then_fill(self, trial_id, result=None, error=False):
+        complete(self, trial_id, result, error)        # the first trial's end is in the journal
+        if not full:
+            full.append(True)
+            # What the full disk did to Tune's last snapshot: its copy in storage is cut short.
+            for path in glob.glob(os.path.join(storage, "default", "search_pretrain", "experiment_state-*.json")):
+                text = open(path, "rb").read()
+                open(path, "wb").write(text[:len(text) // 2])
+
+    def append_cut(self, logs):                        # an append the full disk cuts halfway
+        if not full:
+            return append(self, logs)
+        data = ("\\n".join(json.dumps(x, separators=(",", ":")) for x in logs) + "\\n").encode()
+        with open(self._file_path, "ab") as f:
+            f.write(data[:len(data) // 2])
+        raise no_space()
+
+    def save_fails(self):
+        if full:
+            raise no_space()
+        return save(self)
+    StageOptunaSearch.on_trial_complete = complete_then_fill
+    JournalFileBackend.append_logs = append_cut
+    TuneController.save_to_dir = save_fails
+"""
+
+
+def test_a_full_disk_stops_the_search_by_name_and_resume_continues_with_every_finished_trial(search, tmp_path):
+    # Simulated, in the driver (sitecustomize): once the first trial has finished, every write
+    # fails with ENOSPC as a full disk does; the Optuna journal's append is cut halfway and
+    # Tune's experiment state in storage is left cut short, as the issue's full disk left them.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DISK_FILLS_AFTER_THE_FIRST_TRIAL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), REPO])}
+    full = subprocess.run(search(), capture_output=True, text=True, timeout=600, env=env)
+    assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "could not be written" in full.stderr and "No space left on device" in full.stderr
+    assert "continue with the same command and --resume" in full.stderr and "Traceback" not in full.stderr
+    journal = tmp_path / "exp" / "default" / "pretrain" / "optuna.journal"
+    assert not journal.read_bytes().endswith(b"\n")                 # its last record cut short
+    resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=600)   # space freed
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "was cut short (a write that failed); put back its last complete version" in resumed.stdout
+    assert "optuna.journal: dropped its last record, cut short by a write that failed" in resumed.stdout
+    finished_search_agrees_with_the_study(tmp_path / "exp")
+    assert epochs_trained(tmp_path / "exp") == {name: [1, 2] for name in epochs_trained(tmp_path / "exp")}
 
 
 def test_a_space_edited_before_resuming_is_an_error_not_a_silent_mix(search, tmp_path):

@@ -221,13 +221,15 @@ RESUME_MAY_CHANGE = ("max_epoch", "log_every", "device", "loader_workers", "tens
 _NOT_COMPARED = ("resume_file", "pretrained_file", "snapshot_prefix")
 
 
-def checkpoint_run_dir(state: Mapping[str, Any], path: str) -> str:
-    """The run folder a checkpoint belongs to: recorded in it, else the folder holding
-    ``checkpoints/`` (or best.pt)."""
-    if state.get("run_dir"):
-        return state["run_dir"]
+def checkpoint_run_dir(path: str) -> str | None:
+    """The run folder a checkpoint file is in *now*: ``<run>`` for ``<run>/checkpoints/epoch_NNN.pt``
+    and for ``<run>/best.pt`` (a folder holding the run's config.json); None for a file outside a
+    run folder. The folder the checkpoint was written in (its ``run_dir``) is not asked: a copied
+    or moved run folder resumes where it is now, and the original is never written to."""
     folder = os.path.dirname(os.path.abspath(path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    if os.path.basename(folder) == "checkpoints":
+        return os.path.dirname(folder)
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
 def resume_config(state: Mapping[str, Any], path: str, given: Mapping[str, Any]) -> TrainConfig:
@@ -244,7 +246,8 @@ def resume_config(state: Mapping[str, Any], path: str, given: Mapping[str, Any])
     values = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
     values["resume_file"] = path
     values["pretrained_file"] = None
-    values.setdefault("snapshot_prefix", checkpoint_run_dir(state, path))
+    if "snapshot_prefix" not in given:
+        values["snapshot_prefix"] = checkpoint_run_dir(path)
     return TrainConfig.from_dict(values)
 
 
@@ -259,8 +262,9 @@ def check_resume(config: TrainConfig, state: Mapping[str, Any], path: str, run_d
         if value != saved[key] and not (isinstance(value, list) and list(saved[key] or []) == value):
             raise ConfigError(f"{key}: {value!r}, but the run in {path} was trained with "
                               f"{key}={saved[key]!r}; a resumed run keeps its settings")
-    own = checkpoint_run_dir(state, path)
+    own = checkpoint_run_dir(path)
     holds_a_run = os.path.exists(os.path.join(run_dir, "config.json"))
-    if holds_a_run and os.path.abspath(run_dir) != os.path.abspath(own):
-        raise ConfigError(f"run folder {run_dir} holds another run than the one {path} belongs to "
-                          f"({own}); a resumed run writes only into its own run folder")
+    if holds_a_run and (own is None or os.path.abspath(run_dir) != os.path.abspath(own)):
+        whose = f"the one {path} belongs to ({own})" if own else f"{path} (a file outside any run folder)"
+        raise ConfigError(f"run folder {run_dir} holds another run than {whose}; a resumed run "
+                          f"writes only into its own run folder or a new one")

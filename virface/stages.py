@@ -73,34 +73,40 @@ class RunLog:
     """metrics.jsonl and TensorBoard for rank 0; other ranks get a RunLog that writes nothing."""
 
     def __init__(self, run_dir: str, tb_dir: str | None, enabled: bool, tensorboard: bool,
-                 resume_epoch: int | None):
+                 resume_epoch: int | None, resume_metrics: dict[str, Any] | None = None):
         self.enabled = enabled
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
         if not enabled:
             return
         if resume_epoch is not None:
-            self._truncate_after(resume_epoch)
+            self._truncate_after(resume_epoch, resume_metrics)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tb_dir or os.path.join(run_dir, "tb"))
 
-    def _truncate_after(self, epoch: int) -> None:
+    def _truncate_after(self, epoch: int, metrics: dict[str, Any] | None = None) -> None:
         """A resumed run repeats the epochs after its checkpoint: keep the lines up to ``epoch``.
-        A line cut short by a crash (no newline, not JSON) is dropped with them."""
-        if not os.path.exists(self.metrics_path):
-            return
-        kept = []
-        with open(self.metrics_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line) if line.endswith("\n") else None
-                except ValueError:
-                    record = None
-                if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
-                    kept.append(line)
-        write_text_atomic(self.metrics_path, "".join(kept))
+        A line cut short by a crash (no newline, not JSON) is dropped with them. The resumed
+        epoch's own line, lost when the run stopped between saving its checkpoint and writing the
+        line (a full disk at best.pt), is written from the checkpoint's ``metrics``."""
+        kept, epochs = [], set()
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line) if line.endswith("\n") else None
+                    except ValueError:
+                        record = None
+                    if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+                        kept.append(line)
+                        epochs.add(record.get("epoch"))
+        if metrics and metrics.get("epoch") == epoch and epoch not in epochs:
+            log.warning("%s: epoch %d's line was missing; written from its checkpoint", self.metrics_path, epoch)
+            kept.append(json.dumps(metrics) + "\n")
+        if kept or os.path.exists(self.metrics_path):
+            write_text_atomic(self.metrics_path, "".join(kept))
 
     def epoch(self, metrics: dict[str, Any], pair_set_names: list[str]) -> None:
         if not self.enabled:
@@ -222,13 +228,14 @@ class StageRun:
         optimizers = build_optimizers(config, models)
         schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, list(config.decay_steps), config.gamma)
                       for name, opt in optimizers.items()}
-        self.epoch, self.best = 0, {}
+        self.epoch, self.best, resumed_metrics = 0, {}, None
         if resuming:
             for name, opt in optimizers.items():
                 load_optimizer_state(opt, state["optimizers"][name], models.head, ctx)
                 schedulers[name].load_state_dict(state["schedulers"][name])
             self.epoch = int(state["epoch"])
             self.best = dict(state.get("best") or {})
+            resumed_metrics = state.get("metrics")
         del state
 
         # A stage that freezes the backbone (generator) would only repeat the upstream's scores.
@@ -258,10 +265,11 @@ class StageRun:
         self.loader, self.sampler = make_train_loader(data, config, ctx.rank, ctx.world_size)
 
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        if ctx.is_main and not resuming:
+        if ctx.is_main:
+            # A resumed run's too: what it trains with now (it may change RESUME_MAY_CHANGE).
             write_text_atomic(os.path.join(run_dir, "config.json"), json.dumps(config.to_dict(), indent=2))
         self.run_log = RunLog(run_dir, tb_dir, ctx.is_main, config.tensorboard,
-                              self.epoch if resuming else None)
+                              self.epoch if resuming else None, resumed_metrics)
         self.history: list[dict[str, Any]] = []
         self.last_ckpt: str | None = None
         self.best_ckpt: str | None = None

@@ -32,21 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the given options. A resume takes the checkpoint's settings (options
-    given may change only what is safe to change) and continues in the checkpoint's own run
-    folder: another --snapshot_prefix is an error."""
+    given may change only what is safe to change) and continues in the run folder the checkpoint
+    is in now: another --snapshot_prefix is an error (a checkpoint outside a run folder needs one,
+    a new folder)."""
     values = given_options(args, config_field_names())
     if values.get("resume_file"):
         state = load_checkpoint(values["resume_file"])
         if state.get("stage") != values["method"]:
             raise ConfigError(f"method: {values['method']!r}, but {values['resume_file']} is a "
                               f"{state.get('stage')} checkpoint")
-        own = checkpoint_run_dir(state, values["resume_file"])
+        # The run folder the checkpoint is in now (a copied or moved folder resumes in place).
+        own = checkpoint_run_dir(values["resume_file"])
         given_folder = values.get("snapshot_prefix")
-        if given_folder and os.path.abspath(given_folder) != os.path.abspath(own):
+        if own is None and not given_folder:
+            raise ConfigError(f"resume_file: {values['resume_file']} is not in a run folder (not "
+                              f"<run>/checkpoints/epoch_NNN.pt, nor the best.pt beside a run's "
+                              f"config.json); give --snapshot_prefix: the new folder to continue in")
+        if own is not None and given_folder and os.path.abspath(given_folder) != os.path.abspath(own):
             raise ConfigError(f"snapshot_prefix: {given_folder} is not the run folder of "
                               f"{values['resume_file']} ({own}); a resumed run writes only into "
                               f"its own folder (leave --snapshot_prefix out)")
-        values["snapshot_prefix"] = own
+        values["snapshot_prefix"] = own or given_folder
         return resume_config(state, values["resume_file"], values)
     values.setdefault("snapshot_prefix", os.path.join("runs", values["method"]))
     return TrainConfig.from_dict(values)

@@ -71,7 +71,7 @@ def build_backbone(name: str, feat_len: int = 512, input_size: int = 112) -> nn.
     return an ``nn.Module``. Its output shape is the user's responsibility.
 
     Raises ConfigError for an unknown name, a module that cannot be imported, a missing or
-    non-callable attribute, a callable that returns something other than an ``nn.Module``, and a
+    non-callable attribute, a callable that raises (naming it and its error), one that returns something other than an ``nn.Module``, and a
     ``feat_len`` or ``input_size`` that is not a positive integer (input_size: multiple of 16).
     """
     _check_feat_len(feat_len)
@@ -136,7 +136,12 @@ def _build_user_backbone(spec: str, feat_len: int, input_size: int) -> nn.Module
         if takes_any or "input_size" in params:
             kwargs["input_size"] = input_size
 
-    model = target(**kwargs)
+    try:
+        model = target(**kwargs)
+    except Exception as exc:     # the user's code: name it and what it raised, not a traceback
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise ConfigError(f"arch: {spec!r}: {spec.partition(':')[2]}({given}) raised "
+                          f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"arch: {spec!r} returned a {type(model).__qualname__}, "
                           "not a torch.nn.Module")

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import statistics
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -33,8 +34,8 @@ from virface.errors import ConfigError
 from virface.fileio import write_text_atomic
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import StageManifest, read_manifest
-from virface.search.runner import (SearchError, SearchOptions, base_train_config, init_ray, run_search,
-                                   search_environment, sigterm_as_sigint, stage_space)
+from virface.search.runner import (SearchError, SearchInterrupted, SearchOptions, base_train_config, init_ray,
+                                   run_search, search_environment, sigterm_as_sigint, stage_space)
 from virface.stage_table import STAGES
 from virface.stats import bootstrap_seeds_and_pairs, describe, paired_over_seeds
 
@@ -94,7 +95,7 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
     with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
         started = init_ray(options, say)
         try:
-            with sigterm_as_sigint():
+            with sigterm_as_sigint() as interrupted:
                 manifests = {}
                 for arm in arms:
                     outcome = run_search(replace(options, stage=arm, compare=None, budget_overrides=budget),
@@ -102,7 +103,7 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
                     if outcome.manifest is None:
                         raise SearchError(f"compare: the {arm} search found no usable trial: {outcome.error}")
                     manifests[arm] = outcome.manifest
-                runs = {arm: retrain(options, arm, manifests[arm], say) for arm in arms}
+                runs = {arm: retrain(options, arm, manifests[arm], say, interrupted) for arm in arms}
         finally:
             if started:
                 import ray
@@ -118,7 +119,8 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
     return result
 
 
-def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> list[dict[str, Any]]:
+def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say,
+            interrupted: threading.Event | None = None) -> list[dict[str, Any]]:
     """The arm's winning config trained with seeds 1..N from the same upstream checkpoint; per
     seed, the best validation epoch's metrics (its test figures among them)."""
     from ray import tune
@@ -157,8 +159,12 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
                 callbacks=[TrialProgress(arm, manifest.metric_name, ["seed"], len(seeds),
                                          space.max_epochs, 1, setup.tb_root, print_lines=not options.quiet),
                            CSVLoggerCallback(), JsonLoggerCallback()]))
+    results = tuner.fit()
+    if interrupted is not None and interrupted.is_set():
+        raise SearchInterrupted(f"compare: retraining the {arm} winner was interrupted; its state is "
+                                f"saved: continue with the same command and --resume")
     runs = []
-    for result in tuner.fit():
+    for result in results:
         if result.error is not None:
             raise SearchError(f"compare: retraining the {arm} winner failed: {result.error}")
         path, value = best_checkpoint_of(result, manifest.metric_name)

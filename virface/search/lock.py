@@ -14,7 +14,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-from virface.errors import VirFaceError
+from virface.errors import VirFaceError, WriteError
 
 LOCK_NAME = "driver.lock"
 
@@ -58,6 +58,18 @@ class ExperimentLock:
         self.held = False
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as exc:
+            if isinstance(exc, WriteError):
+                raise
+            # The first write of a search: a --storage that is a file, or on a read-only place.
+            raise WriteError(f"{os.path.dirname(self.path)}: cannot create the experiment folder or "
+                             f"write into it ({exc.strerror or exc}: {exc.filename or self.path}); "
+                             f"--storage must be a folder this process can write; nothing was "
+                             f"written") from None
+
+    def _acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "process_start": _process_start(os.getpid()),

@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -59,22 +61,53 @@ class SearchInterrupted(VirFaceError):
     """The search was stopped (Ctrl-C, SIGTERM) before its stage finished; --resume continues."""
 
 
-@contextlib.contextmanager
-def sigterm_as_sigint() -> Iterator[None]:
-    """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
-    and returns, and no manifest is written for the unfinished stage."""
-    import signal
-    import threading
+class _StopHandler:
+    """SIGINT and SIGTERM during a search: the first records the interrupt and asks Tune to stop
+    (SIGUSR1: Tune saves its state and returns, as on Ctrl-C); a second stops at once."""
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    def __init__(self):
+        self.interrupted = threading.Event()
+
+    def __call__(self, signum, frame):
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt
+        self.interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def sigterm_as_sigint() -> Iterator[threading.Event]:
+    """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
+    and returns, and no manifest is written for the unfinished stage. Yields the event the first
+    such signal sets: what Tune returns after it is never taken for a finished stage (Tune marks
+    the trials it stops TERMINATED, a trial that had just started among them).
+
+    Tune's own SIGINT handler is kept out (``TUNE_DISABLE_SIGINT_HANDLER``): it would swallow the
+    signal without a trace; ours records it and stops Tune through Tune's other stop signal,
+    SIGUSR1 (ignored outside a run). Nested uses share the outer one's event."""
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, _StopHandler):
+        yield current.interrupted
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    if threading.current_thread() is not threading.main_thread():
+        yield threading.Event()
+        return
+    handler = _StopHandler()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGUSR1, lambda *_: None)   # Tune installs its own while it runs
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield handler.interrupted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -356,7 +389,9 @@ def search_environment() -> Iterator[None]:
 
 def init_ray(options: SearchOptions, say) -> bool:
     """Connect to ``--address`` (or the cluster of a ``ray job submit``); else start a local Ray.
-    Returns whether this process started Ray (and so must stop it)."""
+    Returns whether this process started Ray (and so must stop it). Ray failing to start or to
+    connect (a loaded machine: "The current node timed out during startup") is a SearchError
+    saying so: nothing of the experiment was written yet, and the same command continues it."""
     import ray
 
     if ray.is_initialized():
@@ -367,8 +402,9 @@ def init_ray(options: SearchOptions, say) -> bool:
         # A cluster on loopback (a test, a laptop) has its raylet there too, not on the
         # machine's network address, which Ray would otherwise assume for this driver.
         local = address.split("://")[-1].startswith(("127.", "localhost"))
-        ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
-                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
+        with ray_start_errors(options, f"could not connect to the Ray cluster at {address}"):
+            ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
+                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     import torch
 
@@ -376,18 +412,43 @@ def init_ray(options: SearchOptions, say) -> bool:
     say(f"starting a local Ray ({cpus} CPU, {gpus} GPU; dashboard on 127.0.0.1) ...")
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); everything
     # listens on loopback only. address="local": our own Ray even beside another cluster.
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level=logging.WARNING)
+    with ray_start_errors(options, "the local Ray failed to start"):
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.WARNING)
     return True
 
 
-def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) -> StageOutcome:
+@contextlib.contextmanager
+def ray_start_errors(options: SearchOptions, what: str) -> Iterator[None]:
+    """``ray.init`` inside: its failure becomes a SearchError naming ``what`` failed and Ray's
+    reason. (The processes a failed start leaves share this process's fate: they end with it.)"""
+    import ray
+
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        again = ("run the same command again: --resume continues the search where it stopped"
+                 if options.resume else "run the same command again (with --resume if an "
+                 "earlier run of it was interrupted)")
+        raise SearchError(f"{what} ({type(exc).__name__}: {reason}); no trial ran and nothing "
+                          f"of experiment {options.name} was changed: {again}") from exc
+
+
+def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
+                 interrupted: threading.Event | None = None) -> StageOutcome:
+    """Search one stage. ``interrupted`` is set by a stop signal (:func:`sigterm_as_sigint`): a
+    search it stopped raises :class:`SearchInterrupted`, whatever its trials look like."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from virface.search.callbacks import TrialProgress
     from virface.search.searcher import StageOptunaSearch
+    from virface.search.state import (KEPT_STATE_DIR, TuneStateKeeper, is_disk_error, repair_journal,
+                                      repair_tune_state)
 
     experiment_dir = os.path.join(options.storage, options.name)
     stage_dir = os.path.join(experiment_dir, stage)
@@ -431,9 +492,13 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
                           f"it with --resume, or choose another --name")
     space_record = os.path.join(stage_dir, SPACE_RECORD)
+    journal, kept_state = os.path.join(stage_dir, "optuna.journal"), os.path.join(stage_dir, KEPT_STATE_DIR)
     if options.resume and tune.Tuner.can_restore(search_dir):
         check_same_space(space, space_record)
         say(f"[{stage}] resuming the interrupted search in {search_dir}")
+        # What a write that failed (a full disk) left cut short, before Tune or Optuna reads it.
+        repair_tune_state(search_dir, kept_state, lambda text: say(f"[{stage}] {text}"))
+        repair_journal(journal, lambda text: say(f"[{stage}] {text}"))
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
@@ -442,7 +507,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
 
         os.makedirs(stage_dir, exist_ok=True)
         write_text_atomic(space_record, json.dumps(space.describe(), indent=2, sort_keys=True) + "\n")
-        storage = JournalStorage(JournalFileBackend(os.path.join(stage_dir, "optuna.journal")))
+        storage = JournalStorage(JournalFileBackend(journal))
         if space.multi_objective:
             # Optuna is told each trial's best epoch for the selection metric and the others'
             # last values (cost metrics are the same every epoch).
@@ -470,11 +535,24 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=checkpoint_retention(),
-                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback()]),
+                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback(),
+                           TuneStateKeeper(search_dir, kept_state)]),
         )
+    if interrupted is not None and interrupted.is_set():
+        raise SearchInterrupted(f"the search was interrupted before stage {stage} started; continue "
+                                f"it with the same command and --resume")
     started = time.time()
-    results = tuner.fit()
-    if stage_interrupted(results, space, time.time() - started):
+    try:
+        results = tuner.fit()
+    except Exception as exc:
+        if not is_disk_error(exc):
+            raise
+        raise SearchError(f"the search of stage {stage} stopped: a file under {experiment_dir} could "
+                          f"not be written, or was read back cut short ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); a "
+                          f"full disk? Free space, then continue with the same command and --resume: "
+                          f"every finished trial is kept") from exc
+    if (interrupted is not None and interrupted.is_set()) or stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
                                 f"continue it with the same command and --resume")
     rows = [trial_row(r, space) for r in results]
@@ -667,9 +745,9 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             started = init_ray(options, say)
             try:
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
-                with sigterm_as_sigint():
+                with sigterm_as_sigint() as interrupted:
                     for stage in plan:
-                        outcome = search_stage(options, stage, spaces[stage], say)
+                        outcome = search_stage(options, stage, spaces[stage], say, interrupted)
                         outcomes.append(outcome)
                         if outcome.manifest is None:
                             break

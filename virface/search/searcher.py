@@ -114,6 +114,8 @@ class StageOptunaSearch(OptunaSearch):
     def _tell(self, trial_id: str, ot_trial, value, state) -> None:
         try:
             self._ot_study.tell(ot_trial, value, state=state)
+        except OSError:
+            raise                  # the journal could not be written (a full disk): stop the search
         except Exception as exc:   # e.g. a NaN value: Optuna refuses it; the trial still ends
             log.warning("optuna could not record trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from virface.checkpoint import copy_checkpoint
+from virface.checkpoint import copy_checkpoint, load_checkpoint
+from virface.errors import CheckpointError
 from virface.progress import write_progress
 from virface.search.space import ResourcesSpec
 
@@ -146,6 +148,38 @@ def _link_or_copy(source: str, target: str) -> str:
         return copy_checkpoint(source, target)
 
 
+_TUNE_CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")    # how Tune names a trial's reported directories
+
+
+def complete_reported(checkpoint_dir: str) -> dict[str, Any] | None:
+    """The epoch's checkpoint in a reported directory if the directory is whole (its checkpoint
+    loads, and so does the best epoch's file it names), else None."""
+    try:
+        state = load_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT_FILE))
+        best_epoch = (state.get("best") or {}).get("epoch", state["epoch"])
+        if best_epoch != state["epoch"] and load_checkpoint(os.path.join(checkpoint_dir, BEST_FILE))["epoch"] != best_epoch:
+            return None
+        return state
+    except (CheckpointError, KeyError, OSError):
+        return None
+
+
+def newest_reported(checkpoint_dir: str) -> str:
+    """The newest whole directory among ``checkpoint_dir`` (the one Tune restores a trial from) and
+    the later ones the trial reported beside it. Tune's snapshot of the experiment lags behind
+    the trial's reports: a driver killed in between (a ``kill -9`` right after a trial finished)
+    restores the trial from an earlier epoch, and the epochs after it, up to a whole finished
+    trial, were trained again."""
+    folder, name = os.path.split(os.path.normpath(checkpoint_dir))
+    if not _TUNE_CHECKPOINT_DIR.fullmatch(name):
+        return checkpoint_dir
+    later = sorted((d for d in os.listdir(folder) if _TUNE_CHECKPOINT_DIR.fullmatch(d) and d > name), reverse=True)
+    for candidate in later:
+        if complete_reported(os.path.join(folder, candidate)) is not None:
+            return os.path.join(folder, candidate)
+    return checkpoint_dir
+
+
 class ReportedCheckpoints:
     """A trial's checkpoints for Tune, made in ``work`` (a folder of the trial's own): after each
     epoch a directory with that epoch's ``CHECKPOINT_FILE`` and, when an earlier epoch is the
@@ -155,14 +189,30 @@ class ReportedCheckpoints:
         self.work = work
         self.best = os.path.join(work, BEST_FILE)     # the best epoch's checkpoint so far
         self._report = report
+        self._unseen: str | None = None     # a restored epoch Tune has not seen reported
 
     def restore(self, checkpoint_dir: str) -> str:
-        """Continue from a reported directory (Tune restored the trial): its best epoch stays
-        the best so far. Returns the checkpoint to resume the run from."""
-        resume = _link_or_copy(os.path.join(checkpoint_dir, CHECKPOINT_FILE),
-                               os.path.join(self.work, "resume.pt"))
-        _link_or_copy(best_file_in(checkpoint_dir), self.best)
+        """Continue from a reported directory (Tune restored the trial), or from a later one the
+        trial reported beside it that Tune's snapshot missed (:func:`newest_reported`): its best
+        epoch stays the best so far. Returns the checkpoint to resume the run from."""
+        newest = newest_reported(checkpoint_dir)
+        # Tune numbers the trial's next reports on from the directory it restored, into the later
+        # directories: a file linked from one of them would be overwritten by its own copy.
+        place = _link_or_copy if newest == checkpoint_dir else copy_checkpoint
+        resume = place(os.path.join(newest, CHECKPOINT_FILE), os.path.join(self.work, "resume.pt"))
+        place(best_file_in(newest), self.best)
+        self._unseen = resume if newest != checkpoint_dir else None
         return resume
+
+    def report_unseen(self, extra: dict[str, Any]) -> None:
+        """After a restore from a directory Tune's snapshot missed: report that epoch again (not
+        trained again), so that Tune, its scheduler and the study see it; a trial that had
+        finished ends here. ``extra``: what every report carries besides the epoch's metrics."""
+        if self._unseen is not None:
+            state = load_checkpoint(self._unseen)
+            best_epoch = (state.get("best") or {}).get("epoch", state["epoch"])
+            self.report({**state["metrics"], **extra}, self._unseen, best_epoch)
+            self._unseen = None
 
     def report(self, metrics: dict[str, Any], checkpoint_path: str, best_epoch: int) -> None:
         """Report an epoch's ``metrics`` with its checkpoint; ``best_epoch`` is the run's best
@@ -221,6 +271,7 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: boo
         try:
             # The model's cost, measured once before training, goes into every report.
             cost = run_cost(run) if measure_cost else {}
+            checkpoints.report_unseen(cost)
             while not run.done:
                 metrics, path = run.run_epoch()
                 checkpoints.report({**metrics, **cost}, path, run.best["epoch"])
@@ -366,6 +417,7 @@ def _run_with_ranks(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup
                                       run_dir if k == 0 else None, tb_dir)
                     for k, rank in enumerate(ranks)])
         cost = ray.get(ranks[0].cost.remote()) if setup.measure_cost else {}
+        checkpoints.report_unseen(cost)
         while not ray.get(ranks[0].done.remote()):
             (metrics, path, best_epoch), *_ = _all_ranks([rank.epoch.remote() for rank in ranks])
             checkpoints.report({**metrics, **cost}, path, best_epoch)
