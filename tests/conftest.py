@@ -1,3 +1,4 @@
+import collections
 import contextlib
 import dataclasses
 import os
@@ -40,8 +41,12 @@ def tiny_data() -> StageData:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Synthetic data caches go to a per-session folder, never the user's home.
-    monkeypatch.setenv("VIRFACE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "virface-cache"))
+    # Synthetic data caches go to a per-session folder, never the user's home; under xdist, one
+    # folder for all the workers of the run (a cache file is written whole and renamed into place).
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    monkeypatch.setenv("VIRFACE_CACHE_DIR", str(base / "virface-cache"))
 
 
 # --- Ray beside other Rays on one host ------------------------------------------------------------
@@ -147,3 +152,13 @@ def _ray_temp_root_and_metrics_ports_of_its_own() -> Iterator[None]:
             patch.setenv(key, value)
         yield
     shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist with --dist loadfile (`make test`), each file goes whole to the next free
+    # worker in the order collected: the files with the most end-to-end runs (marked slow) go
+    # first, so that no long file starts last while the other worker sits idle.
+    if not getattr(config.option, "numprocesses", None):
+        return
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])             # stable: else collection order
