@@ -158,7 +158,7 @@ def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist with --dist loadfile (`make test`), each file goes whole to the next free
     # worker in the order collected: the files with the most end-to-end runs (marked slow) go
     # first, so that no long file starts last while the other worker sits idle.
-    if not getattr(config.option, "numprocesses", None):
+    if not hasattr(config, "workerinput"):           # xdist's workers collect; this is not one
         return
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])             # stable: else collection order
