@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from typing import Iterator
 
 import pytest
@@ -26,6 +27,11 @@ def another_ray_on_the_default_ports() -> Iterator[RayHead]:
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={default_or_free(8265)}",
                    f"--ray-client-server-port={default_or_free(10001)}", "--num-cpus=1",
                    "--num-gpus=0"], env) as head:
+        # Its agent's HTTP server binds 52365 after the node is up; the test needs it held.
+        deadline = time.monotonic() + 120
+        while default_or_free(52365) == 52365:
+            assert time.monotonic() < deadline, "the other Ray's dashboard agent never took port 52365"
+            time.sleep(0.5)
         yield head
 
 
@@ -44,8 +50,7 @@ def test_ray_job_submit_runs_the_smoke_chain_on_a_cluster(another_ray_on_the_def
     # `ray start` wrote, which RAY_AUTH_MODE=token makes it do.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    # The other Ray (or one before it) holds the dashboard agent's default port: ours must not need it.
-    assert default_or_free(52365) != 52365
+    # The other Ray holds the dashboard agent's default port: ours must not need it.
     address = private_ray_head.dashboard_url
     storage = tmp_path / "shared-storage"
     submit = subprocess.run(
