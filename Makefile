@@ -21,11 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) tune/run_search.py --stage virface
 
+# Two test processes (pytest-xdist), each test file on one of them (its module-scoped Ray session
+# too), the files with the end-to-end Ray runs first; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Mutation testing (not in CI; see docs/RESULTS.md "Mutation testing"): GROUPS="heads steps" for some.
 mutation: $(STAMP)

@@ -1,3 +1,16 @@
+import collections
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -28,5 +41,124 @@ def tiny_data() -> StageData:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Synthetic data caches go to a per-session folder, never the user's home.
-    monkeypatch.setenv("VIRFACE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "virface-cache"))
+    # Synthetic data caches go to a per-session folder, never the user's home; under xdist, one
+    # folder for all the workers of the run (a cache file is written whole and renamed into place).
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    monkeypatch.setenv("VIRFACE_CACHE_DIR", str(base / "virface-cache"))
+
+
+# --- Ray beside other Rays on one host ------------------------------------------------------------
+# A shared host may run other Rays on Ray's default ports (GCS 6379, dashboard 8265, its agent
+# 52365, client server 10001, workers 10002-19999, metrics 44217 and 44227) and under the default
+# /tmp/ray. Every Ray this suite starts gets free ports and a temp root of its own, and is stopped
+# by its own process id: never `ray stop`, which stops every Ray of the machine.
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Ports Ray's own processes take from the environment; 0: the OS picks a free one.
+RAY_PORT_ENVIRONMENT = {"DASHBOARD_METRIC_PORT": "0", "AUTOSCALER_METRIC_PORT": "0"}
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (for a Ray option that will not take 0)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def free_port_options(dashboard_port: int) -> list[str]:
+    """`ray start` options that put every port of the node on a free one (0: Ray or the OS picks)."""
+    return ["--port=0", f"--dashboard-port={dashboard_port}", "--dashboard-agent-listen-port=0",
+            "--dashboard-agent-grpc-port=0", "--runtime-env-agent-port=0", "--metrics-export-port=0",
+            f"--ray-client-server-port={free_port()}", "--node-manager-port=0",
+            "--object-manager-port=0", "--min-worker-port=0", "--max-worker-port=0"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RayHead:
+    """A Ray head node this test started: its GCS address, its dashboard (jobs are submitted
+    there), its temp root and the process id that stops it."""
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    pid: int
+
+
+@contextlib.contextmanager
+def ray_head(options: list[str], env: dict[str, str], startup_s: float = 300) -> Iterator[RayHead]:
+    """`ray start --head --block OPTIONS` with a temp root of its own; SIGTERM to its pid stops it
+    and every process it started. ``options`` must include the dashboard's port."""
+    temp_dir = tempfile.mkdtemp(prefix="vf-ray-")        # short: Ray's socket paths fit 107 bytes
+    # Stopping drains the node for 30 s first (for Serve), which nothing here needs.
+    env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp_dir, "ray_start.log"), "w")
+    process = subprocess.Popen([RAY, "start", "--head", "--block", f"--temp-dir={temp_dir}",
+                                "--disable-usage-stats", *options],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        address_file = os.path.join(temp_dir, "ray_current_cluster")   # written once it is up
+        deadline = time.monotonic() + startup_s
+        while not os.path.exists(address_file):
+            if process.poll() is not None or time.monotonic() > deadline:
+                with open(log.name) as f:
+                    raise RuntimeError(f"ray start did not come up (exit {process.poll()}):\n"
+                                       + f.read()[-3000:])
+            time.sleep(0.2)
+        with open(address_file) as f:
+            gcs_address = f.read().strip()
+        port = next(o.split("=", 1)[1] for o in options if o.startswith("--dashboard-port="))
+        yield RayHead(gcs_address, f"http://127.0.0.1:{port}", temp_dir, process.pid)
+    finally:
+        stop_ray_head(process)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_ray_head(process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a `ray start --block` (started in a process group of its own) and every process it
+    started: SIGTERM to it, which stops its node; then SIGKILL to whatever is left of its group."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture
+def private_ray_head() -> Iterator[RayHead]:
+    """A 2-CPU Ray head on loopback with every port free and its own temp root."""
+    with ray_head(["--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                   *free_port_options(free_port())],
+                  {**os.environ, **RAY_PORT_ENVIRONMENT}) as head:
+        yield head
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_temp_root_and_metrics_ports_of_its_own() -> Iterator[None]:
+    # Every Ray the suite starts (ray.init, drivers, clusters) keeps its sessions, sockets and
+    # address file here, not in the host's /tmp/ray, and takes free metrics ports.
+    root = tempfile.mkdtemp(prefix="vf-rt-")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", root)
+        for key, value in RAY_PORT_ENVIRONMENT.items():
+            patch.setenv(key, value)
+        yield
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist with --dist loadfile (`make test`), each file goes whole to the next free
+    # worker in the order collected: the files with the most end-to-end runs (marked slow) go
+    # first, so that no long file starts last while the other worker sits idle.
+    if not hasattr(config, "workerinput"):           # xdist's workers collect; this is not one
+        return
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])             # stable: else collection order

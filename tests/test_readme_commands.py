@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ("virface-train", "virface-search", "virface-eval")
 # What else a README command line may start with (a line starting with an option is a broken paste).
 OTHER_PROGRAMS = {"make", "pip", "python", "python3", "bash", "ray", "tensorboard", "optuna-dashboard", "git",
-                  "cd", "export", "ls", "cat", "mkdir", "rsync", "scp", "curl"}
+                  "cd", "export", "ls", "cat", "mkdir", "rsync", "scp", "curl", "kill", "while"}
 
 
 def shell_commands(markdown: str) -> list[tuple[int, list[str]]]:

@@ -22,8 +22,10 @@ SCRIPT = textwrap.dedent("""
 
     storage, space, repo = sys.argv[1:4]
     loopback = dict(node_ip_address="127.0.0.1", num_cpus=1)
+    # Every port free (0: Ray or the OS picks), beside any other Ray of the host.
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        loopback, include_dashboard=True, dashboard_host="127.0.0.1"))
+        loopback, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
+        dashboard_agent_listen_port=0))
     worker = cluster.add_node(**loopback)
     try:
         # Ray rewrites a 127.0.0.1 address to the machine's network address, where this

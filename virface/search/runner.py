@@ -361,6 +361,10 @@ SEARCH_ENVIRONMENT = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # Tune's own progress tables: off (our callback prints progress).
     "RAY_AIR_NEW_OUTPUT": "0",
+    # The metrics servers of a Ray this search starts: on free ports (0), not on the fixed 44227
+    # and 44217 that any other Ray of the host holds.
+    "DASHBOARD_METRIC_PORT": "0",
+    "AUTOSCALER_METRIC_PORT": "0",
 }
 
 
@@ -411,7 +415,10 @@ def init_ray(options: SearchOptions, say) -> bool:
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     say(f"starting a local Ray ({cpus} CPU, {gpus} GPU; dashboard on 127.0.0.1) ...")
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); everything
-    # listens on loopback only. address="local": our own Ray even beside another cluster.
+    # listens on loopback only. address="local": our own Ray even beside another cluster, on
+    # free ports (the dashboard's: the first free from 8265); the one port ray.init cannot
+    # choose, its dashboard agent's HTTP (52365, for job submission, which a local search does
+    # not use), Ray leaves off when another Ray holds it.
     with ray_start_errors(options, "the local Ray failed to start"):
         ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
