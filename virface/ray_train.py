@@ -103,8 +103,8 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: the stage loop, reporting every epoch.
 
     ``loop_config``: ``train_config`` (TrainConfig fields), ``run_dir`` (rank 0's run folder, kept
-    with every epoch's checkpoint; None: a scratch folder, only the reported checkpoints are
-    kept), ``tb_dir`` and ``progress_dir`` (TensorBoard run and progress file, rank 0; None: the
+    with every epoch's checkpoint, on storage every rank reads; None: a scratch folder, only the
+    reported checkpoints are kept), ``train_run_dir`` (the Train run's own folder), ``tb_dir`` and ``progress_dir`` (TensorBoard run and progress file, rank 0; None: the
     run folder's tb/, no progress file), ``measure_cost`` and ``log`` (progress lines on rank 0).
     """
     import ray.train
@@ -134,6 +134,7 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
     reported = ReportedCheckpoints(work, report=train_report)
     try:
         checkpoint = ray.train.get_checkpoint()
+        run_dir = loop_config.get("run_dir")
         if checkpoint is not None:
             # Restarted after a failure, or a restored run: continue from the last reported epoch.
             with checkpoint.as_directory() as d:
@@ -141,7 +142,12 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
             train_config.update(resume_file=resume, pretrained_file=None)
             if ctx.is_main:
                 log.info("%s: continuing from %s", train_config["method"], checkpoint.path)
-        run_dir = loop_config.get("run_dir")
+        elif run_dir is not None:
+            resume = last_epoch_of_this_run(loop_config["train_run_dir"], run_dir)
+            if resume is not None:
+                train_config.update(resume_file=resume, pretrained_file=None)
+                if ctx.is_main:
+                    log.info("%s: continuing from %s", train_config["method"], resume)
         keep = run_dir is not None
         if not ctx.is_main or run_dir is None:
             run_dir = os.path.join(work, "run")
@@ -169,6 +175,25 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def last_epoch_of_this_run(train_run_dir: str, run_dir: str) -> str | None:
+    """The run folder's checkpoint of the last epoch this Ray Train run reported, or None.
+
+    Ray Train registers a report when its controller next polls the workers (every 2 s): a worker
+    group that fails in between restarts without that checkpoint, or without any. Rank 0 had
+    persisted it to the Train run's folder (``checkpoint_epoch=NNN``) and saved the same epoch in
+    the run folder (atomically); a folder of this run's own, so no earlier run's epochs count.
+    """
+    if not os.path.isdir(train_run_dir):
+        return None
+    epochs = sorted(int(name.split("=", 1)[1]) for name in os.listdir(train_run_dir)
+                    if name.startswith("checkpoint_epoch=") and name.split("=", 1)[1].isdigit())
+    for epoch in reversed(epochs):
+        path = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -194,7 +219,8 @@ def stage_trainer(train_config: dict[str, Any], *, workers: int, cpus_per_worker
     return TorchTrainer(
         stage_worker_loop,
         train_loop_config={"train_config": train_config, "run_dir": run_dir, "tb_dir": tb_dir,
-                           "progress_dir": progress_dir, "measure_cost": measure_cost, "log": log},
+                           "progress_dir": progress_dir, "measure_cost": measure_cost, "log": log,
+                           "train_run_dir": os.path.join(storage, name)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
