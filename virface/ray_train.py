@@ -104,8 +104,9 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
 
     ``loop_config``: ``train_config`` (TrainConfig fields), ``run_dir`` (rank 0's run folder, kept
     with every epoch's checkpoint, on storage every rank reads; None: a scratch folder, only the
-    reported checkpoints are kept), ``train_run_dir`` (the Train run's own folder), ``tb_dir`` and ``progress_dir`` (TensorBoard run and progress file, rank 0; None: the
-    run folder's tb/, no progress file), ``measure_cost`` and ``log`` (progress lines on rank 0).
+    reported checkpoints are kept), ``train_run_dir`` (the Train run's own folder), ``tb_dir``
+    and ``progress_dir`` (TensorBoard run and progress file, rank 0; None: the run folder's
+    tb/, no progress file), ``measure_cost`` and ``log`` (progress lines on rank 0).
     """
     import ray.train
     import ray.train.torch

@@ -1,5 +1,6 @@
-"""``virface-train``: one stage, in one process or data-parallel on Ray Train. Mirrors the reference's ``train.py`` arguments,
-with real types (``--eval/--no-eval`` rather than ``type=bool``; ``--decay_steps 8 12 15 18``).
+"""``virface-train``: one stage, in one process or data-parallel on Ray Train. Mirrors the
+reference's ``train.py`` arguments, with real types (``--eval/--no-eval`` rather than
+``type=bool``; ``--decay_steps 8 12 15 18``).
 
     virface-train --method pretrain  --snapshot_prefix runs/pretrain
     virface-train --method generator --pretrained_file runs/pretrain/best.pt --snapshot_prefix runs/generator
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_train.add_argument("--cpus_per_worker", "--cpus-per-worker", type=float, default=1.0, metavar="C",
                            help="CPUs each rank reserves (default: 1)")
     ray_train.add_argument("--gpus_per_worker", "--gpus-per-worker", type=float, default=0.0, metavar="G",
-                           help="GPUs each rank reserves; > 0 trains on CUDA with nccl (default: 0, gloo on CPU)")
+                           help="GPUs each rank reserves; > 0 trains on CUDA with nccl "
+                                "(default: 0, gloo on CPU)")
     ray_train.add_argument("--address", metavar="ADDR",
                            help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray on "
                                 "loopback, stopped at the end)")

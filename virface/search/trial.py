@@ -94,7 +94,8 @@ def trials_at_once(resources: ResourcesSpec, cluster: dict[str, float]) -> int:
     return max(0, min(fits))
 
 
-def concurrent_trials(resources: ResourcesSpec, configured: int | None, cluster: dict[str, float]) -> int | None:
+def concurrent_trials(resources: ResourcesSpec, configured: int | None,
+                      cluster: dict[str, float]) -> int | None:
     """Tune's ``max_concurrent_trials``. Multi-worker trials reserve nothing for themselves (their
     Ray Train workers are placed by Ray Train), so Tune would start more than fit, each
     waiting for its worker group: at most what the cluster holds side by side."""
