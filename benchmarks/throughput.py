@@ -10,8 +10,8 @@ images and global batch: the 2-worker trial's samples/s over it is the ratio pri
 
 Then the overhead of Ray Train against one process, on the same stage: the fixed cost of a
 trial that does (almost) no training (one step, no evaluation; 1 and 2 workers, against the
-same run in one process and Tune's no-op floor), and the per-epoch cost outside the training
-steps (an epoch's wall time between two reports less its training time).
+same run in one process and Tune's no-op floor), and the time a whole 2-epoch run spends
+outside its training steps (start-up, checkpoints, reports, shutdown).
 
     python benchmarks/throughput.py            # about 6 minutes on 2 idle cores
     python benchmarks/throughput.py --quick    # about 3 minutes; used by the tests
@@ -142,24 +142,20 @@ def handwritten_ddp(config: TrainConfig, steps: int, work: str) -> float:
         return json.load(f)["samples_per_s"]
 
 
-def core_loop(config: TrainConfig, work: str) -> tuple[float, float, float]:
-    """(samples/s of the second epoch, wall seconds of the run less its epochs' training time,
-    and the second epoch's wall time outside its training steps), in one process."""
+def core_loop(config: TrainConfig, work: str) -> tuple[float, float]:
+    """(samples/s of the second epoch, seconds of the run outside its training steps: start-up,
+    evaluation, checkpoints, reports, shutdown), in one process."""
     from virface.stages import run_stage
 
-    ends = []
     start = time.perf_counter()
-    result = run_stage(config, os.path.join(work, f"core-{config.method}"),
-                       on_epoch_end=lambda metrics, path: ends.append(time.perf_counter()))
+    result = run_stage(config, os.path.join(work, f"core-{config.method}"))
     wall = time.perf_counter() - start
-    fixed = wall - sum(m["epoch_time_s"] for m in result.history)
-    per_epoch = (ends[-1] - ends[-2]) - result.history[-1]["epoch_time_s"]
-    return result.history[-1]["samples_per_s"], fixed, per_epoch
+    return result.history[-1]["samples_per_s"], wall - sum(m["epoch_time_s"] for m in result.history)
 
 
-def tune_trial(config: TrainConfig, storage: str, workers: int, name: str) -> tuple[float, float, float]:
-    """(samples/s reported by the trial, wall seconds of the whole Tune run, and the second
-    epoch's wall time between reports outside its training steps)."""
+def tune_trial(config: TrainConfig, storage: str, workers: int, name: str) -> tuple[float, float]:
+    """(samples/s reported by the trial's second epoch, seconds of the whole Tune run outside the
+    trial's training steps)."""
     from ray import tune
 
     from virface.search.space import ResourcesSpec
@@ -179,8 +175,8 @@ def tune_trial(config: TrainConfig, storage: str, workers: int, name: str) -> tu
     result = results[0]
     if result.error:
         raise RuntimeError(f"{name}: {result.error}")
-    per_epoch = result.metrics["time_this_iter_s"] - result.metrics["epoch_time_s"]
-    return result.metrics["samples_per_s"], wall, per_epoch
+    training = float(result.metrics_dataframe["epoch_time_s"].sum())
+    return result.metrics["samples_per_s"], wall - training
 
 
 def trial_overhead(storage: str, workers: int, n_trials: int, name: str) -> float:
@@ -253,18 +249,16 @@ def main(argv=None) -> int:
         figures["bare_pretrain"] = bare_loop(configs["pretrain"], steps)
         figures["ddp_handwritten_pretrain_w2"] = handwritten_ddp(configs["pretrain"], steps, work)
         for stage, config in configs.items():
-            sps, fixed, per_epoch = core_loop(config, work)
-            figures[f"core_{stage}"] = sps
-            figures[f"core_{stage}_fixed_s"], figures[f"core_{stage}_per_epoch_s"] = fixed, per_epoch
+            figures[f"core_{stage}"], figures[f"core_{stage}_outside_training_s"] = core_loop(config, work)
         figures["overhead_one_process_s"] = one_process_overhead(work, n_trials)
         init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
         try:
             storage = os.path.join(work, "ray")
             for stage, config in configs.items():
                 for workers in (1, 2):
-                    sps, _, per_epoch = tune_trial(config, storage, workers, f"{stage}_w{workers}")
+                    sps, outside = tune_trial(config, storage, workers, f"{stage}_w{workers}")
                     figures[f"ray_{stage}_w{workers}"] = sps
-                    figures[f"ray_{stage}_w{workers}_per_epoch_s"] = per_epoch
+                    figures[f"ray_{stage}_w{workers}_outside_training_s"] = outside
             figures["overhead_noop_tune_s"] = noop_trial_overhead(storage, n_trials)
             figures["overhead_trial_w1_s"] = trial_overhead(storage, 1, n_trials, "overhead_w1")
             figures["overhead_trial_w2_s"] = trial_overhead(storage, 2, max(2, n_trials // 2), "overhead_w2")
@@ -291,11 +285,11 @@ def main(argv=None) -> int:
     print(f"  Tune no-op function trial               {figures['overhead_noop_tune_s']:.2f}")
     print(f"  stage trial, 1 worker (in-process)      {figures['overhead_trial_w1_s']:.2f}")
     print(f"  stage trial, 2 workers (Ray Train)      {figures['overhead_trial_w2_s']:.2f}")
-    print("per-epoch cost outside the training steps (s; second epoch, no evaluation)")
+    print("a 2-epoch run's time outside its training steps (s; start-up, checkpoints, reports, shutdown)")
     for stage in ("pretrain", "virface"):
-        print(f"  {stage:<9} one process {figures[f'core_{stage}_per_epoch_s']:.3f}   "
-              f"Tune trial 1 worker {figures[f'ray_{stage}_w1_per_epoch_s']:.3f}   "
-              f"Ray Train 2 workers {figures[f'ray_{stage}_w2_per_epoch_s']:.3f}")
+        print(f"  {stage:<9} one process {figures[f'core_{stage}_outside_training_s']:.2f}   "
+              f"Tune trial 1 worker {figures[f'ray_{stage}_w1_outside_training_s']:.2f}   "
+              f"Ray Train 2 workers {figures[f'ray_{stage}_w2_outside_training_s']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=2)
