@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         check_data_parallel_args(args)
         config = config_from_args(args)
         if args.workers > 1:
+            if not (args.address or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
+                # As virface-search: the local Ray uses token authentication, Ray's default,
+                # chosen explicitly so that Ray does not warn that it chose it.
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
             from virface.ray_train import train_data_parallel
 
             result = train_data_parallel(config, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
