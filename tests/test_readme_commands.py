@@ -1,15 +1,17 @@
-"""Every virface-train, virface-search and run_search.py command in README.md parses with the real
+"""Every virface-train, virface-search, virface-eval and run_search.py command in README.md parses with the real
 parsers and makes a valid configuration, as pasted (continuation lines and all)."""
 import os
 import shlex
 
 import pytest
 
+from virface import evaluate
 from virface.search import cli as search_cli
 from virface.train import build_parser as train_parser
 from virface.train import config_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = ("virface-train", "virface-search", "virface-eval")
 # What else a README command line may start with (a line starting with an option is a broken paste).
 OTHER_PROGRAMS = {"make", "pip", "python", "python3", "bash", "ray", "tensorboard", "optuna-dashboard", "git",
                   "cd", "export", "ls", "cat", "mkdir", "rsync", "scp", "curl"}
@@ -47,7 +49,9 @@ def virface_invocation(words: list[str]):
             return "search", words[2:]
         if words[1:3] == ["-m", "virface.train"]:
             return "train", words[3:]
-    if words[0] in ("virface-train", "virface-search"):
+        if words[1:3] == ["-m", "virface.evaluate"]:
+            return "eval", words[3:]
+    if words[0] in ENTRY_POINTS:
         return words[0].split("-")[1], words[1:]
     return None
 
@@ -57,14 +61,14 @@ COMMANDS = shell_commands(open(os.path.join(REPO, "README.md"), encoding="utf-8"
 
 def test_the_readme_has_commands_of_every_entry_point():
     kinds = {virface_invocation(words)[0] for _, words in COMMANDS if virface_invocation(words)}
-    assert kinds == {"train", "search"}
+    assert kinds == {"train", "search", "eval"}
     assert any(words[0] == "virface-search" for _, words in COMMANDS)
     assert any(words[:3] == ["ray", "job", "submit"] for _, words in COMMANDS)
 
 
 @pytest.mark.parametrize("line,words", COMMANDS, ids=[f"README.md:{n}" for n, _ in COMMANDS])
 def test_readme_command_parses(line, words, monkeypatch):
-    assert words[0] in OTHER_PROGRAMS | {"virface-train", "virface-search"}, \
+    assert words[0] in OTHER_PROGRAMS | set(ENTRY_POINTS), \
         f"README.md:{line}: {words[0]!r} is not a command (a broken line continuation?)"
     invocation = virface_invocation(words)
     if invocation is None:
@@ -73,5 +77,7 @@ def test_readme_command_parses(line, words, monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     if kind == "train":
         config_from_args(train_parser().parse_args(argv))
+    elif kind == "eval":
+        evaluate.config_from_args(evaluate.build_parser().parse_args(argv))
     else:
         search_cli.options_from_args(search_cli.build_parser().parse_args(argv))
