@@ -53,11 +53,12 @@ def test_throughput_quick(tmp_path):
     out = tmp_path / "throughput.json"
     stdout = run_script("throughput.py", "--quick", "--out", str(out), timeout=900)
     figures = json.loads(out.read_text())
-    for key in ("bare_pretrain", "core_pretrain", "core_virface", "ray_pretrain_w1", "ray_pretrain_w2",
-                "ray_virface_w1", "ray_virface_w2", "overhead_noop_tune_s", "overhead_trial_w1_s",
-                "overhead_trial_w2_s"):
+    for key in ("bare_pretrain", "ddp_handwritten_pretrain_w2", "core_pretrain", "core_virface",
+                "ray_pretrain_w1", "ray_pretrain_w2", "ray_virface_w1", "ray_virface_w2",
+                "overhead_one_process_s", "overhead_noop_tune_s", "overhead_trial_w1_s", "overhead_trial_w2_s"):
         assert figures[key] > 0, key
     assert "ratio to core loop" in stdout
+    assert "2-worker Ray Train trial / hand-written 2-process DDP" in stdout
 
 
 def test_partial_fc_cpu_smoke(tmp_path):

@@ -1,18 +1,20 @@
-"""Partial FC in the stages: every stage trains with --sample_rate, alone and as 2 gloo ranks, and
-its checkpoints load into runs of any sample rate and any number of ranks."""
+"""Partial FC in the stages: every stage trains with --sample_rate, alone and as 2 gloo ranks on
+Ray Train, and its checkpoints load into runs of any sample rate and any number of ranks."""
+import json
 import os
-import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from virface.checkpoint import load_checkpoint
 from virface.config import TrainConfig
-from virface.distributed import DistributedContext
 from virface.stages import run_stage
+from virface.train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(arch="mobilefacenet_s", feat_len=16, label_batch_size=8, unlabel_batch_size=4,
             steps_per_epoch=2, max_epoch=1, gen_num=2, tensorboard=False, device="cpu", log_every=0)
@@ -35,37 +37,27 @@ def test_every_stage_trains_with_a_sampled_softmax_and_hands_on_a_full_w(tmp_pat
     assert np.isfinite(back.history[-1]["loss"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank, port, folder):
-    from conftest import random_stage_data
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        ctx = DistributedContext(torch.device("cpu"), rank, 2)
-        data = random_stage_data()
-        config = TrainConfig(method="pretrain", sample_rate=0.5, **{**TINY, "max_epoch": 2})
-        run_stage(config, os.path.join(folder, "pre"), data=data, ctx=ctx)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
-def test_two_ranks_shard_w_and_write_one_full_checkpoint_that_any_run_resumes(tmp_path, tiny_data):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_ray_train_ranks_shard_w_and_write_one_full_checkpoint_that_any_run_resumes(tmp_path):
+    # virface-train --workers 2: Ray Train's two gloo ranks each hold half of W (4 + 4 classes).
+    synthetic = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
+                 "--synthetic", "n_unlabeled_ids=12", "--synthetic", "n_val_ids=8",
+                 "--synthetic", "val_pairs=40", "--synthetic", "image_size=16"]
+    fast = ["--arch", "mobilefacenet_s", "--feat_len", "16", "--label_batch_size", "8", "--steps_per_epoch", "3",
+            "--max_epoch", "2", "--no-tensorboard", "--log_every", "0", "--device", "cpu"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": REPO}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "virface.train", "--method", "pretrain", "--sample_rate", "0.5",
+                          "--workers", "2", "--snapshot_prefix", str(tmp_path / "pre"), *fast, *synthetic],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     state = load_checkpoint(str(tmp_path / "pre" / "checkpoints" / "epoch_002.pt"))
-    assert state["head"]["weight"].shape == (6, 16)
+    assert state["head"]["weight"].shape == (8, 16)                  # the full W, gathered
     momentum = next(v["momentum_buffer"] for v in state["optimizers"]["main"]["state"].values()
-                    if v["momentum_buffer"].shape == (6, 16))
-    assert torch.count_nonzero(momentum) > 0                          # both shards' rows
+                    if v["momentum_buffer"].shape == (8, 16))
+    # Both shards' rows were trained (rank 0 owns classes 0-3, rank 1 classes 4-7).
+    assert torch.count_nonzero(momentum[:4]) > 0 and torch.count_nonzero(momentum[4:]) > 0
     # One process, another sample rate, resumes the 2-rank run's epoch 1.
-    resumed = run_stage(TrainConfig(method="pretrain", sample_rate=1.0, **{**TINY, "max_epoch": 2},
-                                    resume_file=str(tmp_path / "pre" / "checkpoints" / "epoch_001.pt")),
-                        str(tmp_path / "again"), data=tiny_data)
-    assert [m["epoch"] for m in resumed.history] == [2]
+    assert main(["--method", "pretrain", "--sample_rate", "1.0",
+                 "--resume_file", str(tmp_path / "pre" / "checkpoints" / "epoch_001.pt")]) == 0
+    assert [json.loads(x)["epoch"] for x in open(tmp_path / "pre" / "metrics.jsonl")] == [1, 2]

@@ -263,3 +263,36 @@ def test_a_trial_restored_from_its_newest_report_reports_nothing_again(trial, tm
     restored.restore(str(tmp_path / "storage" / "checkpoint_000000"))
     restored.report_unseen({})
     assert tune_side.count == 1
+
+
+def test_a_multi_worker_trial_holds_no_cpu_and_tune_starts_only_the_trials_whose_workers_fit():
+    from virface.search.space import ResourcesSpec
+    from virface.search.trial import TrialSetup, concurrent_trials, reuses_actors, trial_resources
+
+    two = ResourcesSpec(workers=2, cpus_per_worker=1)
+    setup = TrialSetup(stage="pretrain", base_config={}, upstream_checkpoint=None, tb_root="/tb",
+                       train_storage="/s", metric="acc", mode="max", resources=two)
+    # The trial only drives its Ray Train run: its workers' CPUs are Ray Train's to reserve.
+    assert trial_resources(setup) == {"cpu": 0, "memory": 1}
+    assert concurrent_trials(two, 4, {"CPU": 2.0}) == 1             # 2 CPUs: one group at a time
+    assert concurrent_trials(two, 4, {"CPU": 5.0}) == 2
+    assert concurrent_trials(two, None, {"CPU": 8.0}) == 4
+    assert concurrent_trials(two, 3, {"CPU": 1.0}) == 1             # never 0 (the fit check says why)
+    one = ResourcesSpec(workers=1, cpus_per_worker=1)
+    assert concurrent_trials(one, 4, {"CPU": 2.0}) == 4              # Tune holds them to the CPUs
+    assert reuses_actors(one) and not reuses_actors(two)
+
+
+def test_a_multi_worker_trials_checkpoint_is_ray_trains_which_tune_knows_by_path(tmp_path):
+    # TuneReportCallback adds the persisted Ray Train checkpoint's path to the trial's metrics;
+    # Tune itself holds no checkpoint of the trial.
+    from virface.search.trial import best_checkpoint_of
+
+    directory = tmp_path / "train_pretrain_x" / "checkpoint_epoch=003"
+    directory.mkdir(parents=True)
+    (directory / "checkpoint.pt").write_text("epoch 3")
+    (directory / "best.pt").write_text("epoch 2")
+    result = SimpleNamespace(checkpoint=None, metrics={"epoch": 3, "acc": 0.5, "best_acc": 0.75,
+                                                       "checkpoint_path": str(directory)})
+    assert best_checkpoint_of(result, "acc") == (str(directory / "best.pt"), 0.75)
+    assert best_checkpoint_of(SimpleNamespace(checkpoint=None, metrics={"best_acc": 0.75}), "acc") == (None, None)

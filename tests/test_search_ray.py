@@ -1,7 +1,7 @@
 """The Ray platform end to end: chained stage searches, failures, resume after a kill.
 
-One local Ray per module, started with explicit resources and the dashboard on 127.0.0.1 (Tune
-needs it to clean up stopped trials), and shut down at the end.
+One local Ray per module, started with explicit resources and the dashboard on 127.0.0.1 (Ray
+Train needs it to clean up the placement groups of trials that Tune stops), and shut down at the end.
 """
 import glob
 import json
@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    from virface.ray_train import init_local_ray
+
+    init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -111,10 +112,12 @@ def test_stage_whose_every_trial_fails_writes_no_manifest(ray_cluster, tmp_path)
     assert not (storage / "default" / "pretrain" / "best.json").exists()
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "ray-train"])
+def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, workers):
     # 16 ids x 20 images in batches of 8: 40 steps an epoch, slow enough to be killed mid-run.
     space = write_space(tmp_path, "pretrain", scheduler={"type": "none"},
                         budget={"num_samples": 2, "max_concurrent_trials": 1},
+                        resources={"workers": workers, "cpus_per_worker": 1, "gpus_per_worker": 0},
                         fixed={"arch": "mobilefacenet_s", "max_epoch": 3, "label_batch_size": 8},
                         parameters={"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True,
                                            "default": 0.05}})
@@ -134,9 +137,11 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
             break
         assert time.time() < deadline, "no trial reached epoch 2 in time"
     assert first_trial is not None
-    # Kill once Tune has persisted that trial's epoch-2 checkpoint and snapshotted its state since.
+    # Kill once that trial's epoch-2 checkpoint is persisted (by Tune, or by Ray Train for a
+    # multi-worker trial) and Tune has snapshotted its state since.
     search_dir = storage / "default" / "search_pretrain"
-    checkpoint = search_dir / f"pretrain_{first_trial}" / "checkpoint_000001"
+    checkpoint = (search_dir / f"pretrain_{first_trial}" / "checkpoint_000001" if workers == 1 else
+                  storage / "default" / f"train_pretrain_{first_trial}" / "checkpoint_epoch=002")
 
     def snapshotted():
         return checkpoint.exists() and any(p.stat().st_mtime > checkpoint.stat().st_mtime
@@ -180,22 +185,31 @@ def test_missing_data_is_an_error_before_any_trial(ray_cluster, tmp_path):
     assert not (tmp_path / "exp" / "default" / "search_pretrain").exists()
 
 
-def test_multi_worker_trials_reuse_their_ranks_and_asha_stops_them_cleanly(ray_cluster, tmp_path):
-    # 4 trials of 2 DDP ranks each, run one after another on the same ranks; ASHA stops some
-    # after their first epoch, leaving the ranks idle for the next trial rather than stuck.
+def test_multi_worker_trials_run_on_ray_train_and_asha_stops_them_cleanly(ray_cluster, tmp_path):
+    # 4 trials of 2 DDP ranks each on Ray Train, one after another on 2 CPUs; ASHA stops some
+    # after their first epoch: their worker groups are taken down, not left holding the CPUs
+    # the next trial's group needs.
     space = write_space(tmp_path, "pretrain", scheduler={"type": "asha", "grace_period": 1},
-                        budget={"num_samples": 4, "max_concurrent_trials": 1},
+                        budget={"num_samples": 4, "max_concurrent_trials": 2},
                         resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
                         fixed={"arch": "mobilefacenet_s", "max_epoch": 2, "steps_per_epoch": 2},
                         parameters={"lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True,
                                            "default": 0.1}})
-    outcomes = run_search(SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), space=space,
+    storage = tmp_path / "exp"
+    outcomes = run_search(SearchOptions(stage="pretrain", storage=str(storage), space=space,
                                         quiet=True, data={"synthetic": dict(n_labeled_ids=16, images_per_labeled_id=6,
                                                                             n_unlabeled_ids=40, n_val_ids=16,
                                                                             val_pairs=100)}))
     rows = outcomes[0].rows
     assert len(rows) == 4 and all(r.outcome in ("completed", "stopped early") for r in rows), rows
-    assert outcomes[0].manifest is not None
+    manifest = outcomes[0].manifest
+    assert manifest is not None
+    # Each trial's checkpoints are its Ray Train run's; the manifest names the best one's.
+    runs = sorted(p.name for p in (storage / "default").glob("train_pretrain_*"))
+    assert runs == sorted(f"train_pretrain_{r.trial_id}" for r in rows)
+    assert manifest.checkpoint.startswith(str(storage / "default" / f"train_pretrain_{manifest.trial_id}"))
+    state = load_checkpoint(manifest.checkpoint)
+    assert state["best"]["value"] == pytest.approx(manifest.metric_value)
 
 
 def test_a_multi_objective_pretrain_search_ends_with_its_pareto_front(ray_cluster, tmp_path):

@@ -132,3 +132,34 @@ def test_a_full_disk_is_a_named_error_and_leaves_no_half_checkpoint(tmp_path, ca
     err = capsys.readouterr().err
     assert "epoch_001.pt: cannot write (No space left on device)" in err
     assert os.listdir(run / "checkpoints") == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "0"], "workers: 0 must be >= 1"),
+    (["--workers", "2", "--cpus_per_worker", "0"], "cpus_per_worker: 0.0 must be > 0"),
+    (["--gpus_per_worker", "1"], "give --workers N (N >= 2) with them"),
+    (["--address", "127.0.0.1:6379"], "give --workers N (N >= 2) with them"),
+])
+def test_ray_train_options_are_checked_before_anything_starts(argv, message, capsys, tmp_path):
+    assert main(["--method", "pretrain", "--snapshot_prefix", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_group_the_cluster_cannot_hold_is_named_with_both_sides():
+    from virface.errors import ConfigError
+    from virface.ray_train import check_workers_fit
+
+    check_workers_fit(2, 1.0, 0.0, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"4 worker\(s\) x \(1.0 CPU, 1.0 GPU\).*the Ray cluster has "
+                                          r"\{'CPU': 8.0, 'GPU': 2.0\}"):
+        check_workers_fit(4, 1.0, 1.0, {"CPU": 8.0, "GPU": 2.0})
+
+
+def test_ray_trains_v1_api_is_an_error_naming_the_variable(monkeypatch):
+    from virface.errors import ConfigError
+    from virface.ray_train import check_train_v2
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    with pytest.raises(ConfigError, match="RAY_TRAIN_V2_ENABLED='0' turns Ray Train's V2 API off"):
+        check_train_v2()

@@ -58,3 +58,8 @@ def model_cost(backbone: nn.Module, input_size: int, device: torch.device | str 
     finally:
         backbone.train(was_training)
     return cost
+
+
+def run_cost(run) -> dict[str, float]:
+    """params, macs and latency_ms of a StageRun's backbone, at its input size, on its device."""
+    return model_cost(run.models.backbone, run.config.input_size, run.ctx.device)

@@ -180,8 +180,9 @@ def check_run_dir(run_dir: str, resuming: bool) -> None:
 class StageRun:
     """One stage run, an epoch at a time: ``StageRun(...)`` sets everything up (checkpoint, data,
     models, optimisers, loader, logs), each ``run_epoch()`` trains, evaluates and saves one epoch,
-    ``close()`` ends the logs. :func:`run_stage` drives it to the end; a search trial whose ranks
-    are separate processes drives it epoch by epoch (virface.search.trial).
+    ``close()`` ends the logs. :func:`run_stage` drives it to the end; a one-worker search trial
+    (virface.search.trial) and each Ray Train worker (virface.ray_train) drive it epoch by epoch,
+    reporting after each.
 
     ``run_dir`` gets checkpoints/epoch_NNN.pt, best.pt, metrics.jsonl and tb/ (rank 0 only).
     ``on_progress(StepProgress)`` is called on rank 0 every ``config.log_every`` steps (default: a

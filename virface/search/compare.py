@@ -123,13 +123,14 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say,
             interrupted: threading.Event | None = None) -> list[dict[str, Any]]:
     """The arm's winning config trained with seeds 1..N from the same upstream checkpoint; per
     seed, the best validation epoch's metrics (its test figures among them)."""
+    import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from virface.checkpoint import load_checkpoint
     from virface.search.callbacks import TrialProgress
-    from virface.search.trial import (TrialSetup, best_checkpoint_of, checkpoint_retention, run_trial,
-                                      trial_resources)
+    from virface.search.trial import (TrialSetup, best_checkpoint_of, checkpoint_retention, concurrent_trials,
+                                      reuses_actors, run_trial, trial_resources)
 
     experiment = os.path.join(options.storage, options.name, COMPARISON_DIR)
     space = stage_space(replace(options, stage=arm), arm)
@@ -138,7 +139,7 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say,
     setup = TrialSetup(stage=arm, base_config={**base_train_config(options), **winner},
                        upstream_checkpoint=manifest.upstream, tb_root=os.path.join(experiment, arm, "tb"),
                        train_storage=experiment, metric=manifest.metric_name, mode=manifest.metric_mode,
-                       resources=space.resources)
+                       resources=space.resources, worker_max_failures=options.max_failures)
     seeds = list(range(1, options.seeds + 1))
     say(f"[{arm}] retraining the winner (trial {manifest.trial_id}) with seeds {seeds}")
     name = f"retrain_{arm}"
@@ -149,9 +150,11 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say,
     else:
         tuner = tune.Tuner(
             trainable, param_space={"seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=space.budget.max_concurrent_trials,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(
+                                            space.resources, space.budget.max_concurrent_trials,
+                                            ray.cluster_resources()),
                                         trial_dirname_creator=lambda t: f"{arm}_seed{t.config['seed']}",
-                                        reuse_actors=True),
+                                        reuse_actors=reuses_actors(space.resources)),
             run_config=tune.RunConfig(
                 name=name, storage_path=experiment, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),

@@ -8,7 +8,7 @@ Experiment layout, under ``<storage>/<name>/``:
   <stage>/plots/             Optuna's history and importance plots (--plots); pareto_front.png
                              (several objectives)
   search_<stage>/            Tune's experiment state (what --resume restores)
-  train_<stage>_<id>/        multi-worker trials' shared run folder (removed when they end)
+  train_<stage>_<id>/        multi-worker trials' Ray Train runs: their reported checkpoints
 
 Everything that can be checked without Ray is checked before Ray starts: every stage's search
 space, its metric against the data, the data paths and the upstream checkpoint.
@@ -39,7 +39,7 @@ from virface.search.pareto import (NoTrialSelected, TrialPoint, carried_trials, 
                                    plot_front, rank_by_rule, rank_trials, select_point)
 from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
 from virface.search.trial import (UPSTREAM_PARAMETER, TrialSetup, best_checkpoint_of, checkpoint_retention,
-                                  run_trial, trial_resources, trials_at_once)
+                                  concurrent_trials, reuses_actors, run_trial, trial_resources, trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
 
 # The smallest real run: every stage trains and evaluates, for seconds. Used by the tests.
@@ -163,7 +163,9 @@ class SearchOptions:
                                       help="trials per stage (default: the YAML's budget)")
     max_concurrent: int | None = setting(None, group=GROUP_SEARCH,
                                          help="trials at once (default: the YAML's budget)")
-    max_failures: int = setting(1, group=GROUP_SEARCH, help="retries of an errored trial")
+    max_failures: int = setting(1, group=GROUP_SEARCH,
+                                help="retries of an errored trial (and, for a multi-worker trial, Ray "
+                                     "Train's restarts of its worker group from its last checkpoint)")
     resume: bool = setting(False, group=GROUP_SEARCH,
                            help="continue an interrupted search (a finished one is only printed)")
     from_checkpoint: str | None = setting(
@@ -416,13 +418,13 @@ def init_ray(options: SearchOptions, say) -> bool:
     say(f"starting a local Ray ({cpus} CPU, {gpus} GPU; dashboard on 127.0.0.1) ...")
     # The dashboard is what lets Tune clean up trials that ASHA stops (notes/RAY.md); everything
     # listens on loopback only. address="local": our own Ray even beside another cluster, on
-    # free ports (the dashboard's: the first free from 8265); the one port ray.init cannot
-    # choose, its dashboard agent's HTTP (52365, for job submission, which a local search does
-    # not use), Ray leaves off when another Ray holds it.
+    # free ports (the dashboard's chosen free); the one port ray.init cannot choose, its
+    # dashboard agent's HTTP (52365, for job submission, which a local search does not use), Ray
+    # leaves off when another Ray holds it.
+    from virface.ray_train import init_local_ray
+
     with ray_start_errors(options, "the local Ray failed to start"):
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level=logging.WARNING)
+        init_local_ray(cpus, gpus, log_to_driver=False)
     return True
 
 
@@ -486,7 +488,8 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
         resources=space.resources, measure_cost=bool(space.cost_metrics),
-        upstream_choices={k: c["checkpoint"] for k, c in choices.items()})
+        upstream_choices={k: c["checkpoint"] for k, c in choices.items()},
+        worker_max_failures=options.max_failures)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     import ray
 
@@ -534,10 +537,11 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                 # ASHA decides on the best epoch so far: what the search selects a trial by.
                 metric=selection, mode=space.metric_mode, search_alg=searcher,
                 scheduler=space.make_scheduler(), num_samples=space.budget.num_samples,
-                max_concurrent_trials=space.budget.max_concurrent_trials,
+                max_concurrent_trials=concurrent_trials(space.resources, space.budget.max_concurrent_trials,
+                                                        ray.cluster_resources()),
                 time_budget_s=space.budget.time_budget_s,
                 trial_dirname_creator=lambda t: f"{stage}_{t.trial_id}",
-                reuse_actors=True),
+                reuse_actors=reuses_actors(space.resources)),
             run_config=tune.RunConfig(
                 name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
