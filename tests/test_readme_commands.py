@@ -6,6 +6,7 @@ import shlex
 import pytest
 
 from virface.search import cli as search_cli
+from virface.search.space import load_search_space, resolve_space
 from virface.train import build_parser as train_parser
 from virface.train import config_from_args
 
@@ -63,7 +64,7 @@ def test_the_readme_has_commands_of_every_entry_point():
 
 
 @pytest.mark.parametrize("line,words", COMMANDS, ids=[f"README.md:{n}" for n, _ in COMMANDS])
-def test_readme_command_parses(line, words, monkeypatch):
+def test_readme_command_parses(line, words, monkeypatch, tmp_path):
     assert words[0] in OTHER_PROGRAMS | {"virface-train", "virface-search"}, \
         f"README.md:{line}: {words[0]!r} is not a command (a broken line continuation?)"
     invocation = virface_invocation(words)
@@ -71,7 +72,13 @@ def test_readme_command_parses(line, words, monkeypatch):
         return
     kind, argv = invocation
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    # As a user of the installed package pastes it: from a folder that is not the checkout.
+    monkeypatch.chdir(tmp_path)
     if kind == "train":
         config_from_args(train_parser().parse_args(argv))
     else:
-        search_cli.options_from_args(search_cli.build_parser().parse_args(argv))
+        args = search_cli.build_parser().parse_args(argv)
+        options = search_cli.options_from_args(args)
+        if options.space:
+            # The space it names is found there too (a shipped space by name, not a checkout path).
+            load_search_space(resolve_space(options.space), options.stage)

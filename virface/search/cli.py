@@ -29,6 +29,10 @@ def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter,
                                      usage="%(prog)s [--stage STAGE] [options]")
     groups: dict = {}
+    shown = groups.setdefault("what is there (prints and exits)", parser.add_argument_group(
+        "what is there (prints and exits)"))
+    shown.add_argument("--spaces", action="store_true", default=argparse.SUPPRESS,
+                       help="list the shipped search spaces (names for --space) with their files")
     add_dataclass_options(parser, SearchOptions, groups=groups)
     add_dataclass_options(parser, TrainConfig, config_field_names(GROUP_DATA), groups=groups)
     return parser
@@ -42,6 +46,19 @@ def options_from_args(args: argparse.Namespace):
                          data=given_options(args, config_field_names(GROUP_DATA)))
 
 
+def format_spaces() -> str:
+    """One line per shipped search space: its name (what --space takes), its stage-default mark
+    and its file."""
+    from virface.config import METHODS
+    from virface.search.space import shipped_spaces
+
+    spaces = shipped_spaces()
+    width = max((len(n) for n in spaces), default=0)
+    lines = [f"{name:<{width}}  {path}" + (f"  (the default of --stage {name})" if name in METHODS else "")
+             for name, path in spaces.items()]
+    return "\n".join(["shipped search spaces (--space NAME):", *lines])
+
+
 def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
     args = build_parser(prog).parse_args(argv)
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
@@ -53,6 +70,9 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
 
     from virface.search.runner import SearchInterrupted
 
+    if getattr(args, "spaces", False):
+        print(format_spaces())
+        return 0
     try:
         options = options_from_args(args)
         if options.compare:

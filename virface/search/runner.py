@@ -34,7 +34,7 @@ from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_tri
                                    write_optuna_plots, write_trials)
 from virface.search.pareto import (NoTrialSelected, TrialPoint, format_front, pareto_front, plot_front,
                                    rank_by_rule, select_point)
-from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
+from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space, resolve_space
 from virface.search.trial import (UPSTREAM_PARAMETER, TrialSetup, best_checkpoint_of, checkpoint_retention,
                                   run_trial, trial_resources, trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
@@ -116,8 +116,9 @@ class SearchOptions:
     stage: str = setting("virface", group=GROUP_SEARCH, choices=METHODS,
                          help="the stage to search; upstream stages without a manifest are "
                               "searched first")
-    space: str | None = setting(None, group=GROUP_SEARCH, metavar="YAML",
-                                help="search space of --stage (default: search_spaces/<stage>.yaml)")
+    space: str | None = setting(None, group=GROUP_SEARCH, metavar="NAME|YAML",
+                                help="search space of --stage: a shipped space's name (--spaces "
+                                     "lists them) or a YAML file (default: the space named <stage>)")
     storage: str | None = setting(
         None, group=GROUP_SEARCH, metavar="DIR",
         help="where experiments live, made absolute; on a cluster, storage every node shares "
@@ -221,7 +222,7 @@ class StageOutcome:
 
 def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     """The stage's search space with the command line's overrides (metric not yet resolved)."""
-    path = options.space if (options.space and stage == options.stage) else default_space_path(stage)
+    path = resolve_space(options.space) if (options.space and stage == options.stage) else default_space_path(stage)
     space = load_search_space(path, stage)
     fixed = dict(space.fixed)
     if options.arch and stage_spec(stage).is_first:
