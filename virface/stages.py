@@ -63,6 +63,15 @@ def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
                           feat_len=config.feat_len or DEFAULT_FEAT_LEN, **generator)
 
 
+def loss_selects_best(config: TrainConfig) -> bool:
+    """Whether best.pt will follow the training loss for want of validation pair sets: real data
+    without --val, or evaluation off, in a stage that selects on verification by default."""
+    spec = stage_spec(config.method)
+    if config.best_metric or spec.default_metric or not spec.trains_backbone:
+        return False
+    return not config.eval or (not config.uses_synthetic and not config.val)
+
+
 # ---------------------------------------------------------------- evaluation and logging
 
 
@@ -191,6 +200,10 @@ class StageRun:
             check_run_dir(run_dir, resuming)
         config = inherit_model_fields(config, state, start_path)
         spec = stage_spec(config.method)
+        if ctx.is_main and loss_selects_best(config):
+            log.warning("%s: %s: best.pt will be the epoch with the lowest training loss, not the best "
+                        "verification accuracy (give --val NAME=PATH, or --best_metric)", config.method,
+                        "evaluation is off (--no-eval)" if not config.eval else "no validation pair sets (--val)")
         if data is None:
             if ctx.is_main:
                 log.info("%s: reading the data (%s)", config.method,

@@ -410,6 +410,9 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
         f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
         f"{objectives}; starts from: {upstream_source}")
+    if space.metric_name == "loss":
+        say(f"[{stage}] no validation pair sets (--val): each trial's best epoch and the best trial "
+            f"follow the training loss, not verification accuracy")
 
     metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
@@ -623,6 +626,25 @@ def reused_outcome(options: SearchOptions, stage: str) -> StageOutcome:
     return StageOutcome(stage, manifest, str(path), rows, metric or manifest.metric_name, reused=True)
 
 
+def adopt_upstream_data(options: SearchOptions, stage: str, say) -> SearchOptions:
+    """The options with the data that ``stage``'s start checkpoint was trained on, when none was
+    given and that checkpoint was not trained on the built-in synthetic faces (said, never a
+    silent switch to the synthetic faces); an error naming the options to give when that data is
+    not here (see virface.checkpoint.checkpoint_data)."""
+    from virface.checkpoint import checkpoint_data, format_data_options, load_checkpoint
+
+    if options.data.get("labeled") or stage_spec(stage).is_first:
+        return options
+    path, _ = upstream_checkpoint(stage, options.storage, options.name,
+                                  options.from_checkpoint if stage == options.stage else None)
+    adopted = checkpoint_data({**options.data, "method": stage}, load_checkpoint(path), path)
+    if not adopted:
+        return options
+    say(f"no data options were given, and {path} was trained on other data than the built-in "
+        f"synthetic faces: searching on the data it records: {format_data_options(adopted)}")
+    return replace(options, data={**options.data, **{k: v for k, v in adopted.items() if v}})
+
+
 def draw_plots(options: SearchOptions, outcome: StageOutcome, say) -> None:
     stage_dir = os.path.join(options.storage, options.name, outcome.stage)
     journal = os.path.join(stage_dir, "optuna.journal")
@@ -648,6 +670,8 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             f"from {os.path.join(options.storage, options.name)} (use another --name to search again)")
     else:
         plan = plan_chain(options.stage, options.storage, options.name, options.from_checkpoint)
+    if plan:
+        options = adopt_upstream_data(options, plan[0], say)
     outcomes: list[StageOutcome] = []
     if not options.from_checkpoint or finished:
         for stage in stage_chain(options.stage):
