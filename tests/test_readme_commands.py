@@ -7,6 +7,7 @@ import pytest
 
 from virface.search import cli as search_cli
 from virface.search.space import load_search_space, resolve_space
+from virface.export import build_parser as export_parser
 from virface.train import build_parser as train_parser
 from virface.train import config_from_args
 
@@ -48,7 +49,7 @@ def virface_invocation(words: list[str]):
             return "search", words[2:]
         if words[1:3] == ["-m", "virface.train"]:
             return "train", words[3:]
-    if words[0] in ("virface-train", "virface-search"):
+    if words[0] in ("virface-train", "virface-search", "virface-export"):
         return words[0].split("-")[1], words[1:]
     return None
 
@@ -58,14 +59,14 @@ COMMANDS = shell_commands(open(os.path.join(REPO, "README.md"), encoding="utf-8"
 
 def test_the_readme_has_commands_of_every_entry_point():
     kinds = {virface_invocation(words)[0] for _, words in COMMANDS if virface_invocation(words)}
-    assert kinds == {"train", "search"}
+    assert kinds == {"train", "search", "export"}
     assert any(words[0] == "virface-search" for _, words in COMMANDS)
     assert any(words[:3] == ["ray", "job", "submit"] for _, words in COMMANDS)
 
 
 @pytest.mark.parametrize("line,words", COMMANDS, ids=[f"README.md:{n}" for n, _ in COMMANDS])
 def test_readme_command_parses(line, words, monkeypatch, tmp_path):
-    assert words[0] in OTHER_PROGRAMS | {"virface-train", "virface-search"}, \
+    assert words[0] in OTHER_PROGRAMS | {"virface-train", "virface-search", "virface-export"}, \
         f"README.md:{line}: {words[0]!r} is not a command (a broken line continuation?)"
     invocation = virface_invocation(words)
     if invocation is None:
@@ -76,6 +77,8 @@ def test_readme_command_parses(line, words, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     if kind == "train":
         config_from_args(train_parser().parse_args(argv))
+    elif kind == "export":
+        export_parser().parse_args(argv)
     else:
         args = search_cli.build_parser().parse_args(argv)
         options = search_cli.options_from_args(args)
