@@ -62,11 +62,14 @@ class StageManifest:
     # Several objectives: {objectives, select, front: [{trial_id, values, checkpoint, params}],
     # plot}; the trial above is the one the select rule picked from the front.
     pareto: dict[str, Any] | None = None
+    # virface-search's options that overrode every stage's space (num_samples, max_epoch,
+    # steps_per_epoch, seed), as given.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         # Written only when used, so a plain search's manifest reads as it always did.
-        for key in ("carried", "trial_upstreams", "pareto"):
+        for key in ("carried", "trial_upstreams", "pareto", "overrides"):
             if not data[key]:
                 del data[key]
         return data
@@ -142,7 +145,8 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
                                 ("lineage", list, "a list of 'stage:trial_id'"),
                                 ("carried", list, "a list of carried trials"),
                                 ("trial_upstreams", dict, "a JSON object of trial id -> upstream trial id"),
-                                ("pareto", (dict, type(None)), "a JSON object or null")):
+                                ("pareto", (dict, type(None)), "a JSON object or null"),
+                                ("overrides", dict, "a JSON object of option -> value")):
         if key in data and not isinstance(data[key], kind):
             raise bad(key, expected)
     for i, entry in enumerate(data.get("carried") or []):

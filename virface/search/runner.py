@@ -128,6 +128,15 @@ class SearchOptions:
                           help="smoke: 1 trial x 1 epoch x 3 steps per stage on tiny data")
     num_samples: int | None = setting(None, group=GROUP_SEARCH,
                                       help="trials per stage (default: the YAML's budget)")
+    max_epoch: int | None = setting(None, group=GROUP_SEARCH,
+                                    help="epochs of every trial of every stage of the chain (default: "
+                                         "each space's)")
+    steps_per_epoch: int | None = setting(None, group=GROUP_SEARCH,
+                                          help="steps per epoch of every trial of every stage (default: "
+                                               "each space's, else one pass over the data)")
+    seed: int | None = setting(None, group=GROUP_SEARCH,
+                               help="seed of every trial (weights, sampling) and of every stage's "
+                                    "searcher (default: each space's, 0)")
     max_concurrent: int | None = setting(None, group=GROUP_SEARCH,
                                          help="trials at once (default: the YAML's budget)")
     max_failures: int = setting(1, group=GROUP_SEARCH, help="retries of an errored trial")
@@ -174,7 +183,8 @@ class SearchOptions:
             raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
         # Before anything starts: -1 trials would search forever, 0 would "fail" every trial.
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1),
-                          ("seeds", 1), ("carry_top", 1)):
+                          ("seeds", 1), ("carry_top", 1), ("max_epoch", 1), ("steps_per_epoch", 1),
+                          ("seed", 0)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{name}: {value} must be >= {low}")
@@ -185,6 +195,16 @@ class SearchOptions:
         self.storage = resolve_storage(self.storage)
         if self.from_checkpoint:
             self.from_checkpoint = os.path.abspath(self.from_checkpoint)
+
+
+    def run_overrides(self) -> dict[str, int]:
+        """The budget and run-size options given, which apply to every stage of the chain."""
+        return {k: getattr(self, k) for k in RUN_OVERRIDES if getattr(self, k) is not None}
+
+
+# Options that override every stage's space: trials per stage, and fixed TrainConfig fields.
+RUN_OVERRIDES = ("num_samples", "max_epoch", "steps_per_epoch", "seed")
+FIXED_OVERRIDES = ("max_epoch", "steps_per_epoch", "seed")
 
 
 @dataclass
@@ -230,12 +250,22 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
             raise ConfigError(f"arch: --arch {options.arch} fixes the backbone, but {space.path} "
                               f"searches arch; drop --arch or the parameter")
         fixed["arch"] = options.arch
-    budget, resources = space.budget, space.resources
+    budget, resources, searcher = space.budget, space.resources, space.searcher
     if options.budget == "smoke":
         fixed.update(SMOKE_FIXED)
         budget = replace(budget, num_samples=SMOKE_NUM_SAMPLES, time_budget_s=None)
     if options.num_samples is not None:
         budget = replace(budget, num_samples=options.num_samples)
+    for key in FIXED_OVERRIDES:
+        value = getattr(options, key)
+        if value is None:
+            continue
+        if key in space.parameter_names:
+            raise ConfigError(f"{key}: --{key} {value} sets it for every stage, but {space.path} "
+                              f"searches {key}; drop the option or the parameter")
+        fixed[key] = value
+    if options.seed is not None:
+        searcher = replace(searcher, arguments={**searcher.arguments, "seed": options.seed})
     if stage == options.stage and options.budget_overrides:
         overrides = dict(options.budget_overrides)
         budget = replace(budget, num_samples=overrides.pop("num_samples", budget.num_samples))
@@ -245,7 +275,7 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
         if getattr(options, key) is not None:
             resources = replace(resources, **{key: getattr(options, key)})
-    return replace(space, fixed=fixed, budget=budget, resources=resources)
+    return replace(space, fixed=fixed, budget=budget, resources=resources, searcher=searcher)
 
 
 def base_train_config(options: SearchOptions) -> dict[str, Any]:
@@ -546,7 +576,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         metric_value=float(best.values[metric]), metric_mode=space.metric_mode, checkpoint=best.checkpoint,
         upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
                                               if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
-        lineage=lineage, carried=carried, pareto=pareto,
+        lineage=lineage, carried=carried, pareto=pareto, overrides=options.run_overrides(),
         trial_upstreams={r.trial_id: str(r.params[UPSTREAM_PARAMETER]) for r in rows
                          if UPSTREAM_PARAMETER in r.params} if choices else {})
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
@@ -678,6 +708,9 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             if stage not in plan and manifest_path(options.storage, options.name, stage).exists():
                 outcomes.append(reused_outcome(options, stage))
     if plan:
+        if options.run_overrides():
+            say("for every stage: " + ", ".join(f"{k}={v}" for k, v in options.run_overrides().items())
+                + " (options given; they override each search space)")
         say(f"checking {', '.join(plan)}: search spaces, metrics and data ...")
         spaces = {stage: prepare_space(options, stage) for stage in plan}
         check_data_paths(base_train_config(options), options.stage)
