@@ -33,6 +33,10 @@ def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
         "what is there (prints and exits)"))
     shown.add_argument("--spaces", action="store_true", default=argparse.SUPPRESS,
                        help="list the shipped search spaces (names for --space) with their files")
+    shown.add_argument("--list", action="store_true", default=argparse.SUPPRESS,
+                       help="list the experiments under --storage: their stages, status (finished, "
+                            "running with its driver, interrupted with the command that resumes it), "
+                            "best values and test figures")
     add_dataclass_options(parser, SearchOptions, groups=groups)
     add_dataclass_options(parser, TrainConfig, config_field_names(GROUP_DATA), groups=groups)
     return parser
@@ -75,6 +79,11 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
         return 0
     try:
         options = options_from_args(args)
+        if getattr(args, "list", False):
+            from virface.search.experiments import format_experiments, list_experiments
+
+            print(format_experiments(options.storage, list_experiments(options.storage)))
+            return 0
         if options.compare:
             from virface.search.compare import comparison_table, run_comparison
 
