@@ -59,17 +59,26 @@ class SearchInterrupted(VirFaceError):
 
 
 @contextlib.contextmanager
-def sigterm_as_sigint() -> Iterator[None]:
+def sigterm_as_sigint(message: str | None = None) -> Iterator[None]:
     """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
-    and returns, and no manifest is written for the unfinished stage."""
+    and returns, and no manifest is written for the unfinished stage. ``message`` (how to
+    continue) is printed to stderr at once: ``ray job stop`` kills the driver a few seconds after
+    its SIGTERM, maybe before Tune has returned."""
     import signal
+    import sys
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+
+    def stop(*_):
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
@@ -174,6 +183,13 @@ class SearchOptions:
     data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
     # Set by a comparison, not the command line: --stage's trials x epochs x steps for an arm.
     budget_overrides: dict[str, Any] = field(default_factory=dict)
+    # Set by the command line: the command that started this search, with --resume (a stopped
+    # search names it).
+    resume_command: str | None = None
+
+    def how_to_resume(self) -> str:
+        return (f"`{self.resume_command}`" if self.resume_command
+                else "the same command and --resume")
 
     def __post_init__(self):
         check_field_types(self)
@@ -416,7 +432,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from virface.search.callbacks import TrialProgress
+    from virface.search.callbacks import TrialProgress, write_stage_hparams
     from virface.search.searcher import StageOptunaSearch
 
     experiment_dir = os.path.join(options.storage, options.name)
@@ -487,7 +503,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
             space=space.define_by_run, metric=search_metric, mode=search_mode,
             points_to_evaluate=space.points_to_evaluate() or None, sampler=space.make_sampler(),
             study_name=f"{options.name}-{stage}", storage=storage, objective_name=objective_name,
-            max_epochs=space.max_epochs)
+            max_epochs=space.max_epochs, trial_root=search_dir, trial_dir=f"{stage}_{{trial_id}}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -508,8 +524,9 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     results = tuner.fit()
     if stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
-                                f"continue it with the same command and --resume")
+                                f"continue it with {options.how_to_resume()}")
     rows = [trial_row(r, space) for r in results]
+    write_stage_hparams(experiment_dir, stage, space.parameters, [r.metrics or {} for r in results])
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         errors = "; ".join(sorted({str(r.error).strip().splitlines()[-1] for r in results if r.error})) or "no results"
@@ -722,7 +739,8 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             started = init_ray(options, say)
             try:
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
-                with sigterm_as_sigint():
+                with sigterm_as_sigint(f"stopping: the search's state is being saved; continue it "
+                                       f"with {options.how_to_resume()}"):
                     for stage in plan:
                         outcome = search_stage(options, stage, spaces[stage], say)
                         outcomes.append(outcome)
