@@ -55,7 +55,7 @@ def test_the_list_shows_each_experiments_stages_status_best_and_test_figures(tmp
     assert ("  virface    finished    3 trial(s)  best synth_cfp_fp_acc=0.9083 (trial vir01)  "
             "test: test_synth_cfp_fp_acc=0.8980  (max_epoch=2)") in out
     resume = f"virface-search --stage generator --name stopped --storage {storage} --resume"
-    assert f"  generator  interrupted continue: {resume}" in out
+    assert f"  generator  interrupted continue: {resume} (with the options it was started with)" in out
     assert "stopped  (running" not in text
     live = [line for line in out if line.startswith("live")]
     assert live == [f"live  (running: driver pid {os.getpid()} on this machine, since 2026-12-03T09:00:00+00:00)"]

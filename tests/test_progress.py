@@ -39,12 +39,17 @@ def test_evaluation_time_left_is_the_remaining_pairs_at_the_speed_so_far():
 
 
 def test_an_evaluation_progress_file_sits_beside_the_step_progress_file(tmp_path):
-    assert read_eval_progress(str(tmp_path)) is None
+    assert read_eval_progress(str(tmp_path)) == []
     step = StepProgress("virface", 1, 4, 20, 40, 12.5, 300.0, 9.0, 99.0)
-    scored = EvalProgress("virface", 1, 4, "lfw", 1, 2, 600, 1.5, 1.5)
+    lfw, cfp = (EvalProgress("virface", 1, 4, name, k, 2, 600, 1.5, 1.5) for k, name in ((1, "lfw"), (2, "cfp_fp")))
     write_progress(str(tmp_path), step)
-    write_progress(str(tmp_path), scored)
-    assert read_progress(str(tmp_path)) == step and read_eval_progress(str(tmp_path)) == scored
+    write_progress(str(tmp_path), lfw)
+    write_progress(str(tmp_path), cfp)
+    # Every set of the epoch stays until the next epoch's first: a reader misses none.
+    assert read_progress(str(tmp_path)) == step and read_eval_progress(str(tmp_path)) == [lfw, cfp]
+    next_epoch = EvalProgress("virface", 2, 4, "lfw", 1, 2, 600, 1.5, 1.5)
+    write_progress(str(tmp_path), next_epoch)
+    assert read_eval_progress(str(tmp_path)) == [next_epoch]
 
 
 def test_a_progress_file_round_trips_and_a_missing_one_reads_as_none(tmp_path):

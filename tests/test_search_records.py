@@ -237,3 +237,28 @@ def test_the_hparams_config_lists_outcome_and_every_searched_parameter_first(tmp
     assert {h.name for h in view.hparam_infos if not h.differs} == {"g_lr", "KL", "L2", "optim_mode",
                                                                     "vi_to_backbone"}
     assert sessions["generator/tb/generator_a"]["hparams"]["outcome"] == "completed"
+
+
+def test_the_driver_prints_each_scored_pair_set_once_before_the_epochs_line(tmp_path, capsys):
+    from virface.progress import EvalProgress, StepProgress, write_progress
+
+    tb_root = tmp_path / "pretrain" / "tb"
+    progress = TrialProgress("pretrain", "cfp_fp_acc", ["lr"], num_samples=1, max_epochs=2, max_concurrent=1,
+                             tb_root=str(tb_root))
+    trial = fake_trial("a", {"lr": 0.1}, 0, status="RUNNING")
+    progress.on_trial_start(0, [trial], trial)
+    run = str(tb_root / "pretrain_a")
+    (tb_root / "pretrain_a").mkdir(parents=True)
+    write_progress(run, StepProgress("pretrain", 1, 2, 5, 5, 3.0, 100.0, 0.0, 9.0))
+    write_progress(run, EvalProgress("pretrain", 1, 2, "cfp_fp", 1, 2, 700, 2.0, 1.7))
+    progress.on_step_end(0, [trial])
+    write_progress(run, EvalProgress("pretrain", 1, 2, "lfw", 2, 2, 600, 1.0, 0.0))
+    progress.on_trial_result(0, [trial], trial, {"epoch": 1, "cfp_fp_acc": 0.8, "best_cfp_fp_acc": 0.8})
+    progress.next_poll = 0
+    progress.on_step_end(0, [trial])                       # nothing new: nothing printed twice
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "[pretrain] trial 1/1 a | epoch 1/2 step 5/5 | loss 3 | 100 img/s | trial 0:09 left | stage <= 0:09 left",
+        "[pretrain] trial 1/1 a | epoch 1/2 evaluated cfp_fp (1/2): 700 pairs, 350 pairs/s | evaluation 0:02 left",
+        "[pretrain] trial 1/1 a | epoch 1/2 evaluated lfw (2/2): 600 pairs, 600 pairs/s | evaluation 0:00 left",
+        "[pretrain] trial 1/1 a | epoch 1/2: cfp_fp_acc=0.8000 (best 0.8000)"]

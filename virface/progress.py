@@ -125,19 +125,25 @@ class RunClock:
 
 
 def write_progress(folder: str, progress: StepProgress | EvalProgress) -> None:
-    """Replace ``folder/progress.json`` (a StepProgress) or ``folder/eval_progress.json`` (an
-    EvalProgress), atomically: a reader never sees half a file."""
-    name = EVAL_PROGRESS_FILE if isinstance(progress, EvalProgress) else PROGRESS_FILE
-    write_text_atomic(os.path.join(folder, name), json.dumps(progress.to_dict()))
+    """Replace ``folder/progress.json`` with a StepProgress, or add an EvalProgress to
+    ``folder/eval_progress.json`` (the pair sets scored so far in the latest evaluated epoch, so
+    a reader that looks less often than sets are scored still sees each); atomically: a reader
+    never sees half a file."""
+    if isinstance(progress, EvalProgress):
+        scored = [p for p in read_eval_progress(folder) if p.epoch == progress.epoch]
+        text = json.dumps([p.to_dict() for p in scored + [progress]])
+        write_text_atomic(os.path.join(folder, EVAL_PROGRESS_FILE), text)
+    else:
+        write_text_atomic(os.path.join(folder, PROGRESS_FILE), json.dumps(progress.to_dict()))
 
 
-def read_eval_progress(folder: str) -> EvalProgress | None:
-    """The last pair set a run's evaluation scored, as it wrote it into ``folder``, or None."""
+def read_eval_progress(folder: str) -> list[EvalProgress]:
+    """The pair sets scored so far in a run's latest evaluated epoch, in order; [] if none."""
     try:
         with open(os.path.join(folder, EVAL_PROGRESS_FILE), encoding="utf-8") as f:
-            return EvalProgress(**json.load(f))
+            return [EvalProgress(**item) for item in json.load(f)]
     except (OSError, ValueError, TypeError):
-        return None
+        return []
 
 
 def read_progress(folder: str) -> StepProgress | None:

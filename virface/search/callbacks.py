@@ -196,7 +196,7 @@ class TrialProgress(Callback):
         self.started_at: dict[str, float] = {}
         self.full_trial_s: dict[str, float] = {}   # estimated length of a full trial, per trial
         self.last_step: dict[str, tuple] = {}
-        self.last_eval: dict[str, tuple] = {}      # trial id -> (epoch, pair set) last printed
+        self.printed_eval: dict[str, set] = {}     # trial id -> {(epoch, pair set)} printed
         self.next_poll = 0.0
 
     # -- helpers
@@ -234,6 +234,7 @@ class TrialProgress(Callback):
         self.say(trial, f"started: {params}" if params else "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.say_evaluated(trial)        # the epoch's pair sets, before its result line
         value, best = result.get(self.metric), result.get(f"best_{self.metric}")
         parts = [f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "",
                  f"(best {best:.4f})" if isinstance(best, (int, float)) else ""]
@@ -262,14 +263,6 @@ class TrialProgress(Callback):
             if self.last_step.get(trial.trial_id) != key:
                 self.last_step[trial.trial_id] = key
                 lines.append((trial, progress))
-        for trial in trials:
-            scored = read_eval_progress(self.tb_dir(trial)) if trial.status == "RUNNING" else None
-            if scored is not None and self.last_eval.get(trial.trial_id) != (scored.epoch, scored.name):
-                self.last_eval[trial.trial_id] = (scored.epoch, scored.name)
-                self.say(trial, f"| epoch {scored.epoch}/{scored.max_epoch} evaluated {scored.name} "
-                                f"({scored.index}/{scored.count}): {scored.pairs:,} pairs, "
-                                f"{scored.pairs_per_s:,.0f} pairs/s | evaluation "
-                                f"{format_duration(scored.left_s)} left")
         for trial, progress in lines:
             stage_left = self.stage_left_s(running_left)
             self.say(trial, f"| epoch {progress.epoch}/{progress.max_epoch} step {progress.step}/"
@@ -277,6 +270,20 @@ class TrialProgress(Callback):
                             f"{progress.samples_per_s:,.0f} img/s | trial "
                             f"{format_duration(progress.run_left_s)} left | stage <= "
                             f"{format_duration(stage_left)} left")
+        for trial in trials:
+            if trial.status == "RUNNING":
+                self.say_evaluated(trial)
+
+    def say_evaluated(self, trial) -> None:
+        """A line per pair set the trial scored since the last look (its eval_progress.json)."""
+        printed = self.printed_eval.setdefault(trial.trial_id, set())
+        for scored in read_eval_progress(self.tb_dir(trial)):
+            if (scored.epoch, scored.name) not in printed:
+                printed.add((scored.epoch, scored.name))
+                self.say(trial, f"| epoch {scored.epoch}/{scored.max_epoch} evaluated {scored.name} "
+                                f"({scored.index}/{scored.count}): {scored.pairs:,} pairs, "
+                                f"{scored.pairs_per_s:,.0f} pairs/s | evaluation "
+                                f"{format_duration(scored.left_s)} left")
 
     def _finish(self, trial, error: bool) -> None:
         result = trial.last_result or {}

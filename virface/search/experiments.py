@@ -16,6 +16,8 @@ from virface.errors import VirFaceError
 from virface.search.lock import describe_holder, lock_holder
 from virface.search.manifest import MANIFEST_NAME, StageManifest, read_manifest
 from virface.search.report import TRIALS_FILE, read_trials
+
+RESUME_COMMAND_FILE = "resume_command.txt"      # written by the driver (virface.search.runner)
 from virface.stage_table import STAGES
 
 FINISHED, RUNNING, INTERRUPTED = "finished", "running", "interrupted"
@@ -39,7 +41,15 @@ class ExperimentSummary:
 
 
 def resume_command(storage: str, name: str, stage: str) -> str:
-    return shlex.join(["virface-search", "--stage", stage, "--name", name, "--storage", storage, "--resume"])
+    """The command the experiment's last driver recorded (its own, with --resume), else the
+    plain one (to which the data and run-size options it was started with must be added)."""
+    try:
+        with open(os.path.join(storage, name, RESUME_COMMAND_FILE), encoding="utf-8") as f:
+            recorded = f.read().strip()
+    except OSError:
+        recorded = ""
+    return recorded or (shlex.join(["virface-search", "--stage", stage, "--name", name, "--storage", storage,
+                                    "--resume"]) + " (with the options it was started with)")
 
 
 def summarise_experiment(storage: str, name: str) -> ExperimentSummary:

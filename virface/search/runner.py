@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
+from virface.search.experiments import RESUME_COMMAND_FILE
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
                                      plan_chain, read_manifest, upstream_checkpoint, upstream_manifest,
@@ -736,6 +737,10 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             options.from_checkpoint if plan[0] == options.stage else None)
         check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
         with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
+            if options.resume_command:
+                # What --list shows to continue this experiment if it stops.
+                write_text_atomic(os.path.join(options.storage, options.name, RESUME_COMMAND_FILE),
+                                  options.resume_command + "\n")
             started = init_ray(options, say)
             try:
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
