@@ -18,8 +18,9 @@ The greedy arm gets pretrain's manifest without its ``carried`` list.
 Everything is chosen on validation pairs (synth_*: the stage's selection metric, the hardest
 set's accuracy); the figure reported for each arm is the test accuracy (test_synth_*, never
 selected on) of the final virface checkpoint, on the same hardest set, beside its validation
-value. The headline is the paired test difference top<K> - greedy per seed, in points: mean,
-std and the sign of each.
+value. The headline is the paired test difference top<K> - greedy per seed, in points, from
+virface.stats: the mean gain, its standard error over seeds, a 95% interval, the paired t-test's
+p-value and the sign of each seed.
 
 Writes into ``--out`` (default docs/carry_top/; with --smoke a new temporary folder):
   results.json   the plan (spaces, budgets), every arm of every seed (its stages' chosen trials,
@@ -237,15 +238,21 @@ def run_seed(work_dir: str, mode: BenchmarkMode, seed: int, k: int) -> tuple[lis
 
 
 def summarize(records: list[dict], k: int) -> dict:
-    """Per arm: mean test and validation; the paired test difference top<K> - greedy per seed,
-    in points (mean, std over seeds, signs)."""
-    from virface.metrics import paired_differences
+    """Per arm: mean test and validation; the paired differences top<K> - greedy per seed, in
+    points: mean, std, SE, 95% CI, t and p (paired t over seeds, ``virface.stats``), signs."""
+    from virface.stats import paired_over_seeds
 
     top = carry_arm(k)
     by = {(r["arm"], r["seed"]): r for r in records}
     seeds = sorted({r["seed"] for r in records})
-    test = paired_differences([by[(top, s)]["test"] for s in seeds], [by[(GREEDY, s)]["test"] for s in seeds])
-    val = paired_differences([by[(top, s)]["val"] for s in seeds], [by[(GREEDY, s)]["val"] for s in seeds])
+    test = paired_over_seeds([by[(top, s)]["test"] for s in seeds], [by[(GREEDY, s)]["test"] for s in seeds])
+    val = paired_over_seeds([by[(top, s)]["val"] for s in seeds], [by[(GREEDY, s)]["val"] for s in seeds])
+
+    def difference(d: dict) -> dict:
+        return {"mean": d["mean"], "std": d["std"], "se": d["se"], "ci95": d["ci95"], "t": d["t"],
+                "p_value": d["p_value"], "per_seed": dict(zip(map(str, seeds), d["values"])),
+                "signs": d["signs"]}
+
 
     def spread(values: list[float]) -> dict:
         return {"mean": statistics.fmean(values),
@@ -254,10 +261,7 @@ def summarize(records: list[dict], k: int) -> dict:
     arms = {arm: {"test": spread([by[(arm, s)]["test"] for s in seeds]),
                   "val": spread([by[(arm, s)]["val"] for s in seeds])} for arm in (GREEDY, top)}
     return {"seeds": seeds, "arms": arms,
-            "test_diff_points": {"mean": test["mean"], "std": test["std"],
-                                 "per_seed": dict(zip(map(str, seeds), test["values"])), "signs": test["signs"]},
-            "val_diff_points": {"mean": val["mean"], "std": val["std"],
-                                "per_seed": dict(zip(map(str, seeds), val["values"]))}}
+            "test_diff_points": difference(test), "val_diff_points": difference(val)}
 
 
 def format_budget(budgets: dict, records: list[dict]) -> list[str]:
@@ -289,14 +293,17 @@ def format_table(records: list[dict], summary: dict, k: int) -> str:
         d = summary["test_diff_points"]["per_seed"][str(s)]
         lines.append(f"| {s} | {g['test']:.4f} | {t['test']:.4f} | {d:+.2f} | {g['val']:.4f} | "
                      f"{t['val']:.4f} | {' -> '.join(t['lineage'])} |")
-    diff = summary["test_diff_points"]
-    std = f" ± {diff['std']:.2f}" if diff["std"] is not None else ""
+    from virface.stats import describe
+
     arms = summary["arms"]
     lines += ["",
               f"test = {test_metric}, val = {metric} (selected on), of the final virface checkpoint.",
-              f"Mean test: greedy {arms[GREEDY]['test']['mean']:.4f}, {top} {arms[top]['test']['mean']:.4f}; "
-              f"paired difference {top} - greedy: {diff['mean']:+.2f}{std} points over "
-              f"{len(summary['seeds'])} seed(s), signs {diff['signs']}."]
+              f"Mean test: greedy {arms[GREEDY]['test']['mean']:.4f}, {top} {arms[top]['test']['mean']:.4f} "
+              f"over {len(summary['seeds'])} seed(s).",
+              describe(summary["test_diff_points"], f"paired test difference {top} - greedy")
+              + " (paired t over seeds; the seeds share the test pairs, so pair sampling is not in "
+              "this interval)",
+              describe(summary["val_diff_points"], f"paired validation difference {top} - greedy")]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+from scipy.stats import ttest_rel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +35,11 @@ def test_the_difference_is_paired_per_seed_in_points():
     assert diff["per_seed"] == pytest.approx({"1": 3.0, "2": -1.0, "3": 5.0})
     assert diff["mean"] == pytest.approx(7 / 3) and diff["std"] == pytest.approx((28 / 3) ** 0.5)
     assert diff["signs"] == "+-+"
+    # SE = std / sqrt(3); t = mean / SE on 2 degrees of freedom; p as scipy's paired t-test says.
+    assert diff["se"] == pytest.approx((28 / 9) ** 0.5) and diff["t"] == pytest.approx(7 / 3 / (28 / 9) ** 0.5)
+    assert diff["p_value"] == pytest.approx(ttest_rel([0.83, 0.89, 0.75], [0.80, 0.90, 0.70]).pvalue)
+    assert diff["ci95"] == pytest.approx([7 / 3 - 4.302653 * (28 / 9) ** 0.5, 7 / 3 + 4.302653 * (28 / 9) ** 0.5],
+                                         abs=1e-5)
     assert summary["arms"]["greedy"]["test"]["mean"] == pytest.approx(0.8)
     assert summary["val_diff_points"]["per_seed"]["2"] == pytest.approx(0.0)
 

@@ -43,9 +43,15 @@ def test_every_arm_of_every_seed_is_chosen_on_validation_and_reported_on_test(sm
         assert len(run["epochs"]) == plan["continue_epochs"]
         for epoch in run["epochs"]:
             assert "synth_cfp_fp_acc" in epoch and not any(k.startswith("test_") for k in epoch)
-        best_val = max(e["synth_cfp_fp_acc"] for e in run["epochs"])
-        assert run["chosen"]["synth_cfp_fp_acc"] == best_val
+        # The smoke plan's rule, mean_last:3, over its 2 epochs: best.pt is the last epoch, the
+        # run's validation value the mean of both epochs.
+        assert plan["rule"] == "mean_last:3" and run["chosen"]["epoch"] == 2
+        both = [e["synth_cfp_fp_acc"] for e in run["epochs"]]
+        assert run["chosen"]["synth_cfp_fp_acc"] == pytest.approx(sum(both) / 2, abs=1e-6)
         assert 0.0 <= run["chosen"]["test_synth_cfp_fp_acc"] <= 1.0
+        # Per-pair outcomes of the test set, as many as it has pairs, agreeing with its accuracy.
+        correct = bench.unpack_bools(run["test_correct"]["synth_cfp_fp"], 40)
+        assert correct.mean() == pytest.approx(run["chosen"]["test_synth_cfp_fp_acc"])
         # The same dropout for every arm, the baseline and the oracle included.
         assert run["config"]["dropout"] == plan["dropout"]
     # Training, validation and test identities are apart.
@@ -77,9 +83,17 @@ def test_summary_json_has_the_documented_schema_and_picks_the_variant_on_validat
     assert summary["seeds"] == 2
     assert summary["select_on"] == ["synth_lfw", "synth_cfp_ff", "synth_cfp_fp"]      # the smoke plan scores all
     assert summary["report_on"] == ["test_synth_lfw", "test_synth_cfp_ff", "test_synth_cfp_fp"]
-    assert set(summary["oracle_gain"]) == {"mean", "std"}
+    stats_keys = {"gain_se", "ci95", "p_value", "t", "signs", "ci95_seeds_and_pairs",
+                  "p_value_seeds_and_pairs", "se_seeds_and_pairs", "se_pairs_only"}
+    assert set(summary["oracle_gain"]) == {"mean", "std"} | stats_keys
     assert set(summary["methods"]) == {"virclass", "virface"}
-    assert set(summary["methods"]["virclass"]) == {"gain_mean", "gain_std"}
+    assert set(summary["methods"]["virclass"]) == {"gain_mean", "gain_std"} | stats_keys
+    assert set(summary["virface_minus_virclass"]) == {"mean", "std"} | stats_keys
+    assert summary["rule"].startswith("mean validation synth_cfp_fp_acc over the last 3 epochs")
+    assert summary["n_test_pairs"] == {"test_synth_lfw": 40, "test_synth_cfp_ff": 40, "test_synth_cfp_fp": 40}
+    assert summary["min_detectable_effect"] > 0
+    assert set(summary["eval_cost_s"]) == {"synth_lfw", "synth_cfp_ff", "synth_cfp_fp", "test_synth_lfw",
+                                           "test_synth_cfp_ff", "test_synth_cfp_fp"}
     saved = json.loads((out / "results.json").read_text())
     full = saved["summary"]
     variant = summary["methods"]["virface"]["variant"]
@@ -92,6 +106,16 @@ def test_summary_json_has_the_documented_schema_and_picks_the_variant_on_validat
             if r["kind"] == "arm" and r["arm"] == "baseline"}
     expected = sum(100 * (per_seed[s] - base[s]) for s in base) / len(base)
     assert summary["methods"]["virclass"]["gain_mean"] == pytest.approx(expected)
+    # Its p-value is the paired t-test's over seeds (scipy's, on the same per-seed accuracies).
+    from scipy import stats
+
+    seeds = sorted(base)
+    diffs = [per_seed[s] - base[s] for s in seeds]
+    if len(set(round(d, 9) for d in diffs)) > 1:
+        want = stats.ttest_rel([per_seed[s] for s in seeds], [base[s] for s in seeds]).pvalue
+        assert summary["methods"]["virclass"]["p_value"] == pytest.approx(want)
+    lo, hi = summary["methods"]["virclass"]["ci95"]
+    assert lo <= expected <= hi
 
 
 def test_tables_and_plot_are_written_and_rebuilt_from_results_json(smoke_run, tmp_path, capsys):
@@ -105,3 +129,26 @@ def test_tables_and_plot_are_written_and_rebuilt_from_results_json(smoke_run, tm
     again = tmp_path / "again"
     bench.main(["--from-json", str(out / "results.json"), "--out", str(again)])
     assert json.loads((again / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
+
+
+# Validation accuracy per epoch of a hand-made run: the best epoch is 3; the last three average 0.7.
+EPOCHS = [{"epoch": e, "synth_cfp_fp_acc": a} for e, a in enumerate([0.60, 0.74, 0.80, 0.62, 0.68], 1)]
+
+
+@pytest.mark.parametrize("rule, epoch, value", [
+    ("best", 3, 0.80), ("last", 5, 0.68), ("mean_last:3", 5, (0.80 + 0.62 + 0.68) / 3)])
+def test_each_rule_chooses_the_epoch_and_validation_value_worked_out_by_hand(rule, epoch, value):
+    bench = load_benchmark()
+    chosen = bench.chosen_epoch(EPOCHS, rule, ["synth_cfp_fp_acc"])
+    assert chosen["epoch"] == epoch and chosen["synth_cfp_fp_acc"] == pytest.approx(value)
+
+
+def test_the_rule_and_the_pair_counts_are_options_fixed_before_the_run(tmp_path):
+    bench = load_benchmark()
+    plan = bench.plan_of(bench.parse_args(["--rule", "last", "--test-pairs", "40000"]))
+    assert plan.rule == "last" and plan.synthetic["test_pairs"] == 40000
+    assert bench.PLANS["full"].rule == "mean_last:3" and bench.PLANS["full"].synthetic["test_pairs"] >= 20000
+    with pytest.raises(Exception, match="rule: 'mean_last:0'"):
+        bench.plan_of(bench.parse_args(["--rule", "mean_last:0"]))
+    with pytest.raises(SystemExit, match="test_pairs: 20001 is not divisible by 20"):
+        bench.main(["--test-pairs", "20001", "--out", str(tmp_path)])

@@ -91,6 +91,26 @@ def test_the_run_size_overrides_are_recorded_only_when_given(tmp_path):
     assert read_manifest(path).overrides == {"max_epoch": 30, "seed": 2}
 
 
+def test_a_generator_manifest_carries_its_instance_figures_into_the_stage_table(tmp_path):
+    from virface.search.report import format_table
+
+    figures = {"vi_draw_cos": 0.971, "vi_real_cos": 0.913, "vi_identity_keep": -0.017, "vi_w_pull": 0.042,
+               "vi_own_class_share": 0.009}
+    m = make_manifest(tmp_path, "generator", metric_name="vi_identity_keep", metric_value=-0.017,
+                      instance_metrics=figures)
+    path = write_manifest(m, tmp_path / "generator" / "best.json")
+    assert read_manifest(path).instance_metrics == figures
+    assert ("instances (held-out pairs, chosen epoch): identity keep -0.017, draw cos 0.971 (real "
+            "same-identity cos 0.913), nearest-W pull +0.042, own class wins 0.9 %") in format_table(
+        "generator", "vi_identity_keep", [], manifest=read_manifest(path), manifest_path=str(path))
+    # A stage without instances writes no such key, and its table no such line.
+    plain = make_manifest(tmp_path)
+    assert "instance_metrics" not in plain.to_dict()
+    assert "instances" not in format_table("pretrain", "synth_cfp_fp_acc", [], manifest=plain, manifest_path="x")
+    with pytest.raises(ManifestError, match="instance_metrics: .* must be a JSON object"):
+        read_manifest(write_raw(tmp_path, {**m.to_dict(), "instance_metrics": [0.1]}))
+
+
 def test_created_defaults_to_an_iso_utc_time(tmp_path):
     values = make_manifest(tmp_path).to_dict()
     del values["created"]
@@ -270,3 +290,22 @@ def test_manifest_of_the_wrong_stage_is_rejected(tmp_path):
     with pytest.raises(ManifestError, match=rf"^{path}: stage: 'virclass' but the file is where "
                                             r"stage generator's manifest belongs"):
         upstream_checkpoint("virface", tmp_path, EXPERIMENT, None)
+
+
+def test_the_chosen_trials_accuracies_carry_their_standard_errors_into_the_manifest_and_table(tmp_path):
+    from virface.search.report import format_table
+
+    path = tmp_path / "best.json"
+    write_manifest(make_manifest(tmp_path, metric_se=0.0135,
+                                 test_metrics={"test_lfw_acc": 0.9, "test_lfw_acc_se": 0.0122}), path)
+    manifest = read_manifest(path)
+    assert manifest.metric_se == 0.0135 and manifest.test_metrics["test_lfw_acc_se"] == 0.0122
+    table = format_table("pretrain", "synth_cfp_fp_acc", [], manifest=manifest, manifest_path=str(path))
+    assert "best: trial a1b2 synth_cfp_fp_acc=0.8750 ± 0.0135 (SE over pairs" in table
+    assert "test_lfw_acc=0.9000 ± 0.0122" in table
+    # A manifest written before the field existed reads as it did, without one.
+    write_manifest(make_manifest(tmp_path), path)
+    assert "metric_se" not in json.loads(path.read_text()) and read_manifest(path).metric_se is None
+    data = json.loads(path.read_text())
+    with pytest.raises(ManifestError, match="metric_se: -1 must be a finite number >= 0 or null"):
+        read_manifest(write_raw(tmp_path, {**data, "metric_se": -1}))

@@ -7,6 +7,7 @@ import pytest
 
 import virface.stages
 from virface.checkpoint import load_checkpoint
+from virface.metrics import PAIR_SET_METRICS
 from virface.train import main
 
 TINY_SYNTHETIC = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
@@ -25,7 +26,7 @@ def scripted_accuracy(monkeypatch):
     def scripted(backbone, pair_sets, device, batch_size=256, prefix=""):
         value = queue.pop(0) if "synth_cfp_fp" in pair_sets and not prefix else 0.5
         return {f"{prefix}{name}_{key}": (value if key == "acc" else 0.0)
-                for name in pair_sets for key in ("acc", "acc_std", "tar_far1e-3")}
+                for name in pair_sets for key in PAIR_SET_METRICS}
 
     monkeypatch.setattr(virface.stages, "evaluate_pair_sets", scripted)
     return queue

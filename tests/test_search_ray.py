@@ -72,7 +72,7 @@ def test_smoke_chain_pretrain_generator_virface(ray_cluster, tmp_path):
     vf_state = load_checkpoint(vf.checkpoint)
     assert vf_state["config"]["pretrained_file"] == gen.checkpoint
     # The model's shape is inherited, not searched; virface's also says what its generator draws.
-    assert vf_state["model"] == {**pre_state["model"], "gen_residual": False}
+    assert vf_state["model"] == {**pre_state["model"], "gen_residual": False, "gen_target": "class_centre"}
     assert vf.metric_name == "synth_cfp_fp_acc" and 0.0 <= vf.metric_value <= 1.0
 
     runs = glob.glob(str(storage / "default" / "*" / "tb" / "*"))

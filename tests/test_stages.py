@@ -33,8 +33,8 @@ def test_pretrain_writes_one_checkpoint_per_epoch_best_and_metrics(tmp_path, tin
     assert len(result.history) == 2                                 # exactly max_epoch epochs
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
-    for key in ("loss", "loss_arcface", "tiny_pairs_acc", "tiny_pairs_acc_std", "tiny_pairs_tar_far1e-3",
-                "lr", "samples_per_s"):
+    for key in ("loss", "loss_arcface", "tiny_pairs_acc", "tiny_pairs_acc_se", "tiny_pairs_acc_std",
+                "tiny_pairs_tar_far1e-3", "lr", "samples_per_s"):
         assert key in lines[-1]
     assert os.listdir(run_dir / "tb")
     state = load_checkpoint(str(run_dir / "best.pt"))
@@ -150,3 +150,36 @@ def test_labels_are_remapped_so_raw_ids_beyond_num_classes_work(tiny_data):
     # The tiny labeled set uses raw ids 100..105; the reference indexed its head with raw ids.
     assert tiny_data.labeled.num_classes == 6
     assert tiny_data.labeled.labels.max() == 5
+
+
+@pytest.mark.parametrize("rule", ["best", "last", "mean_last:3"])
+def test_best_pt_and_best_metric_follow_the_selection_rule(tmp_path, tiny_data, rule):
+    result = run(tmp_path, tiny_data, "pretrain", max_epoch=4, selection=rule)
+    acc = [m["tiny_pairs_acc"] for m in result.history]
+    if rule == "best":
+        epoch = 1 + max(range(4), key=lambda i: (acc[i], -i))      # the earliest of the best
+        so_far = [max(acc[:e]) for e in range(1, 5)]
+    elif rule == "last":
+        epoch, so_far = 4, acc
+    else:
+        epoch = 4
+        so_far = [sum(acc[max(0, e - 3):e]) / len(acc[max(0, e - 3):e]) for e in range(1, 5)]
+    assert [m["best_tiny_pairs_acc"] for m in result.history] == pytest.approx(so_far)
+    state = load_checkpoint(result.best_checkpoint)
+    assert state["epoch"] == result.best["epoch"] == epoch
+    assert state["best"]["rule"] == rule and state["best"]["value"] == pytest.approx(so_far[-1])
+    saved = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+    assert saved["selection"] == rule
+
+
+def test_a_resume_continues_the_rule_and_may_not_change_it(tmp_path, tiny_data):
+    first = run(tmp_path, tiny_data, "pretrain", max_epoch=2, selection="mean_last:3")
+    with pytest.raises(ConfigError, match="selection: 'best'.*selection='mean_last:3'"):
+        run_stage(TrainConfig(method="pretrain", resume_file=first.last_checkpoint,
+                              **{**TINY, "max_epoch": 3, "selection": "best"}),
+                  str(tmp_path / "pretrain"), data=tiny_data)
+    resumed = run_stage(TrainConfig(method="pretrain", resume_file=first.last_checkpoint,
+                                    **{**TINY, "max_epoch": 3, "selection": "mean_last:3"}),
+                        str(tmp_path / "pretrain"), data=tiny_data)
+    acc = [m["tiny_pairs_acc"] for m in first.history + resumed.history]
+    assert resumed.history[-1]["best_tiny_pairs_acc"] == pytest.approx(sum(acc) / 3)

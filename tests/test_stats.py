@@ -143,3 +143,10 @@ def test_describe_names_the_verdict():
     line = describe(d, "VirClass - baseline")
     assert line.startswith("VirClass - baseline: +0.74 ± 0.")
     assert "a gain (p < 0.05)" in line and "+++++" in line
+
+
+def test_min_detectable_effect_with_two_seeds_where_the_far_tail_underflows():
+    # df = 1 (two seeds): the noncentral t's far tail is NaN in scipy beyond delta ~ 8; it is 0.
+    std, n = 0.42, 2
+    effect = TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8, alternative="two-sided")
+    assert min_detectable_effect(std / math.sqrt(n), df=n - 1) == pytest.approx(effect * std, rel=1e-4)

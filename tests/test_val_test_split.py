@@ -13,6 +13,7 @@ from virface.data.loading import build_stage_data
 from virface.errors import ConfigError
 from virface.evaluation.pairs import PairSet
 from virface.evaluation.verification import write_bin
+from virface.metrics import PAIR_SET_METRICS
 from virface.search.space import parse_search_space
 
 TINY = dict(method="pretrain", arch="mobilefacenet_s", feat_len=16, label_batch_size=8,
@@ -28,14 +29,14 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
             return {}
         value = next(test_acc if prefix else val_acc)
         return {f"{prefix}{name}_{key}": (value if key == "acc" else 0.0)
-                for name in pair_sets for key in ("acc", "acc_std", "tar_far1e-3")}
+                for name in pair_sets for key in PAIR_SET_METRICS}
 
     monkeypatch.setattr(virface.stages, "evaluate_pair_sets", scripted)
     data = tiny_data
     data.test_pair_sets = {"held_out": data.pair_sets["tiny_pairs"]}
     result = virface.stages.run_stage(TrainConfig(**TINY), str(tmp_path / "run"), data=data,
                                       tb_dir=str(tmp_path / "tb"))
-    assert result.best == {"metric": "tiny_pairs_acc", "mode": "max", "value": 0.9, "epoch": 2}
+    assert result.best == {"metric": "tiny_pairs_acc", "mode": "max", "value": 0.9, "epoch": 2, "rule": "best"}
     best = load_checkpoint(result.best_checkpoint)
     assert best["epoch"] == 2 and best["metrics"]["test_held_out_acc"] == 0.5
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -47,6 +48,8 @@ def test_the_best_epoch_is_chosen_on_validation_while_test_is_only_reported(tmp_
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert "test/held_out_acc" in acc.Tags()["scalars"] and "val/tiny_pairs_acc" in acc.Tags()["scalars"]
+    # Each accuracy's standard error over pairs sits beside it.
+    assert {"test/held_out_acc_se", "val/tiny_pairs_acc_se"} <= set(acc.Tags()["scalars"])
 
 
 def test_a_test_metric_can_never_be_what_selects():

@@ -219,6 +219,25 @@ def test_one_impostor_below_all_genuine_pairs_costs_one_pair_in_its_fold():
     assert result.far == pytest.approx(0.1)
 
 
+def test_each_pair_is_marked_right_or_wrong_at_its_folds_threshold_and_acc_has_its_se():
+    # The case above: the impostor at 0.105 (pair 5) is accepted at fold 1's t=0.21; all else right.
+    distances = [0.205] * 5 + [0.105] + [1.005] * 4 + [0.205] * 5 + [1.005] * 5
+    issame = ([True] * 5 + [False] * 5) * 2
+    result = verify_10fold(pairs_at_distances(distances), issame, n_folds=2, far_target=0.1)
+    assert result.correct.dtype == bool and result.correct.tolist() == [True] * 5 + [False] + [True] * 14
+    # binomial SE over 20 pairs: sqrt(0.95 x 0.05 / 20)
+    assert result.acc_se == pytest.approx((0.95 * 0.05 / 20) ** 0.5)
+
+
+def test_a_threshold_chosen_on_other_folds_can_misclassify_a_same_pair():
+    # Fold 1: its same pair at 0.5 is rejected by fold 2's threshold (0.31): one pair wrong,
+    # the same one in ``correct``, whatever the accuracy's fold averaging.
+    distances = [0.5, 2.5, 0.3, 2.5]
+    result = verify_10fold(pairs_at_distances(distances), [True, False, True, False], n_folds=2)
+    assert result.correct.tolist() == [False, True, True, True]
+    assert result.acc == pytest.approx(0.75)
+
+
 def test_tar_threshold_is_zero_when_training_far_never_reaches_the_target():
     # every different pair is far beyond the last threshold (3.99), so train FAR stays 0
     result = verify_10fold(pairs_at_distances([0.5, 5.0] * 4), [True, False] * 4,
@@ -304,3 +323,19 @@ def test_evaluate_pair_set_scores_a_colour_matching_backbone_perfectly():
     # same: distance 0; different: (1,-1,-1) vs (-1,1,-1) normalised, 2 - 2 * (-1/3) = 8/3
     assert result.acc == 1.0 and result.n_pairs == 20
     np.testing.assert_allclose(result.best_thresholds, [0.01] * 10)
+
+
+def test_per_pair_correctness_marks_exactly_the_pairs_the_fold_threshold_gets_wrong():
+    # 20 pairs, 2-d unit embeddings: same pairs at distance^2 0.02, different ones at 2.0, so
+    # any fold's threshold separates them; pair 7 (same) is given a distance of 2.0: it alone fails.
+    rng = np.random.default_rng(0)
+    issame = np.array([True, False] * 10)
+    angles = rng.uniform(0, 2 * np.pi, 20)
+    a = np.stack([np.cos(angles), np.sin(angles)], 1)
+    offset = np.where(issame, 0.1, np.pi / 2)
+    offset[6] = np.pi / 2           # pair index 6 is the 7th pair, a same pair, placed far apart
+    b = np.stack([np.cos(angles + offset), np.sin(angles + offset)], 1)
+    result = verify_10fold((torch.tensor(a), torch.tensor(b)), issame, n_folds=5)
+    assert result.correct.dtype == bool and result.correct.shape == (20,)
+    assert np.flatnonzero(~result.correct).tolist() == [6]
+    assert result.acc == pytest.approx(result.correct.mean()) == pytest.approx(19 / 20)

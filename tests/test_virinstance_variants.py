@@ -103,3 +103,134 @@ def test_the_residual_choice_is_made_by_the_generator_stage_and_inherited(tmp_pa
     with pytest.raises(ConfigError, match="gen_residual: False was given, but .* was trained with gen_residual=True"):
         run_stage(TrainConfig(method="virface", gen_residual=False, pretrained_file=gen.best_checkpoint, **tiny),
                   str(tmp_path / "vf2"), data=tiny_data)
+
+
+# ---------------------------------------------------------------- issue 18's variants
+
+def test_vi_centre_grad_gives_the_backbone_a_gradient_from_l_vi_through_the_centres_only():
+    without, _ = one_step(vi_weight=0.0, vi_centre_grad=True)
+    with_vi, _ = one_step(vi_weight=1.0, vi_centre_grad=True)
+    assert not same(without.backbone, with_vi.backbone)
+    assert same(without.generator, with_vi.generator)                # L_vi stays out of G's step
+
+
+def test_vi_gen_grad_gives_the_generator_a_gradient_from_l_vi_in_alternate_mode_and_not_the_backbone():
+    without, _ = one_step(vi_weight=0.0, vi_gen_grad=True)
+    with_vi, _ = one_step(vi_weight=1.0, vi_gen_grad=True)
+    assert not same(without.generator, with_vi.generator)
+    assert same(without.backbone, with_vi.backbone)
+    plain, _ = one_step(vi_weight=1.0)                 # the reference's alternate path: G never sees L_vi
+    assert same(without.generator, plain.generator)
+    with pytest.raises(ConfigError, match="vi_gen_grad: the joint optimiser already"):
+        TrainConfig(**{**BASE, "vi_gen_grad": True, "optim_mode": "joint"})
+
+
+def test_a_covariance_transfer_draw_has_the_covariance_it_was_given():
+    from virface.generator import CovarianceTransfer
+
+    a = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.2, 0.0, 0.6]])
+    sigma = a @ a.t()
+    torch.manual_seed(0)
+    draws = CovarianceTransfer.from_covariance(sigma).noise(200_000)
+    assert torch.allclose(torch.cov(draws.t()), sigma, atol=0.02)
+    # Low rank: the top eigen-direction of diag(4, 1, 0.25) alone; scale 2 doubles the std.
+    draws = CovarianceTransfer.from_covariance(torch.diag(torch.tensor([1.0, 4.0, 0.25])), rank=1,
+                                               scale=2.0).noise(200_000)
+    assert torch.allclose(torch.cov(draws.t()), torch.diag(torch.tensor([0.0, 16.0, 0.0])), atol=0.15)
+
+
+def test_covariance_transfer_estimates_the_pooled_within_identity_covariance_and_draws_around_u():
+    from virface.generator import CovarianceTransfer
+
+    # Identity 0: e1 and e2 (mean (0.5, 0.5); deviations +-(0.5, -0.5)); identity 1: e1 twice;
+    # identity 2: one image. Scatter [[0.5, -0.5], [-0.5, 0.5]] over N - K = 5 - 3 = 2.
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    cov = CovarianceTransfer.from_features(feats, torch.tensor([0, 0, 1, 1, 2]))
+    assert torch.allclose(cov.covariance, torch.tensor([[0.25, -0.25], [-0.25, 0.25]]), atol=1e-6)
+    u = torch.nn.functional.normalize(torch.randn(4, 2), dim=1)
+    assert torch.allclose(CovarianceTransfer(cov.factor, scale=0.0).sample(u, 3), u.repeat(3, 1))
+    drawn = cov.sample(u, 3)
+    assert torch.allclose(drawn.norm(dim=1), torch.ones(12)) and not torch.allclose(drawn, u.repeat(3, 1))
+
+
+def test_with_covariance_transfer_the_generator_stays_as_loaded_and_l_vi_trains_w_only():
+    from virface.generator import CovarianceTransfer
+
+    def cov_step(**changes):
+        config = TrainConfig(**{**BASE, "vi_generator": "covariance", **changes})
+        torch.manual_seed(0)
+        models = build_models(config)
+        before = copy.deepcopy(models.generator)
+        step = StageStep(config, models, models.backbone, build_optimizers(config, models),
+                         DistributedContext(torch.device("cpu")), None)
+        step.instance_sampler = CovarianceTransfer.from_covariance(0.01 * torch.eye(8))
+        images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        terms = step(images, torch.tensor([0, 1, 2, 0, -1, -1, -1, -1]))
+        return models, before, terms
+
+    without, before, terms = cov_step(vi_weight=0.0)
+    with_vi, _, terms_vi = cov_step(vi_weight=1.0)
+    for mode in ("alternate", "joint"):      # no optimiser holds the generator
+        config = TrainConfig(**{**BASE, "vi_generator": "covariance", "optim_mode": mode})
+        models = build_models(config)
+        optimizers = build_optimizers(config, models)
+        held = {id(p) for opt in optimizers.values() for g in opt.param_groups for p in g["params"]}
+        assert list(optimizers) == ["main"] and not held & {id(p) for p in models.generator.parameters()}
+        assert {id(p) for p in models.backbone.parameters()} <= held
+    assert same(with_vi.generator, before) and "gen_loss" not in terms_vi
+    assert terms_vi["loss_vi"] > 0
+    assert same(without.backbone, with_vi.backbone) and not torch.equal(without.head.weight, with_vi.head.weight)
+    through, _, _ = cov_step(vi_weight=1.0, vi_to_backbone=True)   # u + e: L_vi reaches u's backbone
+    assert not same(without.backbone, through.backbone)
+
+
+def test_same_identity_partners_are_other_images_of_the_same_identity():
+    from virface.steps import same_identity_partners
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    start = torch.tensor([0, 0, 2, 2, 2, 5, 5, 5, 5])
+    size = torch.tensor([2, 2, 3, 3, 3, 4, 4, 4, 4])
+    rows = torch.arange(9).repeat(2000)
+    torch.manual_seed(0)
+    partners = same_identity_partners(rows, start, size)
+    assert bool((partners != rows).all()) and torch.equal(labels[partners], labels[rows])
+    for r in (2, 5):                                    # every other image of the identity is drawn
+        assert set(partners[rows == r].tolist()) == set(range(start[r], start[r] + size[r])) - {r}
+
+
+def test_the_same_identity_generator_trains_on_bank_pairs_and_virface_keeps_it_fixed(tmp_path, tiny_data):
+    from virface.checkpoint import load_checkpoint
+    from virface.stages import run_stage
+
+    tiny = dict(arch="mobilefacenet_s", feat_len=16, label_batch_size=8, unlabel_batch_size=4,
+                steps_per_epoch=2, max_epoch=1, gen_num=2, tensorboard=False, device="cpu",
+                diagnostic_pairs=8)
+    pre = run_stage(TrainConfig(method="pretrain", **tiny), str(tmp_path / "pre"), data=tiny_data)
+    gen = run_stage(TrainConfig(method="generator", gen_target="same_identity", gen_residual=True,
+                                gen_diversity=1.0, pretrained_file=pre.best_checkpoint, **tiny),
+                    str(tmp_path / "gen"), data=tiny_data)
+    assert gen.history[0]["gen_diversity"] >= 0 and "vi_identity_keep" in gen.history[0]
+    gen_state = load_checkpoint(gen.best_checkpoint)
+    assert gen_state["model"]["gen_target"] == "same_identity"
+    vf = run_stage(TrainConfig(method="virface", optim_mode="joint", pretrained_file=gen.best_checkpoint, **tiny),
+                   str(tmp_path / "vf"), data=tiny_data)
+    vf_state = load_checkpoint(vf.best_checkpoint)
+    assert vf_state["config"]["gen_target"] == "same_identity" and "gen_loss" not in vf.history[0]
+    assert all(torch.equal(gen_state["generator"][k], v) for k, v in vf_state["generator"].items())
+    assert not torch.equal(gen_state["head"]["weight"], vf_state["head"]["weight"])
+
+
+def test_the_covariance_variant_runs_as_a_virface_stage_and_reports_its_instances(tmp_path, tiny_data):
+    from virface.stages import run_stage
+
+    tiny = dict(arch="mobilefacenet_s", feat_len=16, label_batch_size=8, unlabel_batch_size=4,
+                steps_per_epoch=1, max_epoch=1, gen_num=3, tensorboard=False, device="cpu",
+                diagnostic_pairs=8)
+    pre = run_stage(TrainConfig(method="pretrain", **tiny), str(tmp_path / "pre"), data=tiny_data)
+    gen = run_stage(TrainConfig(method="generator", pretrained_file=pre.best_checkpoint, **tiny),
+                    str(tmp_path / "gen"), data=tiny_data)
+    vf = run_stage(TrainConfig(method="virface", vi_generator="covariance", cov_rank=4, cov_scale=0.5,
+                               pretrained_file=gen.best_checkpoint, **tiny), str(tmp_path / "vf"), data=tiny_data)
+    record = vf.history[0]
+    assert record["loss_vi"] > 0 and record["vi_draw_cos"] < 1.0

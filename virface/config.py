@@ -19,12 +19,14 @@ from virface.stage_table import STAGES
 
 METHODS = tuple(STAGES)
 OPTIM_MODES = ("alternate", "joint")
+VI_GENERATORS = ("vae", "covariance")
+GEN_TARGETS = ("class_centre", "same_identity")
 AMP_MODES = ("none", "bf16", "fp16")
 
 # What a later stage takes over from the checkpoint it starts from: the model's shape, chosen by
 # the first stage, and what the generator's output means, chosen by the stage that first trains it.
 MODEL_FIELDS = ("arch", "feat_len", "input_size", "num_ids")
-GENERATOR_FIELDS = ("gen_residual",)
+GENERATOR_FIELDS = ("gen_residual", "gen_target")
 INHERITED_FIELDS = MODEL_FIELDS + GENERATOR_FIELDS
 
 
@@ -123,6 +125,46 @@ class TrainConfig(ConfigDataclass):
              "instead of a free feature; chosen in the generator stage and inherited by virface "
              "(default: off, or the upstream generator's)")
 
+    vi_centre_grad: bool = setting(
+        False, group=GROUP_LOSSES,
+        help="virface, not the reference's: the virtual centres in L_vi are not detached, so L_vi "
+             "reaches the backbone through them (weight and warm-up: --vi_weight, "
+             "--vi_warmup_epochs)")
+    vi_gen_grad: bool = setting(
+        False, group=GROUP_LOSSES,
+        help="virface with --optim_mode alternate, not the reference's: the generator's step also "
+             "takes L_vi's gradient (instances drawn before it; the centres and W fixed)")
+    vi_generator: str = setting(
+        "vae", group=GROUP_LOSSES, choices=VI_GENERATORS,
+        help="virface: what draws the virtual instances: the trained generator (vae, the "
+             "reference), or, not the reference's, covariance transfer: u + e, e ~ N(0, cov_scale^2 "
+             "Sigma) with Sigma the pooled within-identity covariance of labeled features estimated "
+             "at the start of the stage, renormalised (no training; the generator is left as loaded)")
+    cov_rank: int = setting(0, group=GROUP_LOSSES,
+                            help="covariance transfer: keep Sigma's top this many eigen-directions "
+                                 "(0: the full covariance)")
+    cov_scale: float = setting(1.0, group=GROUP_LOSSES,
+                               help="covariance transfer: the noise's standard-deviation scale")
+    variation_images: int = setting(
+        4096, group=GROUP_LOSSES,
+        help="labeled images (whole identities of >= 2 images, spread over the data) whose "
+             "within-identity variation covariance transfer estimates Sigma from and a "
+             "same_identity generator is trained on")
+    gen_target: str | None = setting(
+        None, group=GROUP_LOSSES, choices=GEN_TARGETS,
+        help="what the generator is trained towards: its class weight W_y (class_centre, the "
+             "reference) or, not the reference's, another image of the same identity "
+             "(same_identity: from the frozen backbone's features of the labeled data; use with "
+             "--gen_residual and --gen_diversity); chosen in the generator stage and inherited; "
+             "virface keeps a same_identity generator fixed (default: class_centre, or the "
+             "upstream generator's)")
+    gen_diversity: float = setting(
+        0.0, group=GROUP_LOSSES,
+        help="generator stage, not the reference's: weight of a term pulling the mean cosine "
+             "between two draws from one source to the real same-identity cosine of as many "
+             "pairs of labeled images (the frozen backbone's features of --variation_images "
+             "images); 0: off")
+
     # optimisation
     label_batch_size: int = setting(128, group=GROUP_OPTIM,
                                     help="labeled images per step, global (split over ranks)")
@@ -210,10 +252,20 @@ class TrainConfig(ConfigDataclass):
         None, group=GROUP_RUN, metavar="METRIC",
         help="metric that picks best.pt (default: the hardest --val pair set's accuracy; "
              "generator: gen_loss)")
+    selection: str = setting(
+        "best", group=GROUP_RUN, metavar="RULE",
+        help="how the run's value is taken from its epochs' best_metric: best (the best epoch), "
+             "last, or mean_last:K (mean of the last K epochs); best.pt is the epoch the rule "
+             "points to (the last one for last and mean_last:K)")
     log_every: int = setting(20, group=GROUP_RUN,
                              help="steps between progress lines and per-step TensorBoard points "
                                   "(0: none)")
     eval: bool = setting(True, group=GROUP_RUN, help="evaluate the pair sets after each epoch")
+    diagnostic_pairs: int = setting(
+        512, group=GROUP_RUN,
+        help="generator and virface stages: same-identity pairs (of the --val sets; else of the "
+             "labeled data) on which each epoch measures the virtual instances (vi_* metrics: "
+             "draw spread, identity keep, nearest-W pull, own-class share); 0: none")
     tensorboard: bool = setting(True, group=GROUP_RUN, help="write TensorBoard events")
     device: str = setting("auto", group=GROUP_RUN, metavar="DEVICE",
                           help="auto, cpu, cuda, cuda:1, ... (auto: cuda when available)")
@@ -242,6 +294,14 @@ class TrainConfig(ConfigDataclass):
     def uses_unlabeled(self) -> bool:
         return STAGES[self.method].uses_unlabeled
 
+    @property
+    def generator_fixed(self) -> bool:
+        """A stage that starts from a trained generator keeps it as loaded: covariance transfer
+        draws the instances instead, or a same_identity generator's target (the frozen
+        backbone's features) no longer holds once the backbone trains."""
+        spec = STAGES[self.method]
+        return spec.needs_generator and (self.vi_generator == "covariance" or self.gen_target == "same_identity")
+
     def validate(self) -> None:
         _choice("method", self.method, tuple(STAGES))
         if self.arch is not None:
@@ -250,6 +310,17 @@ class TrainConfig(ConfigDataclass):
             check_arch(self.arch)
         _choice("optim_mode", self.optim_mode, OPTIM_MODES)
         _choice("amp", self.amp, AMP_MODES)
+        _choice("vi_generator", self.vi_generator, VI_GENERATORS)
+        if self.gen_target is not None:
+            _choice("gen_target", self.gen_target, GEN_TARGETS)
+        for name in ("cov_rank", "diagnostic_pairs"):
+            _positive_int(name, getattr(self, name), allow_zero=True)
+        _positive_int("variation_images", self.variation_images)
+        _non_negative("cov_scale", self.cov_scale)
+        _non_negative("gen_diversity", self.gen_diversity)
+        if self.vi_gen_grad and self.optim_mode != "alternate":
+            raise ConfigError("vi_gen_grad: the joint optimiser already gives the generator L_vi's "
+                              "gradient; vi_gen_grad is for optim_mode alternate")
         for name in ("label_batch_size", "max_epoch", "loader_workers", "log_every"):
             _positive_int(name, getattr(self, name), allow_zero=name in ("loader_workers", "log_every"))
         _positive_int("unlabel_batch_size", self.unlabel_batch_size, allow_zero=not self.uses_unlabeled)
@@ -293,6 +364,9 @@ class TrainConfig(ConfigDataclass):
         if self.best_metric and self.best_metric.startswith(TEST_PREFIX):
             raise ConfigError(f"best_metric: {self.best_metric!r} is a test pair set's metric; test "
                               f"pair sets are reported, never selected on (use a --val set)")
+        from virface.selection import parse_rule
+
+        self.selection = parse_rule(self.selection, "selection").text
         if self.unlabeled is not None and self.labeled is None:
             raise ConfigError("unlabeled: given without labeled data; give --labeled too, or "
                               "neither for the built-in synthetic faces")

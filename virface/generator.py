@@ -76,3 +76,72 @@ def generator_losses(generator: FeatureVAE, x: torch.Tensor, class_weight: torch
     mse = (F.normalize(decoded, dim=1) - target).pow(2).mean()
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean()
     return mse, kl
+
+
+def draw_agreement(generator: FeatureVAE, x: torch.Tensor) -> torch.Tensor:
+    """The mean cosine between two draws from each row of x (B, D): 1 for a generator that
+    ignores its noise. Differentiable; the diversity term pulls it to the real same-identity
+    cosine."""
+    x = F.normalize(x.detach(), dim=1)
+    first, second = (F.normalize(generator(x)[0], dim=1) for _ in range(2))
+    return (first * second).sum(1).mean()
+
+
+class CovarianceTransfer:
+    """Not the reference's: virtual instances by covariance transfer (no training), after the
+    feature-transfer and ISDA line of work: an unlabeled feature u draws u + scale * e,
+    e ~ N(0, Sigma), renormalised, where Sigma is the pooled within-identity covariance of
+    labeled features: the variation labeled identities show around their own means, lent to
+    identities seen once.
+
+    ``factor`` (D, r): Sigma = factor @ factor.T (r = D for the full covariance, fewer for its
+    top-r eigen-directions).
+    """
+
+    def __init__(self, factor: torch.Tensor, scale: float = 1.0):
+        self.factor, self.scale = factor, scale
+
+    @classmethod
+    def from_features(cls, feats: torch.Tensor, labels: torch.Tensor, rank: int = 0,
+                      scale: float = 1.0) -> "CovarianceTransfer":
+        """Estimate Sigma from labeled features (N, D) (normalised here) and their labels (N,):
+        sum over identities k of sum_i (f_i - mean_k)(f_i - mean_k)^T / (N - K), identities of
+        one image contributing nothing. ``rank`` 0 keeps every direction."""
+        feats = F.normalize(feats.float(), dim=1)
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        sums = torch.zeros(len(counts), feats.shape[1], dtype=feats.dtype, device=feats.device)
+        sums.index_add_(0, inverse, feats)
+        centred = feats - (sums / counts[:, None].to(feats.dtype))[inverse]
+        dof = feats.shape[0] - len(counts)
+        if dof <= 0:
+            raise ValueError("covariance transfer needs an identity with at least two images")
+        sigma = centred.t() @ centred / dof
+        return cls.from_covariance(sigma, rank, scale)
+
+    @classmethod
+    def from_covariance(cls, sigma: torch.Tensor, rank: int = 0, scale: float = 1.0) -> "CovarianceTransfer":
+        """From a covariance (D, D), symmetric positive semi-definite."""
+        evals, evecs = torch.linalg.eigh(sigma.double())          # ascending
+        if rank:
+            evals, evecs = evals[-rank:], evecs[:, -rank:]
+        factor = (evecs * evals.clamp_min(0).sqrt()).to(sigma.dtype)
+        return cls(factor, scale)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """(D, D) the Sigma draws follow (before the scale)."""
+        return self.factor @ self.factor.t()
+
+    def to(self, device: torch.device) -> "CovarianceTransfer":
+        return CovarianceTransfer(self.factor.to(device), self.scale)
+
+    def noise(self, n: int) -> torch.Tensor:
+        """(n, D) draws of e ~ N(0, scale^2 Sigma), before any renormalisation."""
+        z = torch.randn(n, self.factor.shape[1], device=self.factor.device, dtype=self.factor.dtype)
+        return self.scale * z @ self.factor.t()
+
+    def sample(self, x: torch.Tensor, gen_num: int) -> torch.Tensor:
+        """As :meth:`FeatureVAE.sample`: x (U, D) normalised -> (gen_num * U, D) normalised,
+        sample-major. Gradient flows to x (only)."""
+        base = x.repeat(gen_num, 1)
+        return F.normalize(base + self.noise(base.shape[0]).to(base.dtype), dim=1)

@@ -45,19 +45,21 @@ def virclass_logits(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
 
 
 def virinstance_logits(instances: torch.Tensor, weight: torch.Tensor, centres: torch.Tensor, gen_num: int,
-                       s: float, m: float, source_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       s: float, m: float, source_offset: int = 0,
+                       centre_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """VirInstance: generated instances classified into their own virtual class.
 
     instances: (gen_num * n, D), sample-major ([all n for draw 1; all n for draw 2; ...]), as
     ``FeatureVAE.sample`` returns them, drawn from centres[source_offset : source_offset + n].
     centres: (U, D) every virtual-class centre (under data parallelism, those of all ranks),
-    detached here (the reference's W_all_fix). Returns logits (gen_num * n, C + U) against
+    detached here (the reference's W_all_fix) unless ``centre_grad`` (not the reference's: L_vi
+    then reaches the backbone through them). Returns logits (gen_num * n, C + U) against
     [W; centres] with the margin on each instance's own virtual class, and the targets
     C + source_offset + i.
     """
     num_classes = weight.shape[0]
     n_sources = instances.shape[0] // max(gen_num, 1)
-    all_centres = torch.cat([F.normalize(weight, dim=1), F.normalize(centres.detach(), dim=1)], dim=0)
+    all_centres = torch.cat([F.normalize(weight, dim=1), F.normalize(centres if centre_grad else centres.detach(), dim=1)], dim=0)
     cos = F.normalize(instances, dim=1) @ all_centres.t()
     own = num_classes + source_offset + torch.arange(n_sources, device=instances.device)
     target = own.repeat(gen_num)
@@ -111,9 +113,10 @@ class ArcFaceHead(nn.Module):
         return virclass_logits(self.drop(x), labels, self.weight, u, self.s, self.m)
 
     def virinstance(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
-                    source_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    source_offset: int = 0, centre_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """VirInstance logits (gen_num * n, C + U) and their targets."""
-        return virinstance_logits(instances, self.weight, centres, gen_num, self.s, self.m, source_offset)
+        return virinstance_logits(instances, self.weight, centres, gen_num, self.s, self.m, source_offset,
+                                  centre_grad)
 
     # The losses the steps take, the same for every head (virface.partial_fc.PartialFCHead too).
 
@@ -124,11 +127,11 @@ class ArcFaceHead(nn.Module):
         return F.cross_entropy(self.virclass(x, labels, centres), labels)
 
     def virinstance_loss(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
-                         source_offset: int = 0) -> torch.Tensor:
+                         source_offset: int = 0, centre_grad: bool = False) -> torch.Tensor:
         """The mean VirInstance CE; 0 (not NaN) when no instance was drawn."""
         if instances.shape[0] == 0:
             return instances.new_zeros(())
-        return F.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset))
+        return F.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset, centre_grad))
 
     def class_centres(self, labels: torch.Tensor) -> torch.Tensor:
         """W's rows for ``labels``: the generator's target W_y."""

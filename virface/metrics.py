@@ -1,10 +1,7 @@
 """Metric names: what each stage reports per epoch, which one selects by default, and how each
-is shown in TensorBoard; and the paired differences comparisons report. Plain functions (no
-torch), shared by the stage loop, the search and the benchmarks."""
+is shown in TensorBoard. Plain functions (no torch), shared by the stage loop, the search and the
+benchmarks. Comparisons' statistics are in virface.stats."""
 from __future__ import annotations
-
-import statistics
-from typing import Any, Sequence
 
 from virface.config import TEST_PREFIX
 from virface.stage_table import stage_spec
@@ -17,7 +14,11 @@ METRIC_MODES = ("max", "min")
 PAIR_SET_HARDNESS = ("cfp_fp", "cplfw", "agedb", "calfw", "vgg2_fp")
 EASY_PAIR_SETS = ("cfp_ff", "lfw")
 EPOCH_METRICS = ("loss", "lr", "steps", "samples_per_s", "skipped_images", "epoch_time_s")
-PAIR_SET_METRICS = ("acc", "acc_std", "tar_far1e-3")
+# Per pair set: accuracy, its standard error over pairs, its std over the 10 folds, TAR@FAR.
+PAIR_SET_METRICS = ("acc", "acc_se", "acc_std", "tar_far1e-3")
+# The generator and virface stages' diagnostics of their virtual instances, per epoch (names
+# and meaning: virface.instance_diagnostics, which imports torch; this module does not).
+INSTANCE_METRICS = ("vi_draw_cos", "vi_real_cos", "vi_identity_keep", "vi_w_pull", "vi_own_class_share")
 
 
 def hardest_pair_set(names: list[str]) -> str:
@@ -36,14 +37,25 @@ def hardest_pair_set(names: list[str]) -> str:
 
 
 def metric_mode(metric: str) -> str:
-    """``min`` for losses, ``max`` for everything else (accuracies, TAR)."""
-    return "min" if metric.endswith(("loss", "_mse", "_kl")) or metric.startswith("loss") else "max"
+    """``min`` for losses and for an accuracy's uncertainty (``_acc_se``, ``_acc_std``), ``max``
+    for everything else (accuracies, TAR)."""
+    lower_is_better = ("loss", "_mse", "_kl", "_acc_se", "_acc_std")
+    return "min" if metric.endswith(lower_is_better) or metric.startswith("loss") else "max"
+
+
+def format_instance_metrics(metrics: dict[str, float]) -> str:
+    """One line of the vi_* diagnostics, e.g. for the gate's warning and the stage tables."""
+    return (f"identity keep {metrics['vi_identity_keep']:+.3f}, draw cos {metrics['vi_draw_cos']:.3f} "
+            f"(real same-identity cos {metrics['vi_real_cos']:.3f}), nearest-W pull "
+            f"{metrics['vi_w_pull']:+.3f}, own class wins {100 * metrics['vi_own_class_share']:.1f} %")
 
 
 def stage_metric_names(method: str, pair_set_names: list[str]) -> list[str]:
     """Every per-epoch metric a stage reports (``best_<metric>`` aside) with these pair sets."""
     spec = stage_spec(method)
     names = list(EPOCH_METRICS) + list(spec.loss_terms)
+    if spec.builds_generator:     # the instance diagnostics (virface.instance_diagnostics)
+        names += list(INSTANCE_METRICS)
     if spec.trains_backbone:      # a frozen backbone has nothing new to verify
         names += [f"{ps}_{m}" for ps in pair_set_names for m in PAIR_SET_METRICS]
     return names
@@ -72,9 +84,11 @@ def tensorboard_tag(metric: str) -> str:
         return f"best/{metric[5:]}"
     if metric.startswith(TEST_PREFIX):
         return f"test/{metric[len(TEST_PREFIX):]}"
+    if metric.startswith("vi_"):
+        return f"instances/{metric}"
     if metric.startswith(("loss", "gen_")):
         return f"loss/{metric}"
-    if metric.endswith(("_acc", "_acc_std", "_tar_far1e-3")):
+    if metric.endswith(tuple(f"_{m}" for m in PAIR_SET_METRICS)):
         return f"val/{metric}"
     return f"train/{metric}"
 
@@ -85,14 +99,3 @@ def tensorboard_tag(metric: str) -> str:
 # the backbone's parameter count, its multiply-accumulates for one image at the input size, and
 # its batch-1 forward latency on the trial's device. Lower is better for all three.
 COST_METRICS = ("params", "macs", "latency_ms")
-
-
-def paired_differences(values: Sequence[float], reference: Sequence[float],
-                       scale: float = 100.0) -> dict[str, Any]:
-    """Seed-by-seed ``scale * (value - reference)`` (points, for accuracies): the differences
-    (``values``), their ``mean``, sample ``std`` (None with fewer than two) and one sign per seed
-    in ``signs`` ("0" within 1e-9: equal accuracies are a tie whatever the float rounding)."""
-    diffs = [scale * (v - r) for v, r in zip(values, reference, strict=True)]
-    return {"values": diffs, "mean": statistics.fmean(diffs),
-            "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
-            "signs": "".join("+" if d > 1e-9 else "-" if d < -1e-9 else "0" for d in diffs)}

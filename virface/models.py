@@ -40,6 +40,8 @@ def build_models(config: TrainConfig, ctx: DistributedContext | None = None) -> 
                            dropout=config.resolved_dropout)
     generator = (FeatureVAE(config.feat_len, residual=bool(config.gen_residual))
                  if stage_spec(config.method).builds_generator else None)
+    if generator is not None and config.generator_fixed:
+        generator.requires_grad_(False)
     return StageModels(backbone, head, generator)
 
 
@@ -71,7 +73,7 @@ def build_optimizers(config: TrainConfig, models: StageModels) -> dict[str, torc
     if main:
         optimizers["main"] = torch.optim.SGD(_param_groups(main, config.weight_decay),
                                              lr=config.lr, momentum=config.momentum)
-    if spec.trains_generator:
+    if spec.trains_generator and not config.generator_fixed:
         groups = _param_groups([models.generator], config.weight_decay, g_lr)
         if main and config.optim_mode == "joint":
             for group in groups:

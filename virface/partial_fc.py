@@ -358,11 +358,11 @@ class PartialFCHead(nn.Module):
         return self._logits(feats, labels, centres=centres)
 
     def virinstance(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
-                    source_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    source_offset: int = 0, centre_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """VirInstance: this rank's generated instances, (gen_num * n, D) sample-major, drawn from
         centres[source_offset : source_offset + n], each classified into its own virtual class
         (margin on it) against the sampled classes and every centre (detached, as in
-        :func:`~virface.heads.virinstance_logits`). n may differ per rank, and be 0; every rank
+        :func:`~virface.heads.virinstance_logits`; attached with ``centre_grad``). n may differ per rank, and be 0; every rank
         still calls this."""
         n_sources = instances.shape[0] // max(gen_num, 1)
         own = source_offset + torch.arange(n_sources, device=instances.device)
@@ -370,7 +370,8 @@ class PartialFCHead(nn.Module):
         feats = _gather(instances, self.ctx, grad_scale=float(self.ctx.world_size))
         virtual_target = _gather(virtual_target, self.ctx)
         labels = torch.full_like(virtual_target, -1)
-        return self._logits(feats, labels, centres=centres.detach(), virtual_target=virtual_target)
+        return self._logits(feats, labels, centres=centres if centre_grad else centres.detach(),
+                            virtual_target=virtual_target)
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy of logits from this head, the softmax spanning every shard."""
@@ -385,11 +386,11 @@ class PartialFCHead(nn.Module):
         return self.cross_entropy(*self.virclass(x, labels, centres))
 
     def virinstance_loss(self, instances: torch.Tensor, centres: torch.Tensor, gen_num: int,
-                         source_offset: int = 0) -> torch.Tensor:
+                         source_offset: int = 0, centre_grad: bool = False) -> torch.Tensor:
         """Called on every rank, also one with no instance (a collective when sharded)."""
         if instances.shape[0] == 0 and not self.ctx.is_distributed:
             return instances.new_zeros(())
-        return self.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset))
+        return self.cross_entropy(*self.virinstance(instances, centres, gen_num, source_offset, centre_grad))
 
     def averaged_parameters(self) -> list[nn.Parameter]:
         """None: each shard's gradient is already exact (see the module docstring)."""

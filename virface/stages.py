@@ -31,8 +31,9 @@ from virface.metrics import selection_metric, tensorboard_tag
 from virface.models import StageModels, build_models, build_optimizers
 from virface.partial_fc import full_optimizer_state, load_optimizer_state
 from virface.progress import EvalClock, EvalProgress, RunClock, StepProgress
+from virface.selection import RuleTracker, parse_rule
 from virface.stage_table import stage_spec
-from virface.steps import StageStep
+from virface.steps import StageStep, build_instance_sampler
 
 log = logging.getLogger("virface")
 
@@ -58,7 +59,8 @@ def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
     if config.num_ids is not None and config.num_ids != num_ids:
         raise ConfigError(f"num_ids: {config.num_ids} (from the config or the start checkpoint), but "
                           f"the labeled data {data.labeled.name} has {num_ids} identities")
-    generator = {"gen_residual": bool(config.gen_residual)} if stage_spec(config.method).builds_generator else {}
+    generator = ({"gen_residual": bool(config.gen_residual), "gen_target": config.gen_target or "class_centre"}
+                 if stage_spec(config.method).builds_generator else {})
     return config.replace(arch=arch, num_ids=num_ids, input_size=data.input_size,
                           feat_len=config.feat_len or DEFAULT_FEAT_LEN, **generator)
 
@@ -119,11 +121,12 @@ class RunLog:
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(tensorboard_tag(key), value, step)
-        rows = [f"| {n} | {metrics[n + '_acc']:.4f} ± {metrics[n + '_acc_std']:.4f} | "
-                f"{metrics[n + '_tar_far1e-3']:.4f} |" for n in pair_set_names if n + "_acc" in metrics]
+        rows = [f"| {n} | {metrics[n + '_acc']:.4f} ± {metrics[n + '_acc_se']:.4f} | "
+                f"{metrics[n + '_acc_std']:.4f} | {metrics[n + '_tar_far1e-3']:.4f} |"
+                for n in pair_set_names if n + "_acc" in metrics]
         if rows:
-            self.writer.add_text("verification", "| set | acc | TAR@FAR=1e-3 |\n|---|---|---|\n"
-                                 + "\n".join(rows), step)
+            self.writer.add_text("verification", "| set | acc ± SE (over pairs) | 10-fold std | "
+                                 "TAR@FAR=1e-3 |\n|---|---|---|---|\n" + "\n".join(rows), step)
         self.writer.flush()
 
     def step(self, global_step: int, progress: StepProgress) -> None:
@@ -248,6 +251,8 @@ class StageRun:
         if self.best.get("metric") not in (None, self.metric_name):
             raise ConfigError(f"best_metric: the resumed run tracked {self.best['metric']!r}, not "
                               f"{self.metric_name!r}")
+        self.rule = RuleTracker.from_state(parse_rule(config.selection), self.metric_name,
+                                           self.metric_mode, self.best)
 
         backbone = models.backbone
         if config.channels_last and ctx.device.type == "cuda":
@@ -260,6 +265,9 @@ class StageRun:
             backbone = torch.compile(backbone)
         scaler = (torch.amp.GradScaler("cuda") if config.amp == "fp16" and ctx.device.type == "cuda" else None)
         self.step_fn = StageStep(config, models, backbone, optimizers, ctx, scaler)
+        self.config, self.data, self.ctx, self.models = config, data, ctx, models
+        self._set_up_instances(spec, state_loaded=start_path is not None, resuming=resuming,
+                               start_path=start_path)
         self.loader, self.sampler = make_train_loader(data, config, ctx.rank, ctx.world_size)
 
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -281,6 +289,55 @@ class StageRun:
         self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
         self.keep_epoch_checkpoints = keep_epoch_checkpoints
 
+    def _set_up_instances(self, spec, state_loaded: bool, resuming: bool, start_path: str | None) -> None:
+        """What the generator and virface stages add: the sampler of the instances, the
+        same_identity generator's bank, the diagnostics' pairs, and (virface, on a fresh start)
+        the gate's figures of the generator it loaded."""
+        config, ctx, models, data = self.config, self.ctx, self.models, self.data
+        from virface.instance_diagnostics import diagnostic_pairs, identity_gate, labeled_features
+
+        if spec.needs_generator:
+            self.step_fn.instance_sampler = build_instance_sampler(config, models, data, ctx.device)
+            if config.generator_fixed and ctx.is_main:
+                log.info("%s: instances drawn by %s, kept fixed (not the reference's); optim_mode, "
+                         "vi_gen_grad and the generator's loss weights do not apply",
+                         config.method, "covariance transfer" if config.vi_generator == "covariance"
+                         else "the same_identity generator")
+        elif spec.trains_generator and (config.gen_target == "same_identity" or config.gen_diversity > 0):
+            self.step_fn.set_variation_bank(*labeled_features(models.backbone, data, config.variation_images,
+                                                              ctx.device))
+        self.diag_pairs = self.diag_features = None
+        if spec.builds_generator and config.eval and config.diagnostic_pairs and ctx.is_main:
+            self.diag_pairs = diagnostic_pairs(data, config.diagnostic_pairs)
+            if self.diag_pairs is None:
+                log.warning("%s: no same-identity pair to measure the instances on; no vi_* metrics",
+                            config.method)
+            else:
+                log.info("%s: instance diagnostics on %s", config.method, self.diag_pairs.source)
+        # Every rank: a sharded head's W is gathered (a collective).
+        weight = self._full_weight() if spec.needs_generator and not resuming else None
+        if weight is not None and self.diag_pairs is not None and state_loaded:
+            drawn_by = "covariance transfer" if config.vi_generator == "covariance" else "its generator"
+            identity_gate(self.instance_metrics(weight), f"{start_path} ({drawn_by})", go_on=True,
+                          where=f"{config.method} starts from ")
+
+    def _full_weight(self) -> torch.Tensor:
+        head = self.models.head
+        return getattr(head, "full_state_dict", head.state_dict)()["weight"]
+
+    def instance_metrics(self, weight: torch.Tensor) -> dict[str, float]:
+        """The vi_* diagnostics (virface.instance_diagnostics) of the stage's instance sampler
+        now, on rank 0's diagnostic pairs; a frozen backbone's features are taken once."""
+        from virface.instance_diagnostics import measure_instances, pair_features
+
+        features = self.diag_features
+        if features is None:
+            features = pair_features(self.models.backbone, self.diag_pairs, self.ctx.device)
+            if not stage_spec(self.config.method).trains_backbone:
+                self.diag_features = features
+        return measure_instances(self.step_fn.instance_sampler.sample, *features, weight.to(self.ctx.device),
+                                 self.config.gen_num, self.config.unlabel_batch_size, self.config.seed)
+
     @property
     def done(self) -> bool:
         return self.epoch >= self.config.max_epoch
@@ -299,22 +356,22 @@ class StageRun:
                                   self.optimizers, report)
         for sched in self.schedulers.values():
             sched.step()
+        # Every rank: a sharded head gathers its W (and W's optimiser state) for the checkpoint.
+        head_state = getattr(models.head, "full_state_dict", models.head.state_dict)()
+        if self.diag_pairs is not None:
+            metrics.update(self.instance_metrics(head_state["weight"]))
         if self.pair_set_names and ctx.is_main:
             eval_start = time.perf_counter()
             metrics.update(self.evaluate(epoch))
             self.clock.eval_s = time.perf_counter() - eval_start
         metrics = ctx.broadcast_object(metrics)
-        name, mode, best = self.metric_name, self.metric_mode, self.best
+        name = self.metric_name
         if name not in metrics:
             raise ConfigError(f"best_metric: {name!r} is not among this stage's metrics {sorted(metrics)}")
-        value = float(metrics[name])
-        is_best = not best or (value > best["value"] if mode == "max" else value < best["value"])
-        if is_best:
-            self.best = best = {"metric": name, "mode": mode, "value": value, "epoch": epoch}
-        metrics["best_" + name] = best["value"]
+        # best_<metric>: the run's value so far under its selection rule (what a search reads).
+        is_best, metrics["best_" + name] = self.rule.update(metrics[name], epoch)
+        self.best = best = self.rule.state()
         ckpt_path = None
-        # Every rank: a sharded head gathers its W (and W's optimiser state) for the checkpoint.
-        head_state = getattr(models.head, "full_state_dict", models.head.state_dict)()
         optimizer_states = {k: full_optimizer_state(o, models.head, ctx) for k, o in self.optimizers.items()}
         if ctx.is_main:
             ckpt_path = os.path.join(self.run_dir, "checkpoints", f"epoch_{epoch:03d}.pt")
@@ -476,5 +533,13 @@ def _check_finite(losses: list[torch.Tensor], stage: str, epoch: int, first_step
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    keys = [k for k in metrics if k.endswith("_acc") or k in ("loss", "samples_per_s", "lr")]
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+    """One log line: loss, lr, throughput, each pair set's accuracy ± its SE over pairs and the
+    virtual instances' main diagnostics."""
+    keys = [k for k in metrics if k.endswith("_acc") or k in ("loss", "samples_per_s", "lr", "vi_identity_keep",
+                                                              "vi_draw_cos", "vi_real_cos")]
+
+    def shown(key: str) -> str:
+        se = metrics.get(key + "_se")
+        return f"{key}={metrics[key]:.4g}" + (f"±{se:.2g}" if se is not None else "")
+
+    return " ".join(shown(k) for k in keys)

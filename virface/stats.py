@@ -156,7 +156,10 @@ def min_detectable_effect(se: float, df: int | None = None, alpha: float = 0.05,
         crit = scipy_stats.t.ppf(1 - alpha / 2, df)
 
         def achieved(delta):
-            return scipy_stats.nct.sf(crit, df, delta) + scipy_stats.nct.cdf(-crit, df, delta)
+            # The far tail's cdf underflows to NaN for small df and large delta (df=1, delta=8):
+            # it is 0 there.
+            far = scipy_stats.nct.cdf(-crit, df, delta)
+            return scipy_stats.nct.sf(crit, df, delta) + (0.0 if math.isnan(far) else far)
     high = 4.0
     while achieved(high) < power:       # widen the bracket; the noncentral t is NaN far out
         high *= 2

@@ -8,10 +8,14 @@ table. A step function takes ``(step, images, labels)`` and returns the step's l
 Per stage (x labeled features, u unlabeled features, W class weights, G the generator):
   pretrain   ArcFace CE on x                                   -> backbone + W
   generator  L2 * mse(G(x), W_y) + KL * kl, backbone frozen   -> G
+             (gen_target same_identity: G(f_a) towards f_b, another image of a's identity,
+             from a feature bank of the frozen backbone, + a diversity term)
   virclass   CE of x against [W; u] (u are negative classes)  -> backbone + W
   virface    virclass + CE of G's instances of u against [W; u.detach()]
              + the generator loss; ``alternate``: a G step then a backbone/W step with G frozen;
-             ``joint``: one optimiser over everything (the reference code)
+             ``joint``: one optimiser over everything (the reference code). The variants
+             (config help, README "VirInstance variants") change where L_vi's gradient goes
+             and what draws the instances (``StageStep.instance_sampler``).
 """
 from __future__ import annotations
 
@@ -24,11 +28,19 @@ import torch.nn.functional as F
 from virface.config import TrainConfig
 from virface.data.images import normalize_pixels
 from virface.distributed import DistributedContext
-from virface.generator import generator_losses
+from virface.generator import CovarianceTransfer, draw_agreement, generator_losses
 from virface.models import StageModels
 from virface.stage_table import stage_spec
 
 Terms = dict[str, torch.Tensor]
+
+
+def same_identity_partners(rows: torch.Tensor, start: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """For each of ``rows`` (n,) a uniformly random other row of its identity, whose rows are
+    start[r] .. start[r] + size[r] - 1 (size >= 2): the row r + k (mod size) for k in 1..size-1."""
+    s, k = start[rows], size[rows]
+    shift = (torch.rand(rows.shape[0], device=rows.device) * (k - 1)).long().clamp_max(k - 2) + 1
+    return s + (rows - s + shift) % k
 
 
 class StageStep:
@@ -45,6 +57,12 @@ class StageStep:
         self.n_labeled = config.label_batch_size // ctx.world_size
         self.step_function = stage_spec(config.method).step_function()
         self.epochs_done = 0.0        # set by the loop before each step: (epoch - 1) + step fraction
+        # What draws the virtual instances (.sample(sources, n)): the generator, unless the
+        # stage sets another (covariance transfer, see build_instance_sampler).
+        self.instance_sampler = models.generator
+        # gen_target same_identity: (features (N, D), identity start (N,), identity size (N,)) of
+        # labeled images grouped by identity, set by the stage (see set_variation_bank).
+        self.variation_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # The backbone's memory format on CUDA (see run_stage): its input must match, also for
         # torch.compile, which recompiles on an input of other strides.
         self.channels_last = config.channels_last and self.device.type == "cuda"
@@ -86,6 +104,35 @@ class StageStep:
                                    target_grad=self.config.gen_target_grad)
         return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
 
+    def set_variation_bank(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """Features (N, D) and labels (N,) of labeled images, each identity's rows together and
+        at least two of them (as instance_diagnostics.labeled_features returns them)."""
+        change = torch.ones_like(labels, dtype=torch.bool)
+        change[1:] = labels[1:] != labels[:-1]
+        group = torch.cumsum(change.long(), 0) - 1
+        starts = torch.nonzero(change).squeeze(1)
+        sizes = torch.diff(torch.cat([starts, starts.new_tensor([labels.shape[0]])]))
+        self.variation_bank = (feats, starts[group], sizes[group])
+
+    def bank_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (n, D) of n random bank images a and (n, D) of another image b of each a's
+        identity."""
+        feats, start, size = self.variation_bank
+        a = torch.randint(0, feats.shape[0], (n,), device=feats.device)
+        return feats[a], feats[same_identity_partners(a, start, size)]
+
+    def same_identity_terms(self, f_a: torch.Tensor, f_b: torch.Tensor) -> Terms:
+        """The within-identity generator's terms: L2 * mse(G(f_a), f_b) + KL * kl."""
+        mse, kl = generator_losses(self.models.generator, f_a, f_b)
+        return {"gen_mse": mse, "gen_kl": kl, "gen_loss": self.config.L2 * mse + self.config.KL * kl}
+
+    def with_diversity(self, terms: Terms, x: torch.Tensor) -> Terms:
+        """``terms`` plus gen_diversity * (agreement of two draws from x - the real same-identity
+        cosine of as many bank pairs)^2, added to gen_loss."""
+        f_a, f_b = self.bank_pairs(x.shape[0])
+        gap = (draw_agreement(self.models.generator, x) - (f_a * f_b).sum(1).mean()).pow(2)
+        return {**terms, "gen_diversity": gap, "gen_loss": terms["gen_loss"] + self.config.gen_diversity * gap}
+
     def vi_weight(self) -> float:
         """L_vi's weight now: ``vi_weight``, ramped linearly over ``vi_warmup_epochs``."""
         cfg = self.config
@@ -120,9 +167,16 @@ def pretrain_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> T
 
 
 def generator_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Terms:
-    with torch.no_grad():                 # the backbone is frozen: no graph through it
-        x = s.features(images)
-    terms = s.generator_terms(x, labels)
+    if s.config.gen_target == "same_identity":
+        # Pairs of the frozen backbone's bank: the batch gives only how many.
+        x, f_b = s.bank_pairs(labels.shape[0])
+        terms = s.same_identity_terms(x, f_b)
+    else:
+        with torch.no_grad():             # the backbone is frozen: no graph through it
+            x = s.features(images)
+        terms = s.generator_terms(x, labels)
+    if s.config.gen_diversity > 0:
+        terms = s.with_diversity(terms, x)
     s.backward_step(terms["gen_loss"], "generator", s.models.generator.parameters())
     return {"loss": terms["gen_loss"], **terms}
 
@@ -146,26 +200,50 @@ def virface_step(s: StageStep, images: torch.Tensor, labels: torch.Tensor) -> Te
         kept = u_local[keep[ctx.rank * n_local:(ctx.rank + 1) * n_local]]
         offset = int(keep[:ctx.rank * n_local].sum())
     # The reference detaches the sources: L_vi reaches W (and G) only. vi_to_backbone lets it
-    # reach the backbone too, through the generator's input.
+    # reach the backbone too, through the generator's input; vi_centre_grad through the centres.
     sources = F.normalize(kept if cfg.vi_to_backbone else kept.detach(), dim=1)
     joint = cfg.optim_mode == "joint"
-    if not joint:
+    trains_g = not cfg.generator_fixed      # else no generator terms at all: G stays as loaded
+    terms: Terms = {}
+    sample = s.instance_sampler.sample
+    if trains_g and not joint:
         # Alternate: first a generator step on detached features (backbone frozen) ...
         terms = s.generator_terms(x, y)
-        s.backward_step(terms["gen_loss"], "generator", gen.parameters())
+        g_loss = terms["gen_loss"]
+        if cfg.vi_gen_grad:
+            # ... taking L_vi's gradient too: instances of the detached sources, drawn before the
+            # step; W's gradient from it is cleared before the backbone/W step.
+            drawn = sample(sources.detach(), cfg.gen_num) if cfg.gen_num else None
+            if drawn is not None:
+                g_loss = g_loss + s.vi_weight() * head.virinstance_loss(drawn, centres, cfg.gen_num, offset)
+        s.backward_step(g_loss, "generator", gen.parameters())
     with torch.set_grad_enabled(joint or cfg.vi_to_backbone):
         # Drawn also for no sources: a sharded head's loss is a collective every rank joins.
-        instances = gen.sample(sources, cfg.gen_num) if cfg.gen_num else None
-    loss_vi = (head.virinstance_loss(instances, centres, cfg.gen_num, offset) if instances is not None
-               else feats.new_zeros(()))
+        instances = sample(sources, cfg.gen_num) if cfg.gen_num else None
+    loss_vi = (head.virinstance_loss(instances, centres, cfg.gen_num, offset, centre_grad=cfg.vi_centre_grad)
+               if instances is not None else feats.new_zeros(()))
     weighted_vi = s.vi_weight() * loss_vi
     if joint:
-        terms = s.generator_terms(x, y)
-        loss = loss_vc + weighted_vi + terms["gen_loss"]
-        s.backward_step(loss, "main", [*head.averaged_parameters(), *gen.parameters()])
+        loss = loss_vc + weighted_vi
+        if trains_g:
+            terms = s.generator_terms(x, y)
+            loss = loss + terms["gen_loss"]
+        s.backward_step(loss, "main", [*head.averaged_parameters(), *(gen.parameters() if trains_g else [])])
     else:
         # ... then a backbone/W step with the generator frozen (its optimiser does not step
         # here; gradients L_vi leaves on it are cleared before its next step).
         s.backward_step(loss_vc + weighted_vi, "main", head.averaged_parameters())
-        loss = loss_vc + weighted_vi + terms["gen_loss"].detach()
+        loss = loss_vc + weighted_vi + (terms["gen_loss"].detach() if terms else 0.0)
     return {"loss": loss, "loss_vi": loss_vi, **out, **terms}
+
+
+def build_instance_sampler(config: TrainConfig, models: StageModels, data, device: torch.device):
+    """What draws a virface stage's instances (``.sample(sources, n)``): the generator, or with
+    ``vi_generator: covariance`` a CovarianceTransfer estimated from the backbone's features of
+    ``variation_images`` labeled images of ``data`` (a StageData)."""
+    if config.vi_generator != "covariance":
+        return models.generator
+    from virface.instance_diagnostics import labeled_features
+
+    feats, labels = labeled_features(models.backbone, data, config.variation_images, device)
+    return CovarianceTransfer.from_features(feats, labels, config.cov_rank, config.cov_scale)

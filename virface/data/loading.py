@@ -121,6 +121,18 @@ def open_image_source(path: str, root: str | None = None) -> ImageSource:
     return FileListSource.from_meta_list(path, root=root)
 
 
+def read_images(source: ImageSource, indices, input_size: int) -> torch.Tensor:
+    """uint8 (len(indices), 3, S, S): the source's images at ``indices``, resized to S =
+    ``input_size`` where they differ (a corrupt image raises, naming it)."""
+    images = []
+    for i in np.asarray(indices, dtype=np.int64).tolist():
+        image = source.read(i)
+        if image.shape[-1] != input_size or image.shape[-2] != input_size:
+            image = TF.resize(image, [input_size, input_size], antialias=True)
+        images.append(image)
+    return torch.stack(images) if images else torch.empty((0, 3, input_size, input_size), dtype=torch.uint8)
+
+
 def _check_labeled_split(data: StageData, unlabeled: ImageSource | None, config: TrainConfig) -> int:
     """``data.labeled_split`` if usable; raises ConfigError naming what is wrong otherwise."""
     n_first, n = data.labeled_split, len(data.labeled)

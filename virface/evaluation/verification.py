@@ -23,6 +23,7 @@ from virface.fileio import atomic_open, read_two_field_lines
 from virface.data.images import decode_rgb, normalize_pixels, read_image_file
 from virface.errors import CorruptImageError, PairSetError
 from virface.evaluation.pairs import PairSet
+from virface.stats import accuracy_se
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 CFP_PROTOCOLS = ("FF", "FP")
@@ -277,15 +278,21 @@ def extract_embeddings(backbone: torch.nn.Module, images_uint8: torch.Tensor,
 class VerificationResult:
     """Fold means of accuracy and of TAR (VAL) and FAR at the FAR target; stds over folds.
 
+    ``acc_se``: the accuracy's standard error over pairs (binomial, ``virface.stats``); the
+    10-fold ``acc_std`` is the spread between folds, not the uncertainty of ``acc``.
     ``best_thresholds`` (n_folds,): the accuracy threshold each fold chose on its other folds.
+    ``correct`` (n_pairs,) bool, in pair order: whether each pair was classified right at its
+    fold's threshold (what a paired comparison of two models on the same pairs needs).
     """
 
     acc: float
     acc_std: float
+    acc_se: float
     tar_at_far: float
     tar_at_far_std: float
     far: float
     best_thresholds: np.ndarray
+    correct: np.ndarray
     n_pairs: int
     far_target: float = 1e-3
 
@@ -360,6 +367,7 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
     tar = np.empty(n_folds)
     far = np.empty(n_folds)
     best = np.empty(n_folds)
+    correct = np.empty(n_pairs, dtype=bool)
     for k, test in enumerate(folds):
         ta_train, fa_train = ta.sum(0) - ta[k], fa.sum(0) - fa[k]
         same_train, diff_train = n_same.sum() - n_same[k], n_diff.sum() - n_diff[k]
@@ -367,6 +375,7 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
         best_index = int(np.argmax(acc_train))
         best[k] = thresholds[best_index]
         acc[k] = (ta[k, best_index] + n_diff[k] - fa[k, best_index]) / len(test)
+        correct[test] = (dist[test] < best[k]) == issame[test]
 
         far_train = fa_train / diff_train if diff_train > 0 else np.zeros_like(thresholds)
         threshold = _far_threshold(far_train, thresholds, far_target)
@@ -376,10 +385,11 @@ def verify_10fold(embeddings, issame, n_folds: int = 10,
 
     return VerificationResult(
         acc=float(np.mean(acc)), acc_std=float(np.std(acc)),
+        acc_se=accuracy_se(float(np.mean(acc)), n_pairs),
         tar_at_far=float(np.nanmean(tar)) if np.isfinite(tar).any() else float("nan"),
         tar_at_far_std=float(np.nanstd(tar)) if np.isfinite(tar).any() else float("nan"),
         far=float(np.nanmean(far)) if np.isfinite(far).any() else float("nan"),
-        best_thresholds=best, n_pairs=n_pairs, far_target=far_target)
+        best_thresholds=best, correct=correct, n_pairs=n_pairs, far_target=far_target)
 
 
 def evaluate_pair_set(backbone: torch.nn.Module, pair_set: PairSet,
@@ -395,12 +405,13 @@ def evaluate_pair_set(backbone: torch.nn.Module, pair_set: PairSet,
 def evaluate_pair_sets(backbone: torch.nn.Module, pair_sets: dict[str, PairSet],
                        device: str | torch.device = "cpu", batch_size: int = 256,
                        prefix: str = "") -> dict[str, float]:
-    """Every pair set's metrics as ``{<prefix><name>_acc, _acc_std, _tar_far1e-3: float}``: what
-    a stage reports per epoch and benchmarks report per run."""
+    """Every pair set's metrics as ``{<prefix><name>_acc, _acc_se, _acc_std, _tar_far1e-3:
+    float}``: what a stage reports per epoch and benchmarks report per run."""
     metrics: dict[str, float] = {}
     for name, pair_set in pair_sets.items():
         result = evaluate_pair_set(backbone, pair_set, device=device, batch_size=batch_size)
         metrics[f"{prefix}{name}_acc"] = float(result.acc)
+        metrics[f"{prefix}{name}_acc_se"] = float(result.acc_se)
         metrics[f"{prefix}{name}_acc_std"] = float(result.acc_std)
         metrics[f"{prefix}{name}_tar_far1e-3"] = float(result.tar_at_far)
     return metrics

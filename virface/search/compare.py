@@ -7,8 +7,13 @@
 2. Each arm's winner is trained again with ``--seeds`` seeds (1..N; the search used seed 0),
    from the same upstream checkpoint. Each run's figure is its test accuracy at its best
    validation epoch, on the hardest test pair set.
-3. The paired test differences to the baseline, seed by seed: mean, std and the sign of each,
-   as a table, a plot and ``<storage>/<name>/comparison/comparison.json``.
+3. The paired test differences to the baseline, seed by seed (``virface.stats.paired_over_seeds``):
+   the mean gain, its standard error over seeds, a 95% interval, the two-sided paired t-test's
+   p-value and each seed's sign, as a table, a plot and
+   ``<storage>/<name>/comparison/comparison.json``. Every seed is scored on the same test pairs,
+   so this interval leaves out pair sampling; a second interval resamples seeds and test pairs
+   together (``bootstrap_seeds_and_pairs``; each run's best checkpoint is scored again on the
+   hardest test set for its per-pair correctness).
 
 The baseline (the ``baseline`` stage) is the pretrained model trained on for as long on the
 labeled faces alone, searching the same lr, margin and labeled-feature dropout: a method must
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 from dataclasses import replace
@@ -27,12 +31,12 @@ from typing import Any
 from virface.config import TEST_PREFIX
 from virface.errors import ConfigError
 from virface.fileio import write_text_atomic
-from virface.metrics import paired_differences
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import StageManifest, read_manifest
 from virface.search.runner import (SearchError, SearchOptions, base_train_config, init_ray, run_search,
                                    search_environment, sigterm_as_sigint, stage_space)
 from virface.stage_table import STAGES
+from virface.stats import bootstrap_seeds_and_pairs, describe, paired_over_seeds
 
 COMPARISON_DIR = "comparison"
 BASELINE = "baseline"
@@ -105,7 +109,9 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
                 import ray
 
                 ray.shutdown()
-    result = summarise(arms, budget, manifests, runs, options.seeds)
+    metric = _hardest_test_metric(runs[BASELINE])
+    correct = per_pair_correctness(options, runs, metric, say)
+    result = summarise(arms, budget, manifests, runs, options.seeds, correct)
     os.makedirs(folder, exist_ok=True)
     write_text_atomic(result_path, json.dumps(result, indent=2) + "\n")
     write_text_atomic(os.path.join(folder, "comparison.md"), comparison_table(result) + "\n")
@@ -159,6 +165,7 @@ def retrain(options: SearchOptions, arm: str, manifest: StageManifest, say) -> l
         path, value = best_checkpoint_of(result, manifest.metric_name)
         metrics = load_checkpoint(path)["metrics"]
         runs.append({"seed": result.config["seed"], "best_epoch": metrics["epoch"], "val": value,
+                     "checkpoint": path,
                      **{k: v for k, v in metrics.items() if k.startswith(TEST_PREFIX)}})
     return sorted(runs, key=lambda r: r["seed"])
 
@@ -177,8 +184,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def per_pair_correctness(options: SearchOptions, runs: dict[str, list[dict[str, Any]]], metric: str,
+                     say) -> dict[str, Any]:
+    """Per arm, (seeds, pairs) bool: each run's best checkpoint scored again on the test pair set
+    ``metric`` names, pair by pair, in seed order (what the bootstrap over pairs needs)."""
+    import numpy as np
+
+    from virface.checkpoint import load_backbone
+    from virface.config import TrainConfig
+    from virface.data.loading import build_stage_data
+    from virface.evaluation.verification import evaluate_pair_set
+
+    name = metric[len(TEST_PREFIX):-len("_acc")]
+    _, state = load_backbone(runs[BASELINE][0]["checkpoint"])
+    config = TrainConfig.from_dict({**base_train_config(options), "input_size": state["model"]["input_size"]})
+    pair_set = build_stage_data(config).test_pair_sets[name]
+    say(f"scoring every retrained run on the {len(pair_set)} {name} test pairs, pair by pair")
+    correct = {}
+    for arm, arm_runs in runs.items():
+        rows = []
+        for run in arm_runs:
+            backbone, _ = load_backbone(run["checkpoint"])
+            rows.append(evaluate_pair_set(backbone, pair_set).correct)
+        correct[arm] = np.stack(rows)
+    return correct
+
+
 def summarise(arms: list[str], budget: dict[str, Any], manifests: dict[str, StageManifest],
-              runs: dict[str, list[dict[str, Any]]], seeds: int) -> dict[str, Any]:
+              runs: dict[str, list[dict[str, Any]]], seeds: int,
+              correct: dict[str, Any] | None = None) -> dict[str, Any]:
+    """comparison.json's content. ``correct``: per arm, (seeds, pairs) bool on the reported test
+    set, in seed order; when given, each difference also gets an interval over seeds and pairs."""
     metric = _hardest_test_metric(runs[BASELINE])
     result: dict[str, Any] = {"arms": arms, "budget": budget, "seeds": seeds,
                               "select_on": manifests[BASELINE].metric_name, "report_on": metric, "by_arm": {},
@@ -195,11 +231,16 @@ def summarise(arms: list[str], budget: dict[str, Any], manifests: dict[str, Stag
     for arm in arms:
         if arm == BASELINE:
             continue
-        d = paired_differences([r[metric] for r in runs[arm]], [base[r["seed"]] for r in runs[arm]])
-        std = float("nan") if d["std"] is None else d["std"]
+        d = paired_over_seeds([r[metric] for r in runs[arm]], [base[r["seed"]] for r in runs[arm]])
         result["differences_to_baseline"][arm] = {
-            "per_seed": d["values"], "mean": d["mean"], "std": std, "signs": d["signs"],
-            "over_2_paired_stds": bool(std == std and std > 0 and abs(d["mean"]) > 2 * std)}
+            "per_seed": d["values"], "mean": d["mean"], "std": d["std"], "se": d["se"],
+            "ci95": d["ci95"], "t": d["t"], "p_value": d["p_value"], "signs": d["signs"],
+            "test": "paired t over seeds", "verdict": describe(d, f"{arm} - {BASELINE}")}
+        if correct is not None:
+            boot = bootstrap_seeds_and_pairs(correct[arm], correct[BASELINE])
+            result["differences_to_baseline"][arm]["seeds_and_pairs"] = {
+                **boot, "test": f"bootstrap over seeds and test pairs ({boot['n_boot']} draws)",
+                "verdict": describe(boot, f"{arm} - {BASELINE}, seeds and pairs resampled")}
     return result
 
 
@@ -208,13 +249,25 @@ def comparison_table(result: dict[str, Any]) -> str:
     lines = [f"Comparison: best trial per arm chosen on {result['select_on']} (validation); "
              f"{metric} (test, points) of the winner retrained with {result['seeds']} seeds, at its "
              f"best validation epoch. Budget per arm: {result['budget']}.", "",
-             "| arm | winner | val | test mean ± std | paired diff to baseline | signs |", "|---|---|---:|---:|---:|---|"]
+             "| arm | winner | val | test mean ± std | paired diff to baseline ± SE | 95% CI | p | signs |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for arm, row in result["by_arm"].items():
         diff = result["differences_to_baseline"].get(arm)
-        diff_text = f"{diff['mean']:+.2f} ± {diff['std']:.2f}" if diff else "—"
+        if diff is None:
+            cells = "— | | |"
+        elif diff["se"] is None:
+            cells = f"{diff['mean']:+.2f} (one seed) | | |"
+        else:
+            cells = (f"{diff['mean']:+.2f} ± {diff['se']:.2f} | [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}] | "
+                     f"{diff['p_value']:.3g} |")
         lines.append(f"| {arm} | {row['winner_trial']} | {row['val_value']:.4f} | "
-                     f"{row['test_mean']:.2f} ± {row['test_std']:.2f} | {diff_text} | "
-                     f"{diff['signs'] if diff else ''} |")
+                     f"{row['test_mean']:.2f} ± {row['test_std']:.2f} | {cells} {diff['signs'] if diff else ''} |")
+    lines += ["", "Paired t-test over seeds (points): SE = std / sqrt(seeds); every seed is scored on "
+              "the same test pairs, so pair sampling is not in this interval."]
+    for d in result["differences_to_baseline"].values():
+        lines.append(d["verdict"])
+        if "seeds_and_pairs" in d:
+            lines.append(d["seeds_and_pairs"]["verdict"] + f" ({d['seeds_and_pairs']['test']})")
     return "\n".join(lines)
 
 
@@ -229,12 +282,14 @@ def plot_comparison(result: dict[str, Any], path: str) -> str:
     for i, arm in enumerate(arms):
         d = result["differences_to_baseline"][arm]
         ax.scatter([i] * len(d["per_seed"]), d["per_seed"], color="tab:blue", zorder=3)
-        if not math.isnan(d["std"]):
-            ax.errorbar([i + 0.15], [d["mean"]], yerr=[d["std"]], fmt="o", color="black", capsize=4, zorder=3)
+        if d["ci95"] is not None:
+            lo, hi = d["ci95"]
+            ax.errorbar([i + 0.15], [d["mean"]], yerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="o",
+                        color="black", capsize=4, zorder=3)
     ax.axhline(0.0, color="grey", lw=1)
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel(f"paired diff to baseline, points\n({result['report_on']})")
-    ax.set_title("per seed (dots); mean ± std (black)")
+    ax.set_title("per seed (dots); mean and 95% CI over seeds (black)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

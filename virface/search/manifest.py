@@ -49,8 +49,11 @@ class StageManifest:
     checkpoint: str                    # absolute path of the best epoch's checkpoint
     upstream: str | None = None        # upstream manifest or user checkpoint; None for pretrain
     created: str = field(default_factory=_now)   # ISO 8601, UTC
-    # The chosen checkpoint's --test pair-set figures: reported, never selected on.
+    # The chosen checkpoint's --test pair-set figures (each accuracy with its ``_acc_se`` over
+    # pairs and ``_acc_std`` over folds): reported, never selected on.
     test_metrics: dict[str, float] = field(default_factory=dict)
+    # The standard error over pairs of metric_value, when it is a pair set's accuracy.
+    metric_se: float | None = None
     # "stage:trial_id" from pretrain down to this trial: which upstream trial each stage started from.
     lineage: list[str] = field(default_factory=list)
     # --carry_top K > 1: the K best trials, best first, each passed on to the next stage as a
@@ -62,6 +65,8 @@ class StageManifest:
     # Several objectives: {objectives, select, front: [{trial_id, values, checkpoint, params}],
     # plot}; the trial above is the one the select rule picked from the front.
     pareto: dict[str, Any] | None = None
+    # The generator and virface stages: the chosen epoch's instance diagnostics (vi_* metrics).
+    instance_metrics: dict[str, float] = field(default_factory=dict)
     # virface-search's options that overrode every stage's space (num_samples, max_epoch,
     # steps_per_epoch, seed), as given.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +74,7 @@ class StageManifest:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         # Written only when used, so a plain search's manifest reads as it always did.
-        for key in ("carried", "trial_upstreams", "pareto", "overrides"):
+        for key in ("carried", "trial_upstreams", "pareto", "instance_metrics", "metric_se", "overrides"):
             if not data[key]:
                 del data[key]
         return data
@@ -138,6 +143,10 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
         raise bad("metric_value", "a finite number")
     if not isinstance(data["config"], dict):
         raise bad("config", "a JSON object of TrainConfig fields")
+    se = data.get("metric_se")
+    if se is not None and (isinstance(se, bool) or not isinstance(se, (int, float))
+                           or not math.isfinite(se) or se < 0):
+        raise bad("metric_se", "a finite number >= 0 or null")
     for key in ("upstream", "created"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise bad(key, "a string or null")
@@ -146,6 +155,7 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
                                 ("carried", list, "a list of carried trials"),
                                 ("trial_upstreams", dict, "a JSON object of trial id -> upstream trial id"),
                                 ("pareto", (dict, type(None)), "a JSON object or null"),
+                                ("instance_metrics", dict, "a JSON object of metric -> value"),
                                 ("overrides", dict, "a JSON object of option -> value")):
         if key in data and not isinstance(data[key], kind):
             raise bad(key, expected)

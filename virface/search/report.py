@@ -13,6 +13,7 @@ from typing import Any
 
 from virface.fileio import write_text_atomic
 from virface.errors import VirFaceError
+from virface.metrics import INSTANCE_METRICS, format_instance_metrics
 
 TRIALS_FILE = "trials.json"
 # Optuna's importance estimate (fANOVA) means nothing on a handful of trials: below this many
@@ -75,16 +76,27 @@ def format_table(stage: str, metric: str, rows: list[TrialRow], *, reused: bool 
             params = ", ".join(f"{k}={format_value(v)}" for k, v in r.params.items())
             lines.append(f"{r.trial_id:<10} {value:>22}  {r.epochs:>6}  {r.status:<18} {params}")
     if manifest is not None:
-        lines.append(f"best: trial {manifest.trial_id} {manifest.metric_name}={manifest.metric_value:.4f}")
+        se = getattr(manifest, "metric_se", None)
+        lines.append(f"best: trial {manifest.trial_id} {manifest.metric_name}={manifest.metric_value:.4f}"
+                     + (f" ± {se:.4f} (SE over pairs: trials closer than about 2 SE are not told "
+                        f"apart by these pairs)" if se is not None else ""))
         accuracies = {k: v for k, v in manifest.test_metrics.items() if k.endswith("_acc")}
         if accuracies:
-            lines.append("test (reported, not selected on): "
-                         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(accuracies.items())))
+            lines.append("test (reported, not selected on; ± SE over pairs): "
+                         + ", ".join(f"{k}={v:.4f}" + with_se(manifest.test_metrics.get(k + "_se"))
+                                     for k, v in sorted(accuracies.items())))
+        if manifest.instance_metrics.keys() >= set(INSTANCE_METRICS):
+            lines.append("instances (held-out pairs, chosen epoch): "
+                         + format_instance_metrics(manifest.instance_metrics))
         lines.append(f"manifest: {manifest_path}")
         lines.append(f"checkpoint: {manifest.checkpoint}")
     if error:
         lines.append(f"FAILED: {error}")
     return "\n".join(lines)
+
+
+def with_se(se: float | None) -> str:
+    return f" ± {se:.4f}" if isinstance(se, (int, float)) else ""
 
 
 def format_value(v: Any) -> str:

@@ -27,6 +27,7 @@ from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
 from virface.search.experiments import RESUME_COMMAND_FILE
+from virface.metrics import INSTANCE_METRICS
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
                                      plan_chain, read_manifest, upstream_checkpoint, upstream_manifest,
@@ -453,7 +454,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
     check_trial_fits(space)
     objectives = (", ".join(f"{o.name} ({o.mode})" for o in space.objectives) + " (Pareto front; select: "
                   f"{space.select_rule().describe()})" if space.multi_objective
-                  else f"{space.metric_name} ({space.metric_mode})")
+                  else f"{space.metric_name} ({space.metric_mode})") + f", each trial's value: {space.selection}"
     say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
         f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
         f"{objectives}; starts from: {upstream_source}")
@@ -463,7 +464,8 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
 
     metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
-        stage=stage, base_config={**base, **space.fixed, "best_metric": metric},
+        stage=stage, base_config={**base, **space.fixed, "best_metric": metric,
+                                      "selection": space.selection},
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
         train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
         resources=space.resources, measure_cost=bool(space.cost_metrics),
@@ -592,9 +594,12 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say) ->
         stage=stage, experiment=options.name, trial_id=best.trial_id,
         config=chosen["config"], metric_name=metric,
         metric_value=float(best.values[metric]), metric_mode=space.metric_mode, checkpoint=best.checkpoint,
+        metric_se=(float(chosen["metrics"][metric + "_se"])
+                   if isinstance(chosen["metrics"].get(metric + "_se"), (int, float)) else None),
         upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
                                               if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
         lineage=lineage, carried=carried, pareto=pareto, overrides=options.run_overrides(),
+        instance_metrics={k: float(chosen["metrics"][k]) for k in INSTANCE_METRICS if k in chosen["metrics"]},
         trial_upstreams={r.trial_id: str(r.params[UPSTREAM_PARAMETER]) for r in rows
                          if UPSTREAM_PARAMETER in r.params} if choices else {})
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,

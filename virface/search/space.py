@@ -4,6 +4,7 @@ A file names the metric, the searcher, the scheduler, the budget, the resources 
 ``fixed`` TrainConfig fields every trial shares and the ``parameters`` Optuna samples::
 
     metric: {name: cfp_fp_acc, mode: max}     # optional: the hardest pair set's accuracy
+    selection: mean_last:3                    # optional: best (default), last or mean_last:K
     searcher: {type: tpe, seed: 0, n_startup_trials: 4}    # any TPESampler argument
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # any ASHAScheduler argument
     budget: {num_samples: 6, time_budget_s: null, max_concurrent_trials: 1}
@@ -55,6 +56,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from virface.config import METHODS, TEST_PREFIX, TrainConfig, config_field_names, inherited_fields
 from virface.errors import ConfigError
 from virface.fileio import read_text
+from virface.selection import DEFAULT_RULE, RULE_SPELLINGS, parse_rule
 from virface.metrics import COST_METRICS, METRIC_MODES, metric_mode, selection_metric, stage_metric_names
 from virface.stage_table import stage_spec
 
@@ -70,7 +72,7 @@ SCHEDULER_TYPES = ("asha", "none")
 # ASHA arguments the search sets itself: epochs are its time, max_t is the stage's max_epoch.
 _SCHEDULER_SET_BY_SEARCH = ("time_attr", "metric", "mode", "max_t")
 
-_TOP_LEVEL_KEYS = ("metric", "select", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
+_TOP_LEVEL_KEYS = ("metric", "selection", "select", "searcher", "scheduler", "budget", "resources", "fixed", "parameters")
 _SELECT_KEYS = ("maximize", "minimize", "where")
 _BOUND_KEYS = ("min", "max")
 _PARAMETER_KEYS = ("type", "low", "high", "log", "step", "choices", "default", "when")
@@ -82,6 +84,7 @@ _RESERVED_FIELDS = {
     "pretrained_file": "set by the search runner (the upstream checkpoint)",
     "resume_file": "set by the search runner",
     "snapshot_prefix": "set by the search runner (each trial has its own folder)",
+    "selection": "set by the top-level 'selection' key (e.g. selection: mean_last:3)",
 }
 
 # A key path such as ("parameters", "KL", "low") or ("parameters", "s", "choices", 2).
@@ -229,6 +232,9 @@ class SearchSpace:
     # each trial's best epoch and what its checkpoints are kept by.
     objectives: tuple[MetricSpec, ...] = ()
     select: SelectSpec | None = None
+    # How each trial's value is taken from its epochs (virface.selection): what best_<metric>
+    # holds, so what ASHA, TPE, the best-trial ranking and the manifest see.
+    selection: str = DEFAULT_RULE
 
     @property
     def multi_objective(self) -> bool:
@@ -369,9 +375,11 @@ class SearchSpace:
         """Everything that decides which trials run, as plain JSON values (no file path): what a
         resumed search must still agree with."""
         extra = {}
+        if self.selection != DEFAULT_RULE:     # left out at the default: older records still match
+            extra["selection"] = self.selection
         if self.objectives:
-            extra = {"objectives": [[o.name, o.mode] for o in self.objectives],
-                     "select": self.select_rule().to_dict() if self.metric_name else None}
+            extra.update(objectives=[[o.name, o.mode] for o in self.objectives],
+                         select=self.select_rule().to_dict() if self.metric_name else None)
         return {**extra,
             "stage": self.stage, "metric": [self.metric_name, self.metric_mode],
             "searcher": {"type": self.searcher.type, **self.searcher.arguments},
@@ -561,7 +569,8 @@ def _parse(data: Any, ctx: _Context, stage: str) -> SearchSpace:
                         scheduler=SchedulerSpec(), budget=_parse_budget(ctx, data.get("budget")),
                         resources=_parse_resources(ctx, data.get("resources")), fixed=fixed,
                         parameters=parameters, metric_where=f"{ctx.where}:{line}" if line else ctx.where,
-                        objectives=objectives, select=select)
+                        objectives=objectives, select=select,
+                        selection=_parse_selection(ctx, data.get("selection", DEFAULT_RULE)))
     space.scheduler = _parse_scheduler(ctx, data.get("scheduler"), space.max_epochs, len(objectives))
     _check_train_configs(ctx, space)
     return space
@@ -618,6 +627,14 @@ def _choice(ctx: _Context, path: _KeyPath, value: Any, allowed) -> str:
     if value not in allowed:
         raise ctx.error(path, f"{value!r} is not one of {list(allowed)}")
     return value
+
+
+def _parse_selection(ctx: _Context, value: Any) -> str:
+    """``selection``: best, last or mean_last:K (virface.selection), in its one spelling."""
+    try:
+        return parse_rule(value, "selection").text
+    except ConfigError:
+        raise ctx.error(("selection",), f"{value!r} is not {RULE_SPELLINGS}") from None
 
 
 def _parse_metric(ctx: _Context, value: Any) -> MetricSpec:

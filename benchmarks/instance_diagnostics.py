@@ -1,0 +1,66 @@
+"""The instance diagnostics of trained generators, and of covariance transfer on their backbones,
+on the data their checkpoints were trained on (issue 18, part 1; the figures for a comparison
+of variants).
+
+    python benchmarks/instance_diagnostics.py runs/generator/best.pt [more.pt ...] \
+        [--covariance 0 16] [--cov_scale 1.0] [--json out.json]
+
+For each checkpoint: its generator's figures (virface.instance_diagnostics: draw cos against the
+real same-identity cos, identity keep, nearest-W pull, own-class share) on the validation pair
+sets' same-identity pairs, and with ``--covariance R ...`` covariance transfer of rank R (0:
+full) on the same backbone. Prints one line each; the gate's warning where identity keep < 0.
+Nothing is trained. On the built-in faces each checkpoint takes seconds on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from virface.checkpoint import load_checkpoint  # noqa: E402
+from virface.config import TrainConfig  # noqa: E402
+from virface.data.loading import build_stage_data  # noqa: E402
+from virface.instance_diagnostics import generator_gate  # noqa: E402
+from virface.metrics import format_instance_metrics  # noqa: E402
+
+
+def checkpoint_data(path: str):
+    """The labeled data and pair sets ``path``'s run was trained and validated on."""
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict({**state["config"], "method": "generator", "pretrained_file": None,
+                                    "resume_file": None})
+    return build_stage_data(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="generator- or virface-stage checkpoints")
+    parser.add_argument("--covariance", type=int, nargs="*", default=[], metavar="RANK",
+                        help="also measure covariance transfer of these ranks (0: full)")
+    parser.add_argument("--cov_scale", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    results = []
+    for path in args.checkpoints:
+        data = checkpoint_data(path)
+        variants = [("generator", {})] + [(f"covariance rank {r or 'full'} x{args.cov_scale:g}",
+                                           {"vi_generator": "covariance", "cov_rank": r,
+                                            "cov_scale": args.cov_scale}) for r in args.covariance]
+        for name, changes in variants:
+            figures = generator_gate(path, data, go_on=True, device=args.device, **changes)
+            results.append({"checkpoint": path, "instances": name, **figures})
+            print(f"{path} [{name}]: {format_instance_metrics(figures)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
