@@ -55,7 +55,9 @@ def test_a_chain_with_run_size_options_reports_evaluation_and_lists_itself(tmp_p
     pretrain = read_manifest(storage / "default" / "pretrain" / "best.json")
     assert any(line.startswith(f"  pretrain   finished    1 trial(s)  best synth_cfp_fp_acc="
                                f"{pretrain.metric_value:.4f} (trial {pretrain.trial_id})  test: ") for line in lines)
-    assert any(line.startswith("  generator  finished    1 trial(s)  best gen_loss=") for line in lines)
+    generator = read_manifest(storage / "default" / "generator" / "best.json")
+    assert any(line.startswith(f"  generator  finished    1 trial(s)  best {generator.metric_name}=") for line in lines), \
+        listed.stdout
     print(done.stdout)
     print(listed.stdout)
 
