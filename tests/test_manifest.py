@@ -81,6 +81,16 @@ def test_manifest_round_trip(tmp_path):
     assert json.loads(path.read_text())["metric_value"] == 0.875
 
 
+def test_the_run_size_overrides_are_recorded_only_when_given(tmp_path):
+    plain = make_manifest(tmp_path, "pretrain")
+    assert "overrides" not in json.loads(write_manifest(plain, tmp_path / "a" / "best.json").read_text())
+    given = make_manifest(tmp_path, "pretrain")
+    given.overrides = {"max_epoch": 30, "seed": 2}
+    path = write_manifest(given, tmp_path / "b" / "best.json")
+    assert json.loads(path.read_text())["overrides"] == {"max_epoch": 30, "seed": 2}
+    assert read_manifest(path).overrides == {"max_epoch": 30, "seed": 2}
+
+
 def test_a_generator_manifest_carries_its_instance_figures_into_the_stage_table(tmp_path):
     from virface.search.report import format_table
 

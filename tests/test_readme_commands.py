@@ -7,11 +7,13 @@ import pytest
 
 from virface import evaluate
 from virface.search import cli as search_cli
+from virface.search.space import load_search_space, resolve_space
+from virface.export import build_parser as export_parser
 from virface.train import build_parser as train_parser
 from virface.train import config_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ("virface-train", "virface-search", "virface-eval")
+ENTRY_POINTS = ("virface-train", "virface-search", "virface-eval", "virface-export")
 # What else a README command line may start with (a line starting with an option is a broken paste).
 OTHER_PROGRAMS = {"make", "pip", "python", "python3", "bash", "ray", "tensorboard", "optuna-dashboard", "git",
                   "cd", "export", "ls", "cat", "mkdir", "rsync", "scp", "curl", "kill", "while"}
@@ -61,13 +63,13 @@ COMMANDS = shell_commands(open(os.path.join(REPO, "README.md"), encoding="utf-8"
 
 def test_the_readme_has_commands_of_every_entry_point():
     kinds = {virface_invocation(words)[0] for _, words in COMMANDS if virface_invocation(words)}
-    assert kinds == {"train", "search", "eval"}
+    assert kinds == {"train", "search", "eval", "export"}
     assert any(words[0] == "virface-search" for _, words in COMMANDS)
     assert any(words[:3] == ["ray", "job", "submit"] for _, words in COMMANDS)
 
 
 @pytest.mark.parametrize("line,words", COMMANDS, ids=[f"README.md:{n}" for n, _ in COMMANDS])
-def test_readme_command_parses(line, words, monkeypatch):
+def test_readme_command_parses(line, words, monkeypatch, tmp_path):
     assert words[0] in OTHER_PROGRAMS | set(ENTRY_POINTS), \
         f"README.md:{line}: {words[0]!r} is not a command (a broken line continuation?)"
     invocation = virface_invocation(words)
@@ -75,9 +77,17 @@ def test_readme_command_parses(line, words, monkeypatch):
         return
     kind, argv = invocation
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    # As a user of the installed package pastes it: from a folder that is not the checkout.
+    monkeypatch.chdir(tmp_path)
     if kind == "train":
         config_from_args(train_parser().parse_args(argv))
+    elif kind == "export":
+        export_parser().parse_args(argv)
     elif kind == "eval":
         evaluate.config_from_args(evaluate.build_parser().parse_args(argv))
     else:
-        search_cli.options_from_args(search_cli.build_parser().parse_args(argv))
+        args = search_cli.build_parser().parse_args(argv)
+        options = search_cli.options_from_args(args)
+        if options.space:
+            # The space it names is found there too (a shipped space by name, not a checkout path).
+            load_search_space(resolve_space(options.space), options.stage)

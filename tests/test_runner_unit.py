@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from virface.errors import ConfigError
+
 from virface.search.runner import SMOKE_FIXED, SearchOptions, base_train_config, stage_space
 from virface.search.trial import ReportedCheckpoints, best_checkpoint_of, checkpoint_retention
 
@@ -32,6 +34,45 @@ def test_command_line_overrides_resources_and_budget():
     assert (space.budget.num_samples, space.budget.max_concurrent_trials) == (7, 2)
     assert "arch" not in space.fixed                                # inherited downstream
     assert stage_space(options, "pretrain").fixed["arch"] == "iresnet50"
+
+
+def test_run_size_options_override_every_stage_of_the_chain_and_the_smoke_budget():
+    options = SearchOptions(stage="virface", budget="smoke", max_epoch=4, steps_per_epoch=5, seed=7, num_samples=2)
+    assert options.run_overrides() == {"num_samples": 2, "max_epoch": 4, "steps_per_epoch": 5, "seed": 7}
+    for stage in ("pretrain", "generator", "virface"):
+        space = stage_space(options, stage)
+        assert (space.fixed["max_epoch"], space.fixed["steps_per_epoch"], space.fixed["seed"]) == (4, 5, 7)
+        assert space.budget.num_samples == 2 and space.max_epochs == 4
+        assert space.searcher.arguments["seed"] == 7
+        scheduler = space.make_scheduler("m", "max")
+        assert scheduler is None or scheduler._max_t == 4
+    # Not given: each space's own.
+    plain = stage_space(SearchOptions(stage="pretrain"), "pretrain")
+    assert "seed" not in plain.fixed and plain.searcher.arguments["seed"] == 0
+    assert SearchOptions(stage="pretrain").run_overrides() == {}
+
+
+def test_a_run_size_option_that_a_space_searches_is_an_error(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text("parameters:\n  max_epoch: {type: int, low: 2, high: 6, default: 4}\n")
+    with pytest.raises(ConfigError, match=r"max_epoch: --max_epoch 3 sets it for every stage, but .*s\.yaml "
+                                          r"searches max_epoch; drop the option or the parameter"):
+        stage_space(SearchOptions(stage="pretrain", space=str(space), max_epoch=3), "pretrain")
+
+
+@pytest.mark.parametrize("key,value", [("max_epoch", 0), ("steps_per_epoch", 0), ("seed", -1)])
+def test_run_size_options_out_of_range_are_named(key, value):
+    with pytest.raises(ConfigError, match=f"{key}: {value} must be >= "):
+        SearchOptions(stage="pretrain", **{key: value})
+
+
+def test_the_command_line_spells_them_as_virface_train_does():
+    from virface.search.cli import build_parser, options_from_args
+
+    options = options_from_args(build_parser().parse_args(
+        ["--max_epoch", "3", "--steps-per-epoch", "4", "--num-samples", "2", "--seed", "1", "--seeds", "5"]))
+    assert options.run_overrides() == {"num_samples": 2, "max_epoch": 3, "steps_per_epoch": 4, "seed": 1}
+    assert options.seeds == 5
 
 
 def test_storage_is_made_absolute():

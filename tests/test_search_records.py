@@ -160,3 +160,105 @@ def test_a_trial_the_journal_started_but_tune_never_recorded_is_marked_abandoned
     assert states == [TrialState.RUNNING, TrialState.FAIL]
     restored.on_trial_complete("t1", {"best_acc": 0.9, "epoch": 2})
     assert restored._ot_study.trials[0].value == 0.9
+
+
+def test_every_optuna_trial_carries_its_tune_id_checkpoint_and_outcome(tmp_path):
+    root = tmp_path / "search_pretrain"
+    for trial_id, best_epoch_earlier in (("full", True), ("stopped", False)):
+        folder = root / f"pretrain_{trial_id}" / "checkpoint_000001"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"x")
+        if best_epoch_earlier:
+            (folder / "best.pt").write_bytes(b"x")
+    search = StageOptunaSearch(space=lr_space, metric="best_acc", mode="max",
+                               sampler=optuna.samplers.RandomSampler(seed=0), objective_name="acc",
+                               max_epochs=3, trial_root=str(root), trial_dir="pretrain_{trial_id}")
+    for trial_id in ("full", "stopped", "failed"):
+        search.suggest(trial_id)
+    # While running, the trial already names its Tune trial.
+    assert search._ot_study.trials[0].user_attrs == {"tune_trial_id": "full"}
+    search.on_trial_complete("full", {"best_acc": 0.9, "epoch": 3, "checkpoint_dir_name": "checkpoint_000001"})
+    search.on_trial_complete("stopped", {"best_acc": 0.6, "epoch": 1, "checkpoint_dir_name": "checkpoint_000001"})
+    search.on_trial_complete("failed", {"epoch": 0, "checkpoint_dir_name": None}, error=True)
+    full, stopped, failed = (t.user_attrs for t in search._ot_study.trials)
+    # The best epoch's file: best.pt when an earlier epoch was the best, else the last checkpoint.
+    assert full == {"tune_trial_id": "full", "outcome": "completed",
+                    "checkpoint": str(root / "pretrain_full" / "checkpoint_000001" / "best.pt")}
+    assert stopped == {"tune_trial_id": "stopped", "outcome": "stopped early",
+                       "checkpoint": str(root / "pretrain_stopped" / "checkpoint_000001" / "checkpoint.pt")}
+    assert failed == {"tune_trial_id": "failed", "outcome": "failed"}
+
+
+def test_the_hparams_config_lists_outcome_and_every_searched_parameter_first(tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from virface.search.callbacks import write_stage_hparams
+    from virface.search.space import Parameter
+
+    experiment = tmp_path / "default"
+    pretrain = [Parameter("lr", FloatDistribution(0.01, 0.1)), Parameter("s", IntDistribution(16, 64)),
+                Parameter("m", FloatDistribution(0.2, 0.6))]
+    generator = [Parameter("g_lr", FloatDistribution(0.001, 0.1))]
+    virface = [Parameter(n, FloatDistribution(0.1, 1.0)) for n in ("KL", "L2", "lr", "m")] + [
+        Parameter("optim_mode", CategoricalDistribution(["alternate", "joint"])),
+        Parameter("vi_to_backbone", CategoricalDistribution([False, True]))]
+    reported = {"epoch": 2, "loss": 1.0, "synth_lfw_acc": 0.9, "best_synth_lfw_acc": 0.9, "lr": 0.1,
+                "test_synth_lfw_acc": 0.8, "time_this_iter_s": 3.0, "trial_id": "a", "training_iteration": 2}
+    # Every generator trial completed with the same value: TensorBoard alone would hide both columns.
+    write_scalars(str(experiment / "generator" / "tb" / "generator_a"), [(0.5, 0.5)])
+    progress = TrialProgress("generator", "gen_loss", ["g_lr"], num_samples=1, max_epochs=1, max_concurrent=1,
+                             tb_root=str(experiment / "generator" / "tb"), print_lines=False)
+    trial = fake_trial("a", {"g_lr": 0.01}, 1)
+    progress.on_trial_start(0, [trial], trial)
+    progress.on_trial_complete(0, [trial], trial)
+    for stage, parameters in (("pretrain", pretrain), ("generator", generator), ("virface", virface)):
+        write_stage_hparams(str(experiment), stage, parameters, [reported])
+
+    # TensorBoard lists the columns it ticks ("differs") first, each group by name.
+    view, sessions = hparams_view(str(experiment / "generator" / "tb"))
+    assert [(h.name, h.differs) for h in view.hparam_infos] == [("g_lr", True), ("outcome", True), ("stage", True)]
+    assert sessions["generator_a"]["hparams"] == {"stage": "generator", "outcome": "completed", "g_lr": 0.01}
+    assert [m.name.tag for m in view.metric_infos] == ["best/synth_lfw_acc", "loss/loss", "test/synth_lfw_acc",
+                                                       "train/lr", "val/synth_lfw_acc"]
+    # Every parameter listed; ticked: the outcome and the space's first four.
+    view, _ = hparams_view(str(experiment / "virface" / "tb"))
+    assert [(h.name, h.differs) for h in view.hparam_infos] == [
+        ("KL", True), ("L2", True), ("lr", True), ("m", True), ("outcome", True),
+        ("optim_mode", False), ("stage", False), ("vi_to_backbone", False)]
+    from tensorboard.plugins.hparams import api_pb2
+
+    types = {h.name: api_pb2.DataType.Name(h.type) for h in view.hparam_infos}
+    assert (types["KL"], types["optim_mode"], types["vi_to_backbone"]) == \
+        ("DATA_TYPE_FLOAT64", "DATA_TYPE_STRING", "DATA_TYPE_BOOL")
+    # The whole experiment: every stage's columns, each name once; ticked: outcome, stage and the
+    # first three parameters in chain order.
+    view, sessions = hparams_view(str(experiment))
+    assert {h.name for h in view.hparam_infos if h.differs} == {"outcome", "stage", "lr", "s", "m"}
+    assert {h.name for h in view.hparam_infos if not h.differs} == {"g_lr", "KL", "L2", "optim_mode",
+                                                                    "vi_to_backbone"}
+    assert sessions["generator/tb/generator_a"]["hparams"]["outcome"] == "completed"
+
+
+def test_the_driver_prints_each_scored_pair_set_once_before_the_epochs_line(tmp_path, capsys):
+    from virface.progress import EvalProgress, StepProgress, write_progress
+
+    tb_root = tmp_path / "pretrain" / "tb"
+    progress = TrialProgress("pretrain", "cfp_fp_acc", ["lr"], num_samples=1, max_epochs=2, max_concurrent=1,
+                             tb_root=str(tb_root))
+    trial = fake_trial("a", {"lr": 0.1}, 0, status="RUNNING")
+    progress.on_trial_start(0, [trial], trial)
+    run = str(tb_root / "pretrain_a")
+    (tb_root / "pretrain_a").mkdir(parents=True)
+    write_progress(run, StepProgress("pretrain", 1, 2, 5, 5, 3.0, 100.0, 0.0, 9.0))
+    write_progress(run, EvalProgress("pretrain", 1, 2, "cfp_fp", 1, 2, 700, 2.0, 1.7))
+    progress.on_step_end(0, [trial])
+    write_progress(run, EvalProgress("pretrain", 1, 2, "lfw", 2, 2, 600, 1.0, 0.0))
+    progress.on_trial_result(0, [trial], trial, {"epoch": 1, "cfp_fp_acc": 0.8, "best_cfp_fp_acc": 0.8})
+    progress.next_poll = 0
+    progress.on_step_end(0, [trial])                       # nothing new: nothing printed twice
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "[pretrain] trial 1/1 a | epoch 1/2 step 5/5 | loss 3 | 100 img/s | trial 0:09 left | stage <= 0:09 left",
+        "[pretrain] trial 1/1 a | epoch 1/2 evaluated cfp_fp (1/2): 700 pairs, 350 pairs/s | evaluation 0:02 left",
+        "[pretrain] trial 1/1 a | epoch 1/2 evaluated lfw (2/2): 600 pairs, 600 pairs/s | evaluation 0:00 left",
+        "[pretrain] trial 1/1 a | epoch 1/2: cfp_fp_acc=0.8000 (best 0.8000)"]

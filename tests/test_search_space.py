@@ -15,6 +15,7 @@ from virface.search.space import (
     default_space_path,
     load_search_space,
     parse_search_space,
+    resolve_space,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -48,6 +49,46 @@ parameters:
 
 # ---------------------------------------------------------------------------------------------
 # The shipped files
+
+
+def test_a_shipped_space_is_named_without_a_path_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given in ("pretrain_pareto", "pretrain_pareto.yaml"):
+        path = resolve_space(given)
+        assert path.is_absolute() and path.name == "pretrain_pareto.yaml"
+        assert load_search_space(path, "pretrain").multi_objective
+
+
+def test_a_file_of_the_same_name_in_the_working_folder_wins_over_the_shipped_space(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = write(tmp_path, "fixed: {max_epoch: 2}\nparameters: {lr: {type: float, low: 0.01, high: 0.1}}\n",
+                 name="pretrain.yaml")
+    assert resolve_space("pretrain.yaml") == mine.resolve()
+    assert resolve_space("pretrain") == default_space_path("pretrain")
+
+
+def test_a_checkout_path_that_is_not_here_names_the_shipped_space_to_give(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_space("search_spaces/pretrain_pareto.yaml")
+    assert "--space pretrain_pareto" in str(err.value)
+    with pytest.raises(ConfigError, match=r"'nope' is neither a file nor a shipped search space .*"
+                                          r"shipped: baseline, generator, pretrain, pretrain_pareto"):
+        resolve_space("nope")
+
+
+def test_virface_search_spaces_lists_every_shipped_space_with_its_file(capsys):
+    from virface.search.cli import main
+
+    assert main(["--spaces"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("shipped search spaces")
+    listed = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    shipped = sorted(p.stem for p in default_space_path("pretrain").parent.glob("*.yaml"))
+    assert sorted(listed) == shipped
+    assert listed["pretrain_pareto"] == str(default_space_path("pretrain").parent / "pretrain_pareto.yaml")
+    assert [line for line in lines if "(the default of --stage" in line] == \
+        [line for line in lines if line.split()[0] in METHODS]
 
 
 @pytest.mark.parametrize("stage", METHODS)

@@ -108,6 +108,10 @@ def test_the_installed_wheel_searches_from_outside_the_checkout(tmp_path):
     env = {**os.environ, "PYTHONPATH": site}
     where = search([sys.executable, "-c", "import virface; print(virface.__file__)"], cwd=str(elsewhere), env=env)
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr
+    # Shipped spaces by name, found in the installed package.
+    listed = search([os.path.join(site, "bin", "virface-search"), "--spaces"], cwd=str(elsewhere), env=env)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert os.path.join(site, "virface", "search", "default_spaces", "pretrain_pareto.yaml") in listed.stdout
     done = search([os.path.join(site, "bin", "virface-search"), "--budget", "smoke"], cwd=str(elsewhere), env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert os.path.join(site, "virface", "search", "default_spaces", "virface.yaml") in done.stdout

@@ -9,6 +9,7 @@ The model description makes a checkpoint loadable without its config: :func:`loa
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ from virface.stage_table import producer_of, stage_spec
 
 FORMAT = "virface-checkpoint"
 VERSION = 1
+log = logging.getLogger("virface")
 MODEL_KEYS = ("arch", "feat_len", "input_size", "num_ids")   # required in every checkpoint
 
 
@@ -197,7 +199,61 @@ def inherit_model_fields(config: TrainConfig, state: dict | None, path: str | No
     # The head's classes are the upstream's labeled identities: the same data must come back.
     if config.uses_synthetic and not config.synthetic and upstream_cfg.get("synthetic"):
         changes["synthetic"] = upstream_cfg["synthetic"]
+    adopted = checkpoint_data(config.to_dict(), state, path)
+    if adopted:
+        log.info("%s: no data options were given; %s was trained on other data than the built-in "
+                 "synthetic faces, so this run uses the data it records: %s", config.method, path,
+                 format_data_options(adopted))
+        changes.update(adopted)
     return config.replace(**changes)
+
+
+# The options naming a run's data, as the checkpoint's config records them.
+DATA_FIELDS = ("labeled", "labeled_root", "unlabeled", "unlabeled_root", "val", "test")
+
+
+def format_data_options(values: Mapping[str, Any]) -> str:
+    """``--labeled /d/train.rec --val lfw=/d/lfw.bin ...``: data fields as the options that give them."""
+    words = []
+    for key in DATA_FIELDS:
+        value = values.get(key)
+        if isinstance(value, Mapping):
+            words += [f"--{key} {name}={where}" for name, where in value.items()]
+        elif value:
+            words.append(f"--{key} {value}")
+    return " ".join(words)
+
+
+def checkpoint_data(given: Mapping[str, Any], state: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The data fields a run must take from its start checkpoint: those the checkpoint records
+    when the run was given no labeled data (which would mean the built-in synthetic faces) but the
+    checkpoint was trained on other data; empty otherwise. Pair sets given are kept. A recorded
+    path that is not here, or a stage needing unlabeled data the checkpoint does not record, is a
+    ConfigError naming the options to give, never a silent switch to the synthetic faces."""
+    recorded = state.get("config") or {}
+    if given.get("labeled") or not recorded.get("labeled"):
+        return {}
+    method = given.get("method") or state.get("stage")
+    # The unlabeled faces too, also through a stage that does not read them (generator), so a
+    # chain continued from that stage still has them.
+    adopted = {k: recorded.get(k) for k in ("labeled", "labeled_root", "unlabeled", "unlabeled_root")}
+    for key in ("val", "test"):
+        adopted[key] = dict(given.get(key) or {}) or dict(recorded.get(key) or {})
+    missing = [f"{k} {v}" for k, v in adopted.items() if isinstance(v, str) and not os.path.exists(v)]
+    missing += [f"{k} {name}={where}" for k in ("val", "test") for name, where in adopted[k].items()
+                if not os.path.exists(where)]
+    needs_unlabeled = stage_spec(method).uses_unlabeled and not adopted.get("unlabeled")
+    if missing or needs_unlabeled:
+        problem = (f"not found here: {', '.join(missing)}" if missing
+                   else f"stage {method} needs unlabeled data, and the checkpoint records none")
+        raise ConfigError(
+            f"{path} was trained on other data than the built-in synthetic faces "
+            f"({format_data_options(recorded)}) and no data options were given, so the run would "
+            f"take that data, but {problem}. Give the data explicitly: --labeled PATH (the "
+            f"identities it was trained on)"
+            + (" --unlabeled PATH" if stage_spec(method).uses_unlabeled else "")
+            + " --val NAME=PATH")
+    return adopted
 
 
 def check_start_checkpoint(config: TrainConfig) -> None:

@@ -1,7 +1,7 @@
 """Progress within a run: speed, loss and time left, as a line a person can read.
 
-The stage loop builds a :class:`StepProgress` every ``log_every`` steps (one host sync each);
-``virface-train`` prints it, a search trial hands it to the search driver, which prints it with
+The stage loop builds a :class:`StepProgress` every ``log_every`` steps (one host sync each) and
+an :class:`EvalProgress` after each pair set it scores; ``virface-train`` prints them, a search trial hands it to the search driver, which prints it with
 the trial's place in the stage (``trial 2/4``) and the stage's time left.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from virface.fileio import write_text_atomic
 
 PROGRESS_FILE = "progress.json"
+EVAL_PROGRESS_FILE = "eval_progress.json"
 
 
 def format_duration(seconds: float | None) -> str:
@@ -57,6 +58,54 @@ class StepProgress:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class EvalProgress:
+    """Pair set ``index`` of ``count`` scored after epoch ``epoch``: its size, its speed and the
+    time the epoch's evaluation has left (the remaining pairs at the speed so far)."""
+
+    stage: str
+    epoch: int
+    max_epoch: int
+    name: str
+    index: int
+    count: int
+    pairs: int
+    seconds: float
+    left_s: float
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        return (f"{self.stage} epoch {self.epoch}/{self.max_epoch} evaluated {self.name} "
+                f"({self.index}/{self.count}): {self.pairs:,} pairs in {self.seconds:.1f} s, "
+                f"{self.pairs_per_s:,.0f} pairs/s | evaluation {format_duration(self.left_s)} left")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class EvalClock:
+    """Times an epoch's evaluation one pair set at a time (``sizes``: name -> pairs, in the
+    order they are scored)."""
+
+    def __init__(self, stage: str, epoch: int, max_epoch: int, sizes: dict[str, int]):
+        self.stage, self.epoch, self.max_epoch = stage, epoch, max_epoch
+        self.sizes = dict(sizes)
+        self.done_pairs, self.done_s, self.done = 0, 0.0, 0
+
+    def record(self, name: str, seconds: float) -> EvalProgress:
+        pairs = self.sizes[name]
+        self.done += 1
+        self.done_pairs += pairs
+        self.done_s += seconds
+        left_pairs = sum(self.sizes.values()) - self.done_pairs
+        left_s = left_pairs * self.done_s / max(self.done_pairs, 1)
+        return EvalProgress(self.stage, self.epoch, self.max_epoch, name, self.done, len(self.sizes),
+                            pairs, seconds, left_s)
+
+
 class RunClock:
     """Estimates time left from the steps timed so far in this epoch and the evaluation time of
     the previous epoch (evaluation runs between epochs and is not a step)."""
@@ -75,9 +124,26 @@ class RunClock:
                             epoch_left + self.eval_s + later_epochs)
 
 
-def write_progress(folder: str, progress: StepProgress) -> None:
-    """Replace ``folder/progress.json`` (atomically: a reader never sees half a file)."""
-    write_text_atomic(os.path.join(folder, PROGRESS_FILE), json.dumps(progress.to_dict()))
+def write_progress(folder: str, progress: StepProgress | EvalProgress) -> None:
+    """Replace ``folder/progress.json`` with a StepProgress, or add an EvalProgress to
+    ``folder/eval_progress.json`` (the pair sets scored so far in the latest evaluated epoch, so
+    a reader that looks less often than sets are scored still sees each); atomically: a reader
+    never sees half a file."""
+    if isinstance(progress, EvalProgress):
+        scored = [p for p in read_eval_progress(folder) if p.epoch == progress.epoch]
+        text = json.dumps([p.to_dict() for p in scored + [progress]])
+        write_text_atomic(os.path.join(folder, EVAL_PROGRESS_FILE), text)
+    else:
+        write_text_atomic(os.path.join(folder, PROGRESS_FILE), json.dumps(progress.to_dict()))
+
+
+def read_eval_progress(folder: str) -> list[EvalProgress]:
+    """The pair sets scored so far in a run's latest evaluated epoch, in order; [] if none."""
+    try:
+        with open(os.path.join(folder, EVAL_PROGRESS_FILE), encoding="utf-8") as f:
+            return [EvalProgress(**item) for item in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def read_progress(folder: str) -> StepProgress | None:

@@ -30,7 +30,7 @@ from virface.evaluation.verification import evaluate_pair_sets
 from virface.metrics import selection_metric, tensorboard_tag
 from virface.models import StageModels, build_models, build_optimizers
 from virface.partial_fc import full_optimizer_state, load_optimizer_state
-from virface.progress import RunClock, StepProgress
+from virface.progress import EvalClock, EvalProgress, RunClock, StepProgress
 from virface.selection import RuleTracker, parse_rule
 from virface.stage_table import stage_spec
 from virface.instance_diagnostics import build_instance_sampler
@@ -39,7 +39,7 @@ from virface.steps import StageStep
 log = logging.getLogger("virface")
 
 EpochCallback = Callable[[dict[str, Any], "str | None"], None]
-ProgressCallback = Callable[[StepProgress], None]
+ProgressCallback = Callable[["StepProgress | EvalProgress"], None]
 DEFAULT_ARCH_REAL, DEFAULT_ARCH_SYNTHETIC = "resnet50", "mobilefacenet_s"
 DEFAULT_FEAT_LEN = 512
 NONFINITE_CHECK_EVERY = 25   # steps between host syncs that look for a NaN/inf loss
@@ -64,6 +64,15 @@ def finalise_config(config: TrainConfig, data: StageData) -> TrainConfig:
                  if stage_spec(config.method).builds_generator else {})
     return config.replace(arch=arch, num_ids=num_ids, input_size=data.input_size,
                           feat_len=config.feat_len or DEFAULT_FEAT_LEN, **generator)
+
+
+def loss_selects_best(config: TrainConfig) -> bool:
+    """Whether best.pt will follow the training loss for want of validation pair sets: real data
+    without --val, or evaluation off, in a stage that selects on verification by default."""
+    spec = stage_spec(config.method)
+    if config.best_metric or spec.default_metric or not spec.trains_backbone:
+        return False
+    return not config.eval or (not config.uses_synthetic and not config.val)
 
 
 # ---------------------------------------------------------------- evaluation and logging
@@ -185,8 +194,9 @@ class StageRun:
     reporting after each.
 
     ``run_dir`` gets checkpoints/epoch_NNN.pt, best.pt, metrics.jsonl and tb/ (rank 0 only).
-    ``on_progress(StepProgress)`` is called on rank 0 every ``config.log_every`` steps (default: a
-    log line). ``data`` defaults to what ``config`` names.
+    ``on_progress(StepProgress)`` is called on rank 0 every ``config.log_every`` steps, and
+    ``on_progress(EvalProgress)`` after each pair set is scored (default: a log line; neither
+    with ``log_every`` 0). ``data`` defaults to what ``config`` names.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str, data: StageData | None = None, *,
@@ -202,6 +212,10 @@ class StageRun:
             check_run_dir(run_dir, resuming)
         config = inherit_model_fields(config, state, start_path)
         spec = stage_spec(config.method)
+        if ctx.is_main and loss_selects_best(config):
+            log.warning("%s: %s: best.pt will be the epoch with the lowest training loss, not the best "
+                        "verification accuracy (give --val NAME=PATH, or --best_metric)", config.method,
+                        "evaluation is off (--no-eval)" if not config.eval else "no validation pair sets (--val)")
         if data is None:
             if ctx.is_main:
                 log.info("%s: reading the data (%s)", config.method,
@@ -278,7 +292,7 @@ class StageRun:
             self.best_ckpt = forget_abandoned_epochs(run_dir, self.epoch, self.best, config.resume_file)
         self.clock = RunClock(config.method, config.max_epoch)
         if on_progress is None:
-            def on_progress(progress: StepProgress) -> None:
+            def on_progress(progress: StepProgress | EvalProgress) -> None:
                 log.info("%s", progress.line())
         self.on_progress = on_progress
         self.config, self.run_dir, self.data, self.ctx = config, run_dir, data, ctx
@@ -358,10 +372,7 @@ class StageRun:
             metrics.update(self.instance_metrics(head_state["weight"]))
         if self.pair_set_names and ctx.is_main:
             eval_start = time.perf_counter()
-            metrics.update(evaluate_pair_sets(models.backbone, self.data.pair_sets, ctx.device))
-            # Reported every epoch, never selected on: selection reads val metrics only.
-            metrics.update(evaluate_pair_sets(models.backbone, self.data.test_pair_sets, ctx.device,
-                                              prefix=TEST_PREFIX))
+            metrics.update(self.evaluate(epoch))
             self.clock.eval_s = time.perf_counter() - eval_start
         metrics = ctx.broadcast_object(metrics)
         name = self.metric_name
@@ -386,6 +397,25 @@ class StageRun:
         self.last_ckpt = ckpt_path
         self.history.append(metrics)
         return metrics, ckpt_path
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Score the validation pair sets, then the test ones (reported every epoch, never
+        selected on), one set at a time with an EvalProgress to ``on_progress`` after each (a
+        large set takes minutes on a CPU: the run says where it is)."""
+        config = self.config
+        sets = [("", name, ps) for name, ps in self.data.pair_sets.items()]
+        sets += [(TEST_PREFIX, name, ps) for name, ps in (self.data.test_pair_sets or {}).items()]
+        clock = EvalClock(config.method, epoch, config.max_epoch,
+                          {prefix + name: len(ps.issame) for prefix, name, ps in sets})
+        metrics: dict[str, float] = {}
+        for prefix, name, pair_set in sets:
+            start = time.perf_counter()
+            metrics.update(evaluate_pair_sets(self.models.backbone, {name: pair_set}, self.ctx.device,
+                                              prefix=prefix))
+            progress = clock.record(prefix + name, time.perf_counter() - start)
+            if config.log_every:
+                self.on_progress(progress)
+        return metrics
 
     def close(self) -> None:
         self.run_log.close()

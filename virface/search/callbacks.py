@@ -4,10 +4,11 @@ TensorBoard HParams entry once its outcome is known.
 Lines (on stdout, the driver's; also what ``ray job logs`` shows):
   [pretrain] trial 2/4 8f3a2b1c started: lr=0.05, m=0.4
   [pretrain] trial 2/4 8f3a2b1c | epoch 3/6 step 20/40 | loss 10.9 | 612 img/s | trial 0:35 left | stage <= 2:10 left
+  [pretrain] trial 2/4 8f3a2b1c | epoch 3/6 evaluated cfp_fp (1/3): 7,000 pairs, 410 pairs/s | evaluation 0:31 left
   [pretrain] trial 2/4 8f3a2b1c | epoch 3/6: cfp_fp_acc=0.8823 (best 0.8823) loss=10.9
   [pretrain] trial 2/4 8f3a2b1c stopped early at epoch 2/6 (best cfp_fp_acc=0.8711)
 
-Step lines come from the ``progress.json`` each trial's rank 0 rewrites in its TensorBoard run
+Step lines come from the ``progress.json`` (evaluation lines: ``eval_progress.json``) each trial's rank 0 rewrites in its TensorBoard run
 folder every ``log_every`` steps (storage is shared by every node of a cluster); the driver looks
 at most once a second. "stage <= ..." is an upper bound: ASHA may stop trials early.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from virface.progress import format_duration, read_progress
+from virface.progress import format_duration, read_eval_progress, read_progress
 from virface.search.report import (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_STOPPED, format_value,
                                    trial_outcome)
 
@@ -73,6 +74,115 @@ def write_trial_hparams(tb_dir: str, stage: str, params: dict[str, Any], outcome
         writer.close()
 
 
+HPARAMS_CONFIG_SUFFIX = ".hparams_config"
+HPARAMS_RECORD = "hparams_config.json"
+
+
+# TensorBoard's HParams dashboard ticks (shows) at most this many columns by default: those marked
+# "differs" first, by name; the others are listed in its left pane to tick.
+SHOWN_COLUMNS = 5
+
+
+def write_hparams_config(tb_dir: str, hparams: list[tuple[str, str]], metric_tags: list[str],
+                         shown: list[str]) -> str:
+    """Write TensorBoard's HParams experiment config into ``tb_dir`` (replacing an earlier one):
+    the columns ``hparams`` (``(name, type)``, type float, bool or string) and the metrics
+    ``metric_tags``; the columns ``shown`` (at most SHOWN_COLUMNS) are the ones the dashboard
+    ticks. Without a config TensorBoard infers the columns and ticks those that differ between
+    trials, so ``outcome`` (every trial completed) or a stage's only parameter (one trial) were
+    hidden. Returns the folder written to."""
+    import glob
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    types = {"float": api_pb2.DATA_TYPE_FLOAT64, "bool": api_pb2.DATA_TYPE_BOOL,
+             "string": api_pb2.DATA_TYPE_STRING}
+    experiment = api_pb2.Experiment(
+        # "differs" orders the dashboard's columns (those that differ first) and ticks the first five.
+        hparam_infos=[api_pb2.HParamInfo(name=name, type=types[kind], differs=name in shown)
+                      for name, kind in hparams],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_tags])
+    for old in glob.glob(os.path.join(glob.escape(tb_dir), "*" + HPARAMS_CONFIG_SUFFIX)):
+        os.unlink(old)
+    writer = SummaryWriter(tb_dir, filename_suffix=HPARAMS_CONFIG_SUFFIX)
+    try:
+        content = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(experiment=experiment))
+        writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=metadata.EXPERIMENT_TAG,
+                                                                    metadata=content)]))
+        path = writer.file_writer.get_logdir()
+    finally:
+        writer.close()
+    return path
+
+
+def _column_type(distribution) -> str:
+    """How tensorboard_hparams writes a parameter's values: floats as numbers, bools as bools,
+    everything else (ints included) as text."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    if isinstance(distribution, FloatDistribution):
+        return "float"
+    if isinstance(distribution, CategoricalDistribution):
+        choices = [c for c in distribution.choices if c is not None]
+        if choices and all(isinstance(c, bool) for c in choices):
+            return "bool"
+        if choices and all(isinstance(c, float) for c in choices):
+            return "float"
+    return "string"
+
+
+def reported_tags(metrics: dict[str, Any]) -> list[str]:
+    """The TensorBoard tags a trial's per-epoch metrics are written under (virface.stages.RunLog),
+    leaving out what Tune adds to a result (times, ids, iteration counters)."""
+    from virface.metrics import EPOCH_METRICS, tensorboard_tag
+
+    tags = []
+    for key, value in metrics.items():
+        if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        tag = tensorboard_tag(key)
+        if not tag.startswith("train/") or key in EPOCH_METRICS:
+            tags.append(tag)
+    return sorted(set(tags))
+
+
+def write_stage_hparams(experiment_dir: str, stage: str, parameters, results_metrics: list[dict]) -> None:
+    """The HParams config of a finished stage's TensorBoard folder (``<stage>/tb``: every searched
+    parameter listed; ticked: the outcome and the first four parameters), and the experiment's
+    (``<experiment>/``: every stage's columns, for ``tensorboard --logdir <experiment>``, which
+    reads the first config it finds, the top folder's; ticked: outcome, stage and three
+    parameters).
+    Each stage's columns are recorded in ``<stage>/tb/hparams_config.json`` for the latter."""
+    import json
+
+    from virface.fileio import write_text_atomic
+    from virface.stage_table import STAGES
+
+    hparams = [("outcome", "string")] + [(p.name, _column_type(p.distribution)) for p in parameters] \
+        + [("stage", "string")]
+    tags = sorted({tag for metrics in results_metrics for tag in reported_tags(metrics)})
+    tb_dir = os.path.join(experiment_dir, stage, "tb")
+    os.makedirs(tb_dir, exist_ok=True)
+    # Shown: the outcome and the space's first parameters (a stage's own folder has one stage).
+    write_hparams_config(tb_dir, hparams, tags, [n for n, _ in hparams[:SHOWN_COLUMNS]])
+    write_text_atomic(os.path.join(tb_dir, HPARAMS_RECORD),
+                      json.dumps({"hparams": hparams, "metrics": tags}, indent=2) + "\n")
+    columns, all_tags = [("outcome", "string")], set()
+    for name in STAGES:
+        try:
+            with open(os.path.join(experiment_dir, name, "tb", HPARAMS_RECORD), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        columns += [tuple(c) for c in record["hparams"] if c[0] not in {n for n, _ in columns} | {"stage"}]
+        all_tags.update(record["metrics"])
+    columns.append(("stage", "string"))
+    write_hparams_config(experiment_dir, columns, sorted(all_tags),
+                         ["outcome", "stage"] + [n for n, _ in columns[1:SHOWN_COLUMNS - 1]])
+
+
 class TrialProgress(Callback):
     """Prints the search's progress and writes each trial's HParams entry when it ends."""
 
@@ -86,6 +196,7 @@ class TrialProgress(Callback):
         self.started_at: dict[str, float] = {}
         self.full_trial_s: dict[str, float] = {}   # estimated length of a full trial, per trial
         self.last_step: dict[str, tuple] = {}
+        self.printed_eval: dict[str, set] = {}     # trial id -> {(epoch, pair set)} printed
         self.next_poll = 0.0
 
     # -- helpers
@@ -123,6 +234,7 @@ class TrialProgress(Callback):
         self.say(trial, f"started: {params}" if params else "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.say_evaluated(trial)        # the epoch's pair sets, before its result line
         value, best = result.get(self.metric), result.get(f"best_{self.metric}")
         parts = [f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "",
                  f"(best {best:.4f})" if isinstance(best, (int, float)) else ""]
@@ -158,6 +270,20 @@ class TrialProgress(Callback):
                             f"{progress.samples_per_s:,.0f} img/s | trial "
                             f"{format_duration(progress.run_left_s)} left | stage <= "
                             f"{format_duration(stage_left)} left")
+        for trial in trials:
+            if trial.status == "RUNNING":
+                self.say_evaluated(trial)
+
+    def say_evaluated(self, trial) -> None:
+        """A line per pair set the trial scored since the last look (its eval_progress.json)."""
+        printed = self.printed_eval.setdefault(trial.trial_id, set())
+        for scored in read_eval_progress(self.tb_dir(trial)):
+            if (scored.epoch, scored.name) not in printed:
+                printed.add((scored.epoch, scored.name))
+                self.say(trial, f"| epoch {scored.epoch}/{scored.max_epoch} evaluated {scored.name} "
+                                f"({scored.index}/{scored.count}): {scored.pairs:,} pairs, "
+                                f"{scored.pairs_per_s:,.0f} pairs/s | evaluation "
+                                f"{format_duration(scored.left_s)} left")
 
     def _finish(self, trial, error: bool) -> None:
         result = trial.last_result or {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 
 from virface.config import GROUP_DATA, TrainConfig, config_field_names
@@ -29,20 +30,56 @@ def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter,
                                      usage="%(prog)s [--stage STAGE] [options]")
     groups: dict = {}
+    shown = groups.setdefault("what is there (prints and exits)", parser.add_argument_group(
+        "what is there (prints and exits)"))
+    shown.add_argument("--spaces", action="store_true", default=argparse.SUPPRESS,
+                       help="list the shipped search spaces (names for --space) with their files")
+    shown.add_argument("--list", action="store_true", default=argparse.SUPPRESS,
+                       help="list the experiments under --storage: their stages, status (finished, "
+                            "running with its driver, interrupted with the command that resumes it), "
+                            "best values and test figures")
     add_dataclass_options(parser, SearchOptions, groups=groups)
     add_dataclass_options(parser, TrainConfig, config_field_names(GROUP_DATA), groups=groups)
     return parser
 
 
-def options_from_args(args: argparse.Namespace):
+def options_from_args(args: argparse.Namespace, resume_command: str | None = None):
     from virface.search.runner import SearchOptions
 
     names = [f.name for f in dataclasses.fields(SearchOptions) if "help" in f.metadata]
     return SearchOptions(**given_options(args, names),
-                         data=given_options(args, config_field_names(GROUP_DATA)))
+                         data=given_options(args, config_field_names(GROUP_DATA)),
+                         resume_command=resume_command)
+
+
+def resume_command(prog: str, argv: list[str]) -> str:
+    """The command that continues this search: the one given, with ``--resume``."""
+    if prog == "virface-search":
+        words = [prog]
+    else:       # run_search.py from a checkout
+        script = sys.argv[0] if sys.argv[0].endswith("run_search.py") else os.path.join("tune", "run_search.py")
+        words = ["python", script]
+    words += [w for w in argv]
+    if "--resume" not in argv:
+        words.append("--resume")
+    return shlex.join(words)
+
+
+def format_spaces() -> str:
+    """One line per shipped search space: its name (what --space takes), its stage-default mark
+    and its file."""
+    from virface.config import METHODS
+    from virface.search.space import shipped_spaces
+
+    spaces = shipped_spaces()
+    width = max((len(n) for n in spaces), default=0)
+    lines = [f"{name:<{width}}  {path}" + (f"  (the default of --stage {name})" if name in METHODS else "")
+             for name, path in spaces.items()]
+    return "\n".join(["shipped search spaces (--space NAME):", *lines])
 
 
 def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
         # The local Ray the search starts uses token authentication, Ray's default; choosing it
@@ -53,8 +90,16 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
 
     from virface.search.runner import SearchInterrupted
 
+    if getattr(args, "spaces", False):
+        print(format_spaces())
+        return 0
     try:
-        options = options_from_args(args)
+        options = options_from_args(args, resume_command(prog, argv))
+        if getattr(args, "list", False):
+            from virface.search.experiments import format_experiments, list_experiments
+
+            print(format_experiments(options.storage, list_experiments(options.storage)))
+            return 0
         if options.compare:
             from virface.search.compare import comparison_table, run_comparison
 
@@ -63,7 +108,7 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
             return 0
         outcomes = run_search(options)
     except (SearchInterrupted, KeyboardInterrupt) as exc:
-        print(f"{prog}: interrupted: {exc or 'continue with the same command and --resume'}",
+        print(f"{prog}: interrupted: {exc or 'continue with ' + resume_command(prog, argv)}",
               file=sys.stderr)
         return 130
     except VirFaceError as exc:

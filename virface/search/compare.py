@@ -95,7 +95,8 @@ def run_comparison(options: SearchOptions, say=print) -> dict[str, Any]:
     with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
         started = init_ray(options, say)
         try:
-            with sigterm_as_sigint() as interrupted:
+            with sigterm_as_sigint(f"stopping: the search's state is being saved; continue it "
+                                   f"with {options.how_to_resume()}") as interrupted:
                 manifests = {}
                 for arm in arms:
                     outcome = run_search(replace(options, stage=arm, compare=None, budget_overrides=budget),

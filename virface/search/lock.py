@@ -50,6 +50,28 @@ def _holder_alive(holder: dict) -> bool:
     return started is not None and started == float(holder.get("process_start") or started)
 
 
+def lock_holder(folder: str) -> tuple[dict | None, bool]:
+    """``(holder, alive)`` of the experiment in ``folder``: the lock's record and whether that
+    driver still runs (a holder on another host cannot be checked and counts as alive);
+    ``(None, False)`` when nobody holds it."""
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None, False
+    if not isinstance(holder, dict):
+        return None, False
+    if holder.get("host") != socket.gethostname():
+        return holder, True
+    return holder, _holder_alive(holder)
+
+
+def describe_holder(holder: dict) -> str:
+    where = "this machine" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')}"
+    return f"pid {holder.get('pid')} on {where}, since {holder.get('since')}"
+
+
 class ExperimentLock:
     """``with ExperimentLock(folder):`` holds the experiment for this process."""
 

@@ -67,11 +67,14 @@ class StageManifest:
     pareto: dict[str, Any] | None = None
     # The generator and virface stages: the chosen epoch's instance diagnostics (vi_* metrics).
     instance_metrics: dict[str, float] = field(default_factory=dict)
+    # virface-search's options that overrode every stage's space (num_samples, max_epoch,
+    # steps_per_epoch, seed), as given.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         # Written only when used, so a plain search's manifest reads as it always did.
-        for key in ("carried", "trial_upstreams", "pareto", "instance_metrics", "metric_se"):
+        for key in ("carried", "trial_upstreams", "pareto", "instance_metrics", "metric_se", "overrides"):
             if not data[key]:
                 del data[key]
         return data
@@ -152,7 +155,8 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
                                 ("carried", list, "a list of carried trials"),
                                 ("trial_upstreams", dict, "a JSON object of trial id -> upstream trial id"),
                                 ("pareto", (dict, type(None)), "a JSON object or null"),
-                                ("instance_metrics", dict, "a JSON object of metric -> value")):
+                                ("instance_metrics", dict, "a JSON object of metric -> value"),
+                                ("overrides", dict, "a JSON object of option -> value")):
         if key in data and not isinstance(data[key], kind):
             raise bad(key, expected)
     for i, entry in enumerate(data.get("carried") or []):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
+from virface.search.experiments import RESUME_COMMAND_FILE
 from virface.metrics import INSTANCE_METRICS
 from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
@@ -37,7 +39,7 @@ from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_tri
                                    write_optuna_plots, write_trials)
 from virface.search.pareto import (NoTrialSelected, TrialPoint, carried_trials, format_front, pareto_front,
                                    plot_front, rank_by_rule, rank_trials, select_point)
-from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space
+from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space, resolve_space
 from virface.search.trial import (UPSTREAM_PARAMETER, TrialSetup, best_checkpoint_of, checkpoint_retention,
                                   concurrent_trials, reuses_actors, run_trial, trial_resources, trials_at_once)
 from virface.stage_table import stage_chain, stage_spec
@@ -65,18 +67,23 @@ class _StopHandler:
     """SIGINT and SIGTERM during a search: the first records the interrupt and asks Tune to stop
     (SIGUSR1: Tune saves its state and returns, as on Ctrl-C); a second stops at once."""
 
-    def __init__(self):
+    def __init__(self, message: str | None = None):
         self.interrupted = threading.Event()
+        self.message = message
 
     def __call__(self, signum, frame):
         if self.interrupted.is_set():
             raise KeyboardInterrupt
         self.interrupted.set()
+        if self.message:
+            # At once: `ray job stop` kills the driver a few seconds after its SIGTERM, maybe
+            # before Tune has returned.
+            print(self.message, file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @contextlib.contextmanager
-def sigterm_as_sigint() -> Iterator[threading.Event]:
+def sigterm_as_sigint(message: str | None = None) -> Iterator[threading.Event]:
     """SIGTERM (``ray job stop``, ``kill``) stops the search as Ctrl-C does: Tune saves its state
     and returns, and no manifest is written for the unfinished stage. Yields the event the first
     such signal sets: what Tune returns after it is never taken for a finished stage (Tune marks
@@ -84,7 +91,8 @@ def sigterm_as_sigint() -> Iterator[threading.Event]:
 
     Tune's own SIGINT handler is kept out (``TUNE_DISABLE_SIGINT_HANDLER``): it would swallow the
     signal without a trace; ours records it and stops Tune through Tune's other stop signal,
-    SIGUSR1 (ignored outside a run). Nested uses share the outer one's event."""
+    SIGUSR1 (ignored outside a run). Nested uses share the outer one's event. ``message`` (how to
+    continue) is printed to stderr on the first signal."""
     current = signal.getsignal(signal.SIGTERM)
     if isinstance(current, _StopHandler):
         yield current.interrupted
@@ -92,7 +100,7 @@ def sigterm_as_sigint() -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield threading.Event()
         return
-    handler = _StopHandler()
+    handler = _StopHandler(message)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -150,8 +158,9 @@ class SearchOptions:
     stage: str = setting("virface", group=GROUP_SEARCH, choices=METHODS,
                          help="the stage to search; upstream stages without a manifest are "
                               "searched first")
-    space: str | None = setting(None, group=GROUP_SEARCH, metavar="YAML",
-                                help="search space of --stage (default: search_spaces/<stage>.yaml)")
+    space: str | None = setting(None, group=GROUP_SEARCH, metavar="NAME|YAML",
+                                help="search space of --stage: a shipped space's name (--spaces "
+                                     "lists them) or a YAML file (default: the space named <stage>)")
     storage: str | None = setting(
         None, group=GROUP_SEARCH, metavar="DIR",
         help="where experiments live, made absolute; on a cluster, storage every node shares "
@@ -161,6 +170,15 @@ class SearchOptions:
                           help="smoke: 1 trial x 1 epoch x 3 steps per stage on tiny data")
     num_samples: int | None = setting(None, group=GROUP_SEARCH,
                                       help="trials per stage (default: the YAML's budget)")
+    max_epoch: int | None = setting(None, group=GROUP_SEARCH,
+                                    help="epochs of every trial of every stage of the chain (default: "
+                                         "each space's)")
+    steps_per_epoch: int | None = setting(None, group=GROUP_SEARCH,
+                                          help="steps per epoch of every trial of every stage (default: "
+                                               "each space's, else one pass over the data)")
+    seed: int | None = setting(None, group=GROUP_SEARCH,
+                               help="seed of every trial (weights, sampling) and of every stage's "
+                                    "searcher (default: each space's, 0)")
     max_concurrent: int | None = setting(None, group=GROUP_SEARCH,
                                          help="trials at once (default: the YAML's budget)")
     max_failures: int = setting(1, group=GROUP_SEARCH,
@@ -200,6 +218,13 @@ class SearchOptions:
     data: dict[str, Any] = field(default_factory=dict)   # TrainConfig data fields (GROUP_DATA)
     # Set by a comparison, not the command line: --stage's trials x epochs x steps for an arm.
     budget_overrides: dict[str, Any] = field(default_factory=dict)
+    # Set by the command line: the command that started this search, with --resume (a stopped
+    # search names it).
+    resume_command: str | None = None
+
+    def how_to_resume(self) -> str:
+        return (f"`{self.resume_command}`" if self.resume_command
+                else "the same command and --resume")
 
     def __post_init__(self):
         check_field_types(self)
@@ -209,7 +234,8 @@ class SearchOptions:
             raise ConfigError(f"budget: {self.budget!r} is not one of {list(BUDGETS)}")
         # Before anything starts: -1 trials would search forever, 0 would "fail" every trial.
         for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0), ("workers", 1),
-                          ("seeds", 1), ("carry_top", 1)):
+                          ("seeds", 1), ("carry_top", 1), ("max_epoch", 1), ("steps_per_epoch", 1),
+                          ("seed", 0)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"{name}: {value} must be >= {low}")
@@ -220,6 +246,16 @@ class SearchOptions:
         self.storage = resolve_storage(self.storage)
         if self.from_checkpoint:
             self.from_checkpoint = os.path.abspath(self.from_checkpoint)
+
+
+    def run_overrides(self) -> dict[str, int]:
+        """The budget and run-size options given, which apply to every stage of the chain."""
+        return {k: getattr(self, k) for k in RUN_OVERRIDES if getattr(self, k) is not None}
+
+
+# Options that override every stage's space: trials per stage, and fixed TrainConfig fields.
+RUN_OVERRIDES = ("num_samples", "max_epoch", "steps_per_epoch", "seed")
+FIXED_OVERRIDES = ("max_epoch", "steps_per_epoch", "seed")
 
 
 @dataclass
@@ -257,7 +293,7 @@ class StageOutcome:
 
 def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     """The stage's search space with the command line's overrides (metric not yet resolved)."""
-    path = options.space if (options.space and stage == options.stage) else default_space_path(stage)
+    path = resolve_space(options.space) if (options.space and stage == options.stage) else default_space_path(stage)
     space = load_search_space(path, stage)
     fixed = dict(space.fixed)
     if options.arch and stage_spec(stage).is_first:
@@ -265,12 +301,22 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
             raise ConfigError(f"arch: --arch {options.arch} fixes the backbone, but {space.path} "
                               f"searches arch; drop --arch or the parameter")
         fixed["arch"] = options.arch
-    budget, resources = space.budget, space.resources
+    budget, resources, searcher = space.budget, space.resources, space.searcher
     if options.budget == "smoke":
         fixed.update(SMOKE_FIXED)
         budget = replace(budget, num_samples=SMOKE_NUM_SAMPLES, time_budget_s=None)
     if options.num_samples is not None:
         budget = replace(budget, num_samples=options.num_samples)
+    for key in FIXED_OVERRIDES:
+        value = getattr(options, key)
+        if value is None:
+            continue
+        if key in space.parameter_names:
+            raise ConfigError(f"{key}: --{key} {value} sets it for every stage, but {space.path} "
+                              f"searches {key}; drop the option or the parameter")
+        fixed[key] = value
+    if options.seed is not None:
+        searcher = replace(searcher, arguments={**searcher.arguments, "seed": options.seed})
     if stage == options.stage and options.budget_overrides:
         overrides = dict(options.budget_overrides)
         budget = replace(budget, num_samples=overrides.pop("num_samples", budget.num_samples))
@@ -280,7 +326,7 @@ def stage_space(options: SearchOptions, stage: str) -> SearchSpace:
     for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
         if getattr(options, key) is not None:
             resources = replace(resources, **{key: getattr(options, key)})
-    return replace(space, fixed=fixed, budget=budget, resources=resources)
+    return replace(space, fixed=fixed, budget=budget, resources=resources, searcher=searcher)
 
 
 def base_train_config(options: SearchOptions) -> dict[str, Any]:
@@ -454,7 +500,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from virface.search.callbacks import TrialProgress
+    from virface.search.callbacks import TrialProgress, write_stage_hparams
     from virface.search.searcher import StageOptunaSearch
     from virface.search.state import (KEPT_STATE_DIR, TuneStateKeeper, is_disk_error, repair_journal,
                                       repair_tune_state)
@@ -480,6 +526,9 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     say(f"[{stage}] searching {len(space.parameters)} parameter(s) from {space.path}: "
         f"{space.budget.num_samples} trial(s) x up to {space.max_epochs} epoch(s), selecting on "
         f"{objectives}; starts from: {upstream_source}")
+    if space.metric_name == "loss":
+        say(f"[{stage}] no validation pair sets (--val): each trial's best epoch and the best trial "
+            f"follow the training loss, not verification accuracy")
 
     metric, selection = space.metric_name, f"best_{space.metric_name}"
     setup = TrialSetup(
@@ -530,7 +579,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
             space=space.define_by_run, metric=search_metric, mode=search_mode,
             points_to_evaluate=space.points_to_evaluate() or None, sampler=space.make_sampler(),
             study_name=f"{options.name}-{stage}", storage=storage, objective_name=objective_name,
-            max_epochs=space.max_epochs)
+            max_epochs=space.max_epochs, trial_root=search_dir, trial_dir=f"{stage}_{{trial_id}}")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -565,8 +614,9 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                           f"every finished trial is kept") from exc
     if (interrupted is not None and interrupted.is_set()) or stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
-                                f"continue it with the same command and --resume")
+                                f"continue it with {options.how_to_resume()}")
     rows = [trial_row(r, space) for r in results]
+    write_stage_hparams(experiment_dir, stage, space.parameters, [r.metrics or {} for r in results])
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         errors = "; ".join(sorted({str(r.error).strip().splitlines()[-1] for r in results if r.error})) or "no results"
@@ -633,7 +683,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                    if isinstance(chosen["metrics"].get(metric + "_se"), (int, float)) else None),
         upstream=best_upstream, test_metrics={k: float(v) for k, v in chosen["metrics"].items()
                                               if k.startswith(TEST_PREFIX) and isinstance(v, (int, float))},
-        lineage=lineage, carried=carried, pareto=pareto,
+        lineage=lineage, carried=carried, pareto=pareto, overrides=options.run_overrides(),
         instance_metrics={k: float(chosen["metrics"][k]) for k in INSTANCE_METRICS if k in chosen["metrics"]},
         trial_upstreams={r.trial_id: str(r.params[UPSTREAM_PARAMETER]) for r in rows
                          if UPSTREAM_PARAMETER in r.params} if choices else {})
@@ -714,6 +764,25 @@ def reused_outcome(options: SearchOptions, stage: str) -> StageOutcome:
     return StageOutcome(stage, manifest, str(path), rows, metric or manifest.metric_name, reused=True)
 
 
+def adopt_upstream_data(options: SearchOptions, stage: str, say) -> SearchOptions:
+    """The options with the data that ``stage``'s start checkpoint was trained on, when none was
+    given and that checkpoint was not trained on the built-in synthetic faces (said, never a
+    silent switch to the synthetic faces); an error naming the options to give when that data is
+    not here (see virface.checkpoint.checkpoint_data)."""
+    from virface.checkpoint import checkpoint_data, format_data_options, load_checkpoint
+
+    if options.data.get("labeled") or stage_spec(stage).is_first:
+        return options
+    path, _ = upstream_checkpoint(stage, options.storage, options.name,
+                                  options.from_checkpoint if stage == options.stage else None)
+    adopted = checkpoint_data({**options.data, "method": stage}, load_checkpoint(path), path)
+    if not adopted:
+        return options
+    say(f"no data options were given, and {path} was trained on other data than the built-in "
+        f"synthetic faces: searching on the data it records: {format_data_options(adopted)}")
+    return replace(options, data={**options.data, **{k: v for k, v in adopted.items() if v}})
+
+
 def draw_plots(options: SearchOptions, outcome: StageOutcome, say) -> None:
     stage_dir = os.path.join(options.storage, options.name, outcome.stage)
     journal = os.path.join(stage_dir, "optuna.journal")
@@ -739,12 +808,17 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             f"from {os.path.join(options.storage, options.name)} (use another --name to search again)")
     else:
         plan = plan_chain(options.stage, options.storage, options.name, options.from_checkpoint)
+    if plan:
+        options = adopt_upstream_data(options, plan[0], say)
     outcomes: list[StageOutcome] = []
     if not options.from_checkpoint or finished:
         for stage in stage_chain(options.stage):
             if stage not in plan and manifest_path(options.storage, options.name, stage).exists():
                 outcomes.append(reused_outcome(options, stage))
     if plan:
+        if options.run_overrides():
+            say("for every stage: " + ", ".join(f"{k}={v}" for k, v in options.run_overrides().items())
+                + " (options given; they override each search space)")
         say(f"checking {', '.join(plan)}: search spaces, metrics and data ...")
         spaces = {stage: prepare_space(options, stage) for stage in plan}
         check_data_paths(base_train_config(options), options.stage)
@@ -753,10 +827,15 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             options.from_checkpoint if plan[0] == options.stage else None)
         check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
         with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
+            if options.resume_command:
+                # What --list shows to continue this experiment if it stops.
+                write_text_atomic(os.path.join(options.storage, options.name, RESUME_COMMAND_FILE),
+                                  options.resume_command + "\n")
             started = init_ray(options, say)
             try:
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
-                with sigterm_as_sigint() as interrupted:
+                with sigterm_as_sigint(f"stopping: the search's state is being saved; continue it "
+                                       f"with {options.how_to_resume()}") as interrupted:
                     for stage in plan:
                         outcome = search_stage(options, stage, spaces[stage], say, interrupted)
                         outcomes.append(outcome)

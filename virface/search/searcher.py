@@ -7,7 +7,10 @@ what the manifest picks a trial by, so here:
   training_iteration, which restarts from 1 after a resume);
 - a trial that ends before its last epoch without an error is PRUNED (Optuna then records its
   last intermediate value, the best so far); a full trial is COMPLETE with its best value;
-- the study's objective carries the metric's name (Optuna's dashboard labels the axis with it).
+- the study's objective carries the metric's name (Optuna's dashboard labels the axis with it);
+- every trial carries user attributes tying it to the other records: ``tune_trial_id`` (Tune's id,
+  the TensorBoard run and trial folder names), and when it ends its ``outcome`` (completed,
+  stopped early, failed) and ``checkpoint`` (its best epoch's file).
 
 With several objectives (``metric`` and ``mode`` lists) Optuna takes no intermediate values and
 prunes nothing: each trial is told its final values, COMPLETE (or FAIL without them).
@@ -28,14 +31,48 @@ from ray.tune.search.optuna import OptunaSearch
 log = logging.getLogger("virface")
 
 
+# User attributes of every Optuna trial, linking it to the other records of the search.
+TUNE_TRIAL_ID, CHECKPOINT, OUTCOME = "tune_trial_id", "checkpoint", "outcome"
+
+
 class StageOptunaSearch(OptunaSearch):
     """OptunaSearch for one stage. ``metric`` must be the best-so-far metric the trials report;
     ``objective_name`` names the study's objective; ``max_epochs`` is a full trial's length."""
 
-    def __init__(self, *args, objective_name: str | list[str], max_epochs: int, **kwargs):
+    def __init__(self, *args, objective_name: str | list[str], max_epochs: int, trial_root: str | None = None,
+                 trial_dir: str = "{trial_id}", **kwargs):
         self._objective_names = [objective_name] if isinstance(objective_name, str) else list(objective_name)
         self._max_epochs = max_epochs
+        # Where Tune keeps a trial's checkpoints: <trial_root>/<trial_dir with its id>/checkpoint_N/.
+        self._trial_root, self._trial_dir = trial_root, trial_dir
         super().__init__(*args, **kwargs)
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials and not self._finished_in_study(trial_id):
+            # Which Tune trial (and TensorBoard run, trial folder) this Optuna trial is.
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return config
+
+    def _record_end(self, trial_id: str, ot_trial, result: dict | None, error: bool) -> None:
+        """The trial's outcome and its best-epoch checkpoint, as user attributes (before the
+        trial is told: a finished Optuna trial cannot be changed)."""
+        from virface.search.report import trial_outcome
+
+        result = result or {}
+        epochs = int(result.get("epoch", 0) or 0)
+        try:
+            ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
+            ot_trial.set_user_attr(OUTCOME, trial_outcome(epochs, self._max_epochs, error))
+            folder = result.get("checkpoint_dir_name")
+            if folder and self._trial_root and not error:
+                from virface.search.trial import best_file_in
+
+                directory = "/".join([self._trial_root.rstrip("/"), self._trial_dir.format(trial_id=trial_id),
+                                      folder])
+                ot_trial.set_user_attr(CHECKPOINT, directory if "://" in directory else best_file_in(directory))
+        except Exception as exc:   # a record, never a reason to lose the trial's result
+            log.warning("optuna trial of %s: user attributes not written: %s", trial_id, exc)
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
@@ -93,6 +130,7 @@ class StageOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)     # recorded before the driver died
             return
         ot_trial = self._ot_trials[trial_id]
+        self._record_end(trial_id, ot_trial, result, error)
         if self._multi_objective:
             values = [(result or {}).get(m) for m in self.metric]
             ok = not error and all(isinstance(v, (int, float)) for v in values)

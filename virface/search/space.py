@@ -417,6 +417,35 @@ def default_space_path(stage: str) -> Path:
                       f"{PACKAGED_SPACES} holds {stage}.yaml (a broken install?); give --space")
 
 
+def shipped_spaces() -> dict[str, Path]:
+    """Every shipped search space by name (``pretrain_pareto`` -> its YAML file): the checkout's
+    ``search_spaces/`` when there is one, else the installed package's copy."""
+    for folder in (CHECKOUT_SPACES, PACKAGED_SPACES):
+        found = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+        if found:
+            return found
+    return {}
+
+
+def resolve_space(given: str | os.PathLike) -> Path:
+    """The YAML file ``--space`` names: an existing file, else a shipped space's name
+    (``pretrain_pareto``, or ``pretrain_pareto.yaml``). Anything else is an error listing the
+    shipped names, also for a path into a checkout's ``search_spaces/`` that an installed package
+    does not have (the shipped file of that name is what to give)."""
+    path = Path(os.fspath(given)).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = shipped_spaces()
+    name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if len(path.parts) == 1 and name in shipped:
+        return shipped[name]
+    hint = (f"; the shipped space {name!r} is --space {name}" if name in shipped
+            else "")
+    raise ConfigError(f"space: {os.fspath(given)!r} is neither a file nor a shipped search space"
+                      f"{hint} (shipped: {', '.join(shipped) or 'none: a broken install?'}; "
+                      f"virface-search --spaces lists them with their files)")
+
+
 def load_search_space(path: str | os.PathLike, stage: str) -> SearchSpace:
     """Read and validate a search-space YAML file for ``stage`` (one of METHODS)."""
     where = os.fspath(path)
