@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from virface.metrics import (hardest_pair_set, metric_mode, paired_differences, selection_metric,
+from virface.metrics import (hardest_pair_set, metric_mode, selection_metric,
                              stage_metric_names, tensorboard_tag)
+from virface.stats import paired_over_seeds
 
 
 @pytest.mark.parametrize("names, hardest", [
@@ -72,7 +73,7 @@ def test_each_metric_has_its_tensorboard_section(metric, tag):
 def test_paired_differences_are_seed_by_seed_in_points():
     # 0.90 - 0.88, 0.85 - 0.85, 0.80 - 0.81: +2, 0, -1 points; mean 1/3; sample std
     # sqrt(((5/3)^2 + (1/3)^2 + (4/3)^2) / 2) = sqrt(7/3).
-    diff = paired_differences([0.90, 0.85, 0.80], [0.88, 0.85, 0.81])
+    diff = paired_over_seeds([0.90, 0.85, 0.80], [0.88, 0.85, 0.81])
     assert diff["values"] == pytest.approx([2.0, 0.0, -1.0])
     assert diff["mean"] == pytest.approx(1 / 3)
     assert diff["std"] == pytest.approx(math.sqrt(7 / 3))
@@ -80,8 +81,8 @@ def test_paired_differences_are_seed_by_seed_in_points():
 
 
 def test_paired_differences_of_one_seed_have_no_std_and_take_a_scale():
-    diff = paired_differences([3.0], [1.0], scale=1.0)
-    assert diff == {"values": [2.0], "mean": 2.0, "std": None, "signs": "+"}
-    assert paired_differences([1.0, 2.0], [1.0 + 1e-12, 2.0 - 2e-9], scale=1.0)["signs"] == "0+"
+    diff = paired_over_seeds([3.0], [1.0], scale=1.0)
+    assert (diff["values"], diff["mean"], diff["std"], diff["signs"]) == ([2.0], 2.0, None, "+")
+    assert paired_over_seeds([1.0, 2.0], [1.0 + 1e-12, 2.0 - 2e-9], scale=1.0)["signs"] == "0+"
     with pytest.raises(ValueError):
-        paired_differences([1.0, 2.0], [1.0])
+        paired_over_seeds([1.0, 2.0], [1.0])

@@ -33,11 +33,12 @@ def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
     shown = groups.setdefault("what is there (prints and exits)", parser.add_argument_group(
         "what is there (prints and exits)"))
     shown.add_argument("--spaces", action="store_true", default=argparse.SUPPRESS,
-                       help="list the shipped search spaces (names for --space) with their files")
+                       help="list the shipped search spaces (names for --space) with their files, and exit "
+                            "(default: search)")
     shown.add_argument("--list", action="store_true", default=argparse.SUPPRESS,
                        help="list the experiments under --storage: their stages, status (finished, "
                             "running with its driver, interrupted with the command that resumes it), "
-                            "best values and test figures")
+                            "best values and test figures, and exit (default: search)")
     add_dataclass_options(parser, SearchOptions, groups=groups)
     add_dataclass_options(parser, TrainConfig, config_field_names(GROUP_DATA), groups=groups)
     return parser

@@ -827,12 +827,13 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             options.from_checkpoint if plan[0] == options.stage else None)
         check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
         with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
-            if options.resume_command:
-                # What --list shows to continue this experiment if it stops.
-                write_text_atomic(os.path.join(options.storage, options.name, RESUME_COMMAND_FILE),
-                                  options.resume_command + "\n")
             started = init_ray(options, say)
             try:
+                if options.resume_command:
+                    # What --list shows to continue this experiment if it stops (written once
+                    # Ray is up: a failed start leaves the experiment folder as it was).
+                    write_text_atomic(os.path.join(options.storage, options.name, RESUME_COMMAND_FILE),
+                                      options.resume_command + "\n")
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
                 with sigterm_as_sigint(f"stopping: the search's state is being saved; continue it "
                                        f"with {options.how_to_resume()}") as interrupted:
