@@ -76,7 +76,8 @@ def test_smoke_chain_pretrain_generator_virface(ray_cluster, tmp_path):
     assert vf_state["model"] == {**pre_state["model"], "gen_residual": False, "gen_target": "class_centre"}
     assert vf.metric_name == "synth_cfp_fp_acc" and 0.0 <= vf.metric_value <= 1.0
 
-    runs = glob.glob(str(storage / "default" / "*" / "tb" / "*"))
+    # The trials' runs are folders; the stage's HParams config files sit beside them.
+    runs = [r for r in glob.glob(str(storage / "default" / "*" / "tb" / "*")) if os.path.isdir(r)]
     assert {os.path.basename(os.path.dirname(os.path.dirname(r))) for r in runs} == {"pretrain", "generator", "virface"}
     vf_run = [r for r in runs if "/virface/" in r][0]
     scalars, hparams = tb_scalars_and_hparams(vf_run)
