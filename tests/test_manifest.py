@@ -309,3 +309,24 @@ def test_the_chosen_trials_accuracies_carry_their_standard_errors_into_the_manif
     data = json.loads(path.read_text())
     with pytest.raises(ManifestError, match="metric_se: -1 must be a finite number >= 0 or null"):
         read_manifest(write_raw(tmp_path, {**data, "metric_se": -1}))
+
+
+def test_the_table_says_in_words_which_trials_the_pairs_cannot_tell_from_the_best(tmp_path):
+    from virface.search.report import TrialRow, format_table
+
+    path = tmp_path / "best.json"
+    write_manifest(make_manifest(tmp_path, metric_se=0.01), path)   # best a1b2 at 0.875
+    manifest = read_manifest(path)
+    rows = [TrialRow("a1b2", {}, 0.875, 2, "completed"),
+            TrialRow("near", {}, 0.875 - 0.02, 2, "completed"),     # < 1.96·√2·0.01 = 0.0277
+            TrialRow("far", {}, 0.875 - 0.03, 2, "completed"),
+            TrialRow("broken", {}, None, 0, "failed", error="x")]
+    table = format_table("pretrain", "synth_cfp_fp_acc", rows, manifest=manifest, manifest_path=str(path))
+    assert "within noise of the best: near (closer than 1.96·√2·SE = 0.0277)" in table
+    # Trials clearly apart, or a manifest without an SE, add no such line.
+    apart = [r for r in rows if r.trial_id != "near"]
+    assert "within noise" not in format_table("pretrain", "synth_cfp_fp_acc", apart, manifest=manifest,
+                                              manifest_path=str(path))
+    write_manifest(make_manifest(tmp_path), path)
+    assert "within noise" not in format_table("pretrain", "synth_cfp_fp_acc", rows,
+                                              manifest=read_manifest(path), manifest_path=str(path))

@@ -263,7 +263,7 @@ def test_carry_top_two_passes_both_pretrain_trials_on_and_records_the_lineage(ra
     assert all(c["lineage"][0] == f"pretrain:{c['upstream']}" for c in base.carried)
     assert "upstream=" in outcomes[-1].table() and "lineage: pretrain:" in outcomes[-1].table()
     # TensorBoard's HParams of each trial name its upstream.
-    run = glob.glob(str(storage / "default" / "baseline" / "tb" / "*"))[0]
+    run = [r for r in glob.glob(str(storage / "default" / "baseline" / "tb" / "*")) if os.path.isdir(r)][0]
     _, hparams = tb_scalars_and_hparams(run)
     from tensorboard.plugins.hparams import plugin_data_pb2
 

@@ -80,6 +80,11 @@ def format_table(stage: str, metric: str, rows: list[TrialRow], *, reused: bool 
         lines.append(f"best: trial {manifest.trial_id} {manifest.metric_name}={manifest.metric_value:.4f}"
                      + (f" ± {se:.4f} (SE over pairs: trials closer than about 2 SE are not told "
                         f"apart by these pairs)" if se is not None else ""))
+        close = trials_within_noise(rows, manifest.trial_id, manifest.metric_value, se)
+        if close:
+            lines.append(f"within noise of the best: {', '.join(close)} (closer than 1.96·√2·SE = "
+                         f"{1.96 * math.sqrt(2) * se:.4f}); these pairs do not tell them apart, so "
+                         "the choice among them is a coin toss, not a finding")
         accuracies = {k: v for k, v in manifest.test_metrics.items() if k.endswith("_acc")}
         if accuracies:
             lines.append("test (reported, not selected on; ± SE over pairs): "
@@ -93,6 +98,19 @@ def format_table(stage: str, metric: str, rows: list[TrialRow], *, reused: bool 
     if error:
         lines.append(f"FAILED: {error}")
     return "\n".join(lines)
+
+
+def trials_within_noise(rows: list[TrialRow], best_id: str, best_value: float,
+                        se: float | None) -> list[str]:
+    """The other trials whose value differs from the best by less than a 95 % interval of the
+    difference of two accuracies with this SE each (1.96·√2·SE: unpaired, so conservative for
+    trials scored on the same pairs)."""
+    if not isinstance(se, (int, float)) or not se > 0 or best_value is None:
+        return []
+    margin = 1.96 * math.sqrt(2) * se
+    return [r.trial_id for r in rows
+            if r.trial_id != best_id and r.metric is not None and math.isfinite(r.metric)
+            and abs(r.metric - best_value) < margin]
 
 
 def with_se(se: float | None) -> str:
