@@ -3,12 +3,12 @@ on the data their checkpoints were trained on (issue 18, part 1; the figures for
 of variants).
 
     python benchmarks/instance_diagnostics.py runs/generator/best.pt [more.pt ...] \
-        [--covariance 0 16] [--cov_scale 1.0] [--json out.json]
+        [--covariance 0 16] [--cov_scale 1.0 0.5] [--cov_shrink 0 0.5 1] [--json out.json]
 
 For each checkpoint: its generator's figures (virface.instance_diagnostics: draw cos against the
 real same-identity cos, identity keep, nearest-W pull, own-class share) on the validation pair
 sets' same-identity pairs, and with ``--covariance R ...`` covariance transfer of rank R (0:
-full) on the same backbone. Prints one line each; the gate's warning where identity keep < 0.
+full) on the same backbone, for every --cov_scale and --cov_shrink given. Prints one line each; the gate's warning where identity keep < 0.
 Nothing is trained. On the built-in faces each checkpoint takes seconds on CPU.
 """
 from __future__ import annotations
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="+", help="generator- or virface-stage checkpoints")
     parser.add_argument("--covariance", type=int, nargs="*", default=[], metavar="RANK",
                         help="also measure covariance transfer of these ranks (0: full)")
-    parser.add_argument("--cov_scale", type=float, default=1.0)
+    parser.add_argument("--cov_scale", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--cov_shrink", type=float, nargs="+", default=[0.0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
@@ -49,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for path in args.checkpoints:
         data = checkpoint_data(path)
-        variants = [("generator", {})] + [(f"covariance rank {r or 'full'} x{args.cov_scale:g}",
-                                           {"vi_generator": "covariance", "cov_rank": r,
-                                            "cov_scale": args.cov_scale}) for r in args.covariance]
+        variants = [("generator", {})] + [
+            (f"covariance rank {r or 'full'} scale {scale:g} shrink {shrink:g}",
+             {"vi_generator": "covariance", "cov_rank": r, "cov_scale": scale, "cov_shrink": shrink})
+            for r in args.covariance for scale in args.cov_scale for shrink in args.cov_shrink]
         for name, changes in variants:
             figures = generator_gate(path, data, go_on=True, device=args.device, **changes)
             results.append({"checkpoint": path, "instances": name, **figures})

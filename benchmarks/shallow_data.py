@@ -7,7 +7,10 @@ three disjoint identity ranges: training, VALIDATION pairs (synth_*) and TEST pa
 
 Protocol, per training seed:
   1. ``pretrain``: ArcFace on the deep split from scratch.
-  2. ``generator``: the feature VAE on that checkpoint (a second, residual one for that variant).
+  2. ``generator``: the feature VAE on that checkpoint (a second, residual one for that variant),
+     then the GATE: every VirFace variant's instances are measured on the validation pairs'
+     same-identity images (draw spread, identity keep, ...: virface.instance_diagnostics) and a
+     variant whose instances lose identity is named in the log and the results before it trains.
   3. Continuations from the same weights, same steps, same lr schedule, same labeled batches (the
      batch order depends only on the seed) and the same labeled-feature dropout (``Plan.dropout``,
      not tuned, the same value for every arm):
@@ -91,7 +94,20 @@ VIRFACE_VARIANTS: dict[str, tuple[dict[str, Any], str, str]] = {
     "to_backbone": ({"optim_mode": "alternate", "vi_to_backbone": True}, "plain",
                     "not the reference's: L_vi reaches the backbone through the frozen G"),
     "residual": ({"optim_mode": "alternate"}, "residual", "not the reference's: residual G (u -> u + delta)"),
+    # Issue 18's variants (none the reference's).
+    "covariance": ({"optim_mode": "alternate", "vi_generator": "covariance", "cov_scale": 1.0,
+                    "cov_shrink": 0.5}, "plain",
+                   "not the reference's: covariance transfer (pooled within-identity covariance of the "
+                   "deep faces, sources shrunk half-way to their estimated centre), no trained G"),
+    "centre_grad": ({"optim_mode": "alternate", "vi_centre_grad": True, "vi_weight": 0.5,
+                     "vi_warmup_epochs": 3.0}, "plain",
+                    "not the reference's: L_vi reaches the backbone through the virtual centres "
+                    "(x 0.5, ramped over 3 epochs)"),
+    "gen_grad": ({"optim_mode": "alternate", "vi_gen_grad": True}, "plain",
+                 "not the reference's: the alternating G step also takes L_vi's gradient"),
 }
+# The settings that decide what draws a variant's instances: what the gate measures.
+SAMPLER_KEYS = ("vi_generator", "cov_rank", "cov_scale", "cov_shrink", "variation_images")
 
 
 @dataclass
@@ -169,7 +185,8 @@ PLANS = {
                        n_unlabeled_ids=12, unlabeled_images_per_id=(1, 2), n_val_ids=20,
                        val_pairs=40, n_test_ids=20, test_pairs=40),
         seeds=(0, 1), pretrain_epochs=1, pretrain_decay_epochs=(), generator_epochs=1,
-        continue_epochs=2, continue_decay_epochs=(), variants=("alternate", "residual"), select_sets=PAIR_SETS,
+        continue_epochs=2, continue_decay_epochs=(), variants=("alternate", "residual", "covariance"),
+        select_sets=PAIR_SETS,
         report_sets=PAIR_SETS,
         label_batch_size=8, unlabel_batch_size=8, feat_len=64, steps_per_epoch=1),
 }
@@ -348,9 +365,28 @@ def run_starts(plan: Plan, faces, seed: int, work: str, generators: list[str]) -
         gen = _stage(gen_cfg, os.path.join(work, f"seed{seed}", f"generator-{kind}"), data)
         starts[f"generator:{kind}"] = gen.last_checkpoint
         losses[f"generator_{kind}_mse"] = round(gen.history[-1]["gen_mse"], 6)
+    gates = instance_gates(plan, starts, data)
     starts["oracle"] = write_oracle_start(pre.last_checkpoint, faces, os.path.join(work, f"seed{seed}"),
                                           plan.device)
-    return {"kind": "starts", "seed": seed, "starts": starts, **losses}
+    return {"kind": "starts", "seed": seed, "starts": starts, "gates": gates, **losses}
+
+
+def instance_gates(plan: Plan, starts: dict[str, str], data: StageData) -> dict[str, dict[str, float]]:
+    """Issue 18's gate, before any VirFace arm trains: each variant's instances measured on the
+    validation pairs' same-identity images (virface.instance_diagnostics), with the variant's own
+    sampler (its generator checkpoint, or covariance transfer on that backbone). A variant whose
+    instances lose identity (identity keep < 0) still runs, since measuring it is this benchmark's
+    job, but the log, results.json and the summary say so."""
+    from virface.instance_diagnostics import generator_gate
+
+    gates = {}
+    for variant in plan.variants:
+        overrides, kind, _ = VIRFACE_VARIANTS[variant]
+        sampler = {k: v for k, v in overrides.items() if k in SAMPLER_KEYS}
+        gates[variant] = generator_gate(starts[f"generator:{kind}"], data, go_on=True, device=plan.device,
+                                        unlabel_batch_size=plan.unlabel_batch_size, gen_num=plan.gen_num,
+                                        **sampler)
+    return gates
 
 
 @torch.no_grad()
@@ -399,6 +435,14 @@ def arm_config(plan: Plan, arm: str, seed: int, starts: dict[str, str]) -> tuple
     return cfg.replace(method="virface", pretrained_file=starts[start], **overrides), start
 
 
+def gate_line(figures: dict[str, float]) -> str:
+    from virface.metrics import format_instance_metrics
+
+    keeps = figures["vi_identity_keep"] >= 0
+    return (format_instance_metrics(figures) + ("" if keeps else
+            " -- LOSES IDENTITY (keep < 0): its arm runs anyway and is measured, not trusted to help"))
+
+
 def run_arm(plan: Plan, faces, arm: str, seed: int, starts: dict[str, str], work: str) -> dict[str, Any]:
     cfg, start = arm_config(plan, arm, seed, starts)
     data = oracle_data(plan, faces) if arm == "oracle" else stage_data(plan, faces)
@@ -417,7 +461,8 @@ def run_arm(plan: Plan, faces, arm: str, seed: int, starts: dict[str, str], work
             "config": {k: v for k, v in cfg.to_dict().items()
                        if k in ("method", "optim_mode", "lr", "decay_steps", "max_epoch", "gen_num",
                                 "dropout", "s", "m", "KL", "L2", "vi_weight", "vi_warmup_epochs",
-                                "vi_to_backbone", "gen_target_grad", "label_batch_size",
+                                "vi_to_backbone", "gen_target_grad", "vi_centre_grad", "vi_gen_grad",
+                                "vi_generator", "cov_scale", "cov_shrink", "label_batch_size",
                                 "unlabel_batch_size", "steps_per_epoch", "seed")}}
 
 
@@ -450,6 +495,8 @@ def run_plan(plan: Plan, cache: str, work: str, threads: int, log=print,
             starts[rec["seed"]] = rec["starts"]
             log(f"  seed {rec['seed']} pretrain + generator(s) {', '.join(generators)} "
                 f"({rec['wall_s']:.0f} s)")
+            for variant, figures in rec["gates"].items():
+                log(f"    gate {variant}: {gate_line(figures)}")
         if eval_cost:
             epoch_s = float(np.mean([r["pretrain_epoch_s"] for r in records]))
             eta = expected_minutes(plan, epoch_s, eval_cost)
@@ -537,11 +584,24 @@ def summarise(records: list[dict[str, Any]], plan: Plan,
              for arm in arms if arm != "baseline"}
     vf_vs_vc = compare(by, correct, seeds, best_variant, "virclass", REPORT_ON)
     oracle = gains["oracle"]["test"]["mean"]
-    return {"arms": arms, "best_variant": best_variant, "gains": gains,
+    return {"arms": arms, "best_variant": best_variant, "gains": gains, "gates": summarise_gates(records),
             "virface_minus_virclass": vf_vs_vc,
             "oracle_share": (gains[best_variant]["test"]["mean"] / oracle) if oracle > 0 else None,
             "rule": plan.rule, "n_pairs": pairs, "eval_cost_s": eval_cost,
             "min_detectable_effect": detectable(gains["virclass"]["test"], len(seeds))}
+
+
+def summarise_gates(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: each instance figure's mean over seeds, and whether every seed kept identity
+    (runs from before the gate existed have none)."""
+    per_seed = [r["gates"] for r in records if r["kind"] == "starts" and r.get("gates")]
+    out = {}
+    for variant in dict.fromkeys(v for gates in per_seed for v in gates):
+        rows = [gates[variant] for gates in per_seed if variant in gates]
+        out[variant] = {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
+        out[variant]["kept_identity_every_seed"] = all(row["vi_identity_keep"] >= 0 for row in rows)
+        out[variant]["seeds"] = len(rows)
+    return out
 
 
 def detectable(comparison: dict[str, Any], n_seeds: int) -> dict[str, Any]:
@@ -591,6 +651,7 @@ def summary_json(summary: dict[str, Any], plan: Plan) -> dict[str, Any]:
                                     **_stats_fields(virface), "variant": best.split(":", 1)[1]}},
             "virface_minus_virclass": {"mean": vf["mean"], "std": vf["std"], **_stats_fields(vf)},
             "oracle_share": summary["oracle_share"],
+            "instance_gate": summary.get("gates", {}),
             "min_detectable_effect": mde["value"],
             "min_detectable_effect_detail": {**mde, "of": "VirClass - baseline, test " + HARDEST,
                                              "alpha": 0.05, "power": 0.8, "unit": "points"},
@@ -682,7 +743,11 @@ def verdict(summary: dict[str, Any]) -> list[str]:
 
     share = summary["oracle_share"]
     mde = summary["min_detectable_effect"]["value"]
-    return [line(g["virclass"]["test"], "VirClass - baseline"),
+    gates = [f"gate {v}: identity keep {f['vi_identity_keep']:+.3f}, draw cos {f['vi_draw_cos']:.3f} "
+             f"(real {f['vi_real_cos']:.3f}), mean of {f['seeds']} seeds: "
+             + ("kept identity on every seed" if f["kept_identity_every_seed"] else "LOSES IDENTITY")
+             for v, f in summary.get("gates", {}).items()]
+    return gates + [line(g["virclass"]["test"], "VirClass - baseline"),
             line(summary["virface_minus_virclass"], f"VirFace ({best.split(':', 1)[1]}) - VirClass"),
             line(g["oracle"]["test"], "oracle - baseline"),
             f"VirFace captures >= 1/3 of the oracle gain: {share is not None and share >= 1 / 3}",

@@ -118,10 +118,30 @@ def test_summary_json_has_the_documented_schema_and_picks_the_variant_on_validat
     assert lo <= expected <= hi
 
 
+def test_every_variants_instances_are_measured_by_the_gate_before_its_arm_trains(smoke_run):
+    bench, out = smoke_run
+    saved = json.loads((out / "results.json").read_text())
+    figures = {"vi_draw_cos", "vi_real_cos", "vi_identity_keep", "vi_w_pull", "vi_own_class_share"}
+    starts = [r for r in saved["records"] if r["kind"] == "starts"]
+    assert len(starts) == len(saved["plan"]["seeds"])
+    for record in starts:
+        assert set(record["gates"]) == set(saved["plan"]["variants"])
+        assert all(set(g) == figures for g in record["gates"].values())
+        # Covariance transfer draws from no trained generator: its figures are not the VAE's.
+        assert record["gates"]["covariance"] != record["gates"]["alternate"]
+    gate = json.loads((out / "summary.json").read_text())["instance_gate"]
+    assert set(gate) == set(saved["plan"]["variants"])
+    keep = [r["gates"]["covariance"]["vi_identity_keep"] for r in starts]
+    assert gate["covariance"]["vi_identity_keep"] == pytest.approx(sum(keep) / len(keep))
+    assert gate["covariance"]["kept_identity_every_seed"] == all(k >= 0 for k in keep)
+    assert any(line.startswith("gate covariance: identity keep") for line in saved["verdict"])
+
+
 def test_tables_and_plot_are_written_and_rebuilt_from_results_json(smoke_run, tmp_path, capsys):
     bench, out = smoke_run
     table = (out / "table.md").read_text()
-    for label in ("ArcFace baseline", "VirClass", "VirFace alternate", "VirFace residual", "oracle"):
+    for label in ("ArcFace baseline", "VirClass", "VirFace alternate", "VirFace residual",
+                  "VirFace covariance", "oracle"):
         assert label in table
     for name in ("gains.png", "curves.png"):
         png = (out / name).read_bytes()

@@ -153,6 +153,46 @@ def test_covariance_transfer_estimates_the_pooled_within_identity_covariance_and
     assert torch.allclose(drawn.norm(dim=1), torch.ones(12)) and not torch.allclose(drawn, u.repeat(3, 1))
 
 
+def identity_pairs(n_ids=300, noise=0.6, seed=0):
+    """Features of identities whose centres vary in dims 0-3 and whose images vary around them in
+    dims 4-7 only: (f_a, f_b) two images per identity, normalised."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(n_ids, 8)
+    centres[:, :4] = torch.randn(n_ids, 4, generator=g)
+    images = centres.repeat_interleave(2, 0)
+    images[:, 4:] += noise * torch.randn(2 * n_ids, 4, generator=g)
+    images = torch.nn.functional.normalize(images, dim=1)
+    return images[0::2], images[1::2], torch.arange(n_ids).repeat_interleave(2)
+
+
+def mean_cos(a, b):
+    return float((torch.nn.functional.normalize(a, dim=1) * torch.nn.functional.normalize(b, dim=1)).sum(1).mean())
+
+
+def test_zero_mean_noise_around_the_source_loses_identity_and_shrinking_to_the_centre_keeps_it():
+    from virface.generator import CovarianceTransfer
+
+    f_a, f_b, _ = identity_pairs(seed=1)
+    train_a, train_b, labels = identity_pairs(seed=0)             # other identities estimate the maps
+    train = torch.stack([train_a, train_b], 1).reshape(-1, 8)
+    torch.manual_seed(0)
+    real = mean_cos(f_a, f_b)
+    plain = CovarianceTransfer.from_features(train, labels, scale=1.0)
+    # The within-identity covariance lives in dims 4-7, as it was made (up to the normalisation).
+    assert float(plain.covariance[:4].abs().max()) < 0.01 and float(plain.covariance[4:, 4:].trace()) > 0.1
+    assert mean_cos(plain.sample(f_a, 1), f_b) < real                        # identity keep < 0
+    shrunk = CovarianceTransfer.from_features(train, labels, scale=0.5, shrink=1.0)
+    assert mean_cos(shrunk.sample(f_a, 1), f_b) > real + 0.05                # identity keep > 0
+    # Shrink 1 moves a source (before noise) onto the estimated centre: its dims 4-7 mostly gone.
+    centred = shrunk.centre(f_a)
+    assert float(centred[:, 4:].norm(dim=1).mean()) < 0.3 * float(f_a[:, 4:].norm(dim=1).mean())
+    assert torch.allclose(CovarianceTransfer.from_features(train, labels, shrink=0.0).centre(f_a), f_a)
+    with pytest.raises(ValueError, match="shrink > 0 needs the centre map"):
+        CovarianceTransfer(plain.factor, shrink=0.5)
+    with pytest.raises(ConfigError, match="cov_shrink: 1.5 must be between 0 and 1"):
+        TrainConfig(**{**BASE, "vi_generator": "covariance", "cov_shrink": 1.5})
+
+
 def test_with_covariance_transfer_the_generator_stays_as_loaded_and_l_vi_trains_w_only():
     from virface.generator import CovarianceTransfer
 

@@ -145,6 +145,11 @@ class TrainConfig(ConfigDataclass):
                                  "(0: the full covariance)")
     cov_scale: float = setting(1.0, group=GROUP_LOSSES,
                                help="covariance transfer: the noise's standard-deviation scale")
+    cov_shrink: float = setting(
+        0.0, group=GROUP_LOSSES,
+        help="covariance transfer: move each source this fraction (0..1) of the way to its "
+             "identity's estimated centre, mu + (I - Sigma Sigma_t^-1)(u - mu), before adding the "
+             "noise (0: the source itself); zero-mean noise alone moves draws away from the identity")
     variation_images: int = setting(
         4096, group=GROUP_LOSSES,
         help="labeled images (whole identities of >= 2 images, spread over the data) whose "
@@ -317,6 +322,8 @@ class TrainConfig(ConfigDataclass):
             _positive_int(name, getattr(self, name), allow_zero=True)
         _positive_int("variation_images", self.variation_images)
         _non_negative("cov_scale", self.cov_scale)
+        if not 0.0 <= self.cov_shrink <= 1.0:
+            raise ConfigError(f"cov_shrink: {self.cov_shrink!r} must be between 0 and 1")
         _non_negative("gen_diversity", self.gen_diversity)
         if self.vi_gen_grad and self.optim_mode != "alternate":
             raise ConfigError("vi_gen_grad: the joint optimiser already gives the generator L_vi's "

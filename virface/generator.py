@@ -89,24 +89,38 @@ def draw_agreement(generator: FeatureVAE, x: torch.Tensor) -> torch.Tensor:
 
 class CovarianceTransfer:
     """Not the reference's: virtual instances by covariance transfer (no training), after the
-    feature-transfer and ISDA line of work: an unlabeled feature u draws u + scale * e,
+    feature-transfer and ISDA line of work: an unlabeled feature u draws c + scale * e,
     e ~ N(0, Sigma), renormalised, where Sigma is the pooled within-identity covariance of
     labeled features: the variation labeled identities show around their own means, lent to
     identities seen once.
 
+    The base c is u itself (``shrink`` 0), or u moved the fraction ``shrink`` of the way to its
+    identity's estimated centre, mu + (I - Sigma Sigma_t^-1)(u - mu) (the linear least-squares
+    estimate of the centre of the identity u came from, with mu and Sigma_t the labeled features'
+    mean and total covariance). Why: zero-mean noise around u alone moves every draw *away* from
+    the identity's other images on average (identity keep < 0 whatever Sigma); removing part of
+    u's own within-identity deviation first is what lets draws sit nearer the identity than u.
+
     ``factor`` (D, r): Sigma = factor @ factor.T (r = D for the full covariance, fewer for its
-    top-r eigen-directions).
+    top-r eigen-directions). ``centre_map`` (D, D) = Sigma Sigma_t^-1 and ``mean`` (D,), needed
+    only for ``shrink`` > 0.
     """
 
-    def __init__(self, factor: torch.Tensor, scale: float = 1.0):
-        self.factor, self.scale = factor, scale
+    def __init__(self, factor: torch.Tensor, scale: float = 1.0, shrink: float = 0.0,
+                 centre_map: torch.Tensor | None = None, mean: torch.Tensor | None = None):
+        if shrink and (centre_map is None or mean is None):
+            raise ValueError("covariance transfer with shrink > 0 needs the centre map and mean "
+                             "(estimate it with from_features)")
+        self.factor, self.scale, self.shrink = factor, scale, shrink
+        self.centre_map, self.mean = centre_map, mean
 
     @classmethod
     def from_features(cls, feats: torch.Tensor, labels: torch.Tensor, rank: int = 0,
-                      scale: float = 1.0) -> "CovarianceTransfer":
+                      scale: float = 1.0, shrink: float = 0.0) -> "CovarianceTransfer":
         """Estimate Sigma from labeled features (N, D) (normalised here) and their labels (N,):
         sum over identities k of sum_i (f_i - mean_k)(f_i - mean_k)^T / (N - K), identities of
-        one image contributing nothing. ``rank`` 0 keeps every direction."""
+        one image contributing nothing. ``rank`` 0 keeps every direction. With ``shrink`` > 0
+        also the mean and total covariance (ridge 1e-3 of its mean eigenvalue, as N may be < D)."""
         feats = F.normalize(feats.float(), dim=1)
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         sums = torch.zeros(len(counts), feats.shape[1], dtype=feats.dtype, device=feats.device)
@@ -116,7 +130,16 @@ class CovarianceTransfer:
         if dof <= 0:
             raise ValueError("covariance transfer needs an identity with at least two images")
         sigma = centred.t() @ centred / dof
-        return cls.from_covariance(sigma, rank, scale)
+        made = cls.from_covariance(sigma, rank, scale)
+        if not shrink:
+            return made
+        mean = feats.mean(0)
+        total = (feats - mean).t() @ (feats - mean) / max(1, feats.shape[0] - 1)
+        ridge = 1e-3 * float(total.diagonal().mean()) * torch.eye(total.shape[0], dtype=total.dtype,
+                                                                   device=total.device)
+        # Sigma Sigma_t^-1 = (Sigma_t^-1 Sigma)^T, both symmetric: one solve.
+        centre_map = torch.linalg.solve((total + ridge).double(), sigma.double()).t().to(sigma.dtype)
+        return cls(made.factor, scale, shrink, centre_map, mean)
 
     @classmethod
     def from_covariance(cls, sigma: torch.Tensor, rank: int = 0, scale: float = 1.0) -> "CovarianceTransfer":
@@ -133,7 +156,14 @@ class CovarianceTransfer:
         return self.factor @ self.factor.t()
 
     def to(self, device: torch.device) -> "CovarianceTransfer":
-        return CovarianceTransfer(self.factor.to(device), self.scale)
+        moved = (None if t is None else t.to(device) for t in (self.centre_map, self.mean))
+        return CovarianceTransfer(self.factor.to(device), self.scale, self.shrink, *moved)
+
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """(U, D): the sources moved ``shrink`` of the way to their estimated identity centres."""
+        if not self.shrink:
+            return x
+        return x - self.shrink * (x - self.mean) @ self.centre_map.t()
 
     def noise(self, n: int) -> torch.Tensor:
         """(n, D) draws of e ~ N(0, scale^2 Sigma), before any renormalisation."""
@@ -143,5 +173,5 @@ class CovarianceTransfer:
     def sample(self, x: torch.Tensor, gen_num: int) -> torch.Tensor:
         """As :meth:`FeatureVAE.sample`: x (U, D) normalised -> (gen_num * U, D) normalised,
         sample-major. Gradient flows to x (only)."""
-        base = x.repeat(gen_num, 1)
+        base = self.centre(x).repeat(gen_num, 1)
         return F.normalize(base + self.noise(base.shape[0]).to(base.dtype), dim=1)

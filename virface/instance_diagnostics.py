@@ -244,4 +244,5 @@ def build_instance_sampler(config, models, data, device: torch.device):
     if config.vi_generator != "covariance":
         return models.generator
     feats, labels = labeled_features(models.backbone, data, config.variation_images, device)
-    return CovarianceTransfer.from_features(feats, labels, config.cov_rank, config.cov_scale)
+    return CovarianceTransfer.from_features(feats, labels, config.cov_rank, config.cov_scale,
+                                            config.cov_shrink)
