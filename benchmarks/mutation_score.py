@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,7 +31,9 @@ def main(argv: list[str]) -> int:
     by_module: dict[str, Counter] = {}
     survivors = []
     for name, code in sorted(codes.items()):
-        module = name.split(".x_")[0].split(".x__")[0]
+        # mutmut names a function's mutant module.x_func__mutmut_N and a method's
+        # module.xǁClassǁmethod__mutmut_N.
+        module = re.split(r"\.x(?:_|ǁ)", name, maxsplit=1)[0]
         verdict = "killed" if code in KILLED else "survived" if code in SURVIVED else "not checked" \
             if code is None else "no tests" if code in (5, 33) else f"other ({code})"
         by_module.setdefault(module, Counter())[verdict] += 1

@@ -54,7 +54,7 @@ def test_a_plain_manifest_is_written_as_before_and_a_carrying_one_round_trips(tm
                {"trial_id": "b", "checkpoint": str(tmp_path / "c.pt"), "metric_value": 0.8, "lineage": ["pretrain:b"]}]
     path = write_manifest(manifest(tmp_path, carried=carried, lineage=["pretrain:a"]), tmp_path / "best.json")
     again = read_manifest(path)
-    assert again.carried == carried and list(carried_choices(again)) == ["a", "b"]
+    assert again.carried == carried and carried_choices(again) == {"a": carried[0], "b": carried[1]}
     assert manifest_lineage(again) == ["pretrain:a"]
     # One carried trial is no choice; a manifest from before lineage stands for itself.
     assert carried_choices(manifest(tmp_path, carried=carried[:1])) == {}
@@ -66,3 +66,12 @@ def test_a_carried_entry_without_a_checkpoint_is_a_manifest_error(tmp_path):
     (tmp_path / "best.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=r"carried\[0\]: .* must be an object with a trial_id and a checkpoint"):
         read_manifest(tmp_path / "best.json")
+
+
+def test_a_carried_checkpoint_that_is_gone_is_named_with_its_trial(tmp_path):
+    gone = str(tmp_path / "gone.pt")
+    carried = [{"trial_id": "a", "checkpoint": str(tmp_path / "c.pt"), "metric_value": 0.9},
+               {"trial_id": "b", "checkpoint": gone, "metric_value": 0.8}]
+    with pytest.raises(ManifestError, match=rf"^stage pretrain: carried trial b: checkpoint {gone} does "
+                                            r"not exist \(moved or deleted\?\)$"):
+        carried_choices(manifest(tmp_path, carried=carried))

@@ -189,6 +189,18 @@ def test_unknown_key_is_named(tmp_path):
     ("stage", "finetune", "stage: 'finetune' must be one of"),
     ("config", [1], "config: \\[1\\] must be a JSON object"),
     ("trial_id", "", "trial_id: '' must be a non-empty string"),
+    ("metric_se", True, "metric_se: True must be a finite number >= 0 or null"),
+    ("metric_se", "0.01", "metric_se: '0.01' must be a finite number >= 0 or null"),
+    ("upstream", 3, "upstream: 3 must be a string or null"),
+    ("created", ["x"], "created: \\['x'\\] must be a string or null"),
+    ("test_metrics", [], "test_metrics: \\[\\] must be a JSON object of metric -> value"),
+    ("lineage", "pretrain:a", "lineage: 'pretrain:a' must be a list of 'stage:trial_id'"),
+    ("carried", {}, "carried: \\{\\} must be a list of carried trials"),
+    ("trial_upstreams", [], "trial_upstreams: \\[\\] must be a JSON object of trial id -> upstream trial id"),
+    ("pareto", [], "pareto: \\[\\] must be a JSON object or null"),
+    ("instance_metrics", 1, "instance_metrics: 1 must be a JSON object of metric -> value"),
+    ("overrides", "x", "overrides: 'x' must be a JSON object of option -> value"),
+    ("carried", [["a", "b"]], "carried\\[0\\]: \\['a', 'b'\\] must be an object with a trial_id and a checkpoint"),
 ])
 def test_bad_value_is_named_with_its_key(tmp_path, key, value, expected):
     data = {**make_manifest(tmp_path).to_dict(), key: value}
@@ -330,3 +342,40 @@ def test_the_table_says_in_words_which_trials_the_pairs_cannot_tell_from_the_bes
     write_manifest(make_manifest(tmp_path), path)
     assert "within noise" not in format_table("pretrain", "synth_cfp_fp_acc", rows,
                                               manifest=read_manifest(path), manifest_path=str(path))
+
+
+def test_a_zero_standard_error_and_null_optional_strings_are_valid(tmp_path):
+    data = {**make_manifest(tmp_path).to_dict(), "metric_se": 0, "upstream": None, "created": None,
+            "pareto": None}
+    manifest = read_manifest(write_raw(tmp_path, data))
+    assert manifest.metric_se == 0 and manifest.upstream is None
+
+
+def test_a_manifest_that_is_no_json_object_names_its_type(tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ManifestError, match=r"got list$"):
+        read_manifest(path)
+
+
+def test_the_manifest_file_is_indented_json_in_the_schemas_key_order(tmp_path):
+    """People read best.json: one key per line, 2-space indent, the fields in their declared order."""
+    manifest = make_manifest(tmp_path)
+    path = write_manifest(manifest, tmp_path / "best.json")
+    text = Path(path).read_text()
+    assert text == json.dumps(manifest.to_dict(), indent=2) + "\n"
+    assert list(json.loads(text)) == list(manifest.to_dict())[:len(json.loads(text))]
+    assert text.splitlines()[1].startswith('  "stage": ')
+
+
+def test_writing_a_manifest_of_an_unknown_stage_names_the_file_and_the_stages(tmp_path):
+    path = tmp_path / "best.json"
+    with pytest.raises(ManifestError, match=rf"^{path}: stage: 'finetune' is not one of \['pretrain', "):
+        write_manifest(make_manifest(tmp_path, stage="finetune"), path)
+    assert not path.exists()
+
+
+def test_from_checkpoint_on_the_first_stage_names_the_stages_it_applies_to(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage pretrain has no upstream stage to replace; it applies to "
+                                          r"\['generator', "):
+        upstream_checkpoint("pretrain", tmp_path, EXPERIMENT, str(tmp_path / "x.pt"))

@@ -56,6 +56,23 @@ def test_the_select_rule_picks_the_most_accurate_trial_under_the_latency_bound()
         select_point(front, SelectRule("acc", "max", {"latency_ms": (None, 1.0)}))
 
 
+def test_a_select_rule_describes_itself_as_it_selects():
+    assert SelectRule("acc", "max").describe() == "maximize acc"
+    assert SelectRule("latency_ms", "min", {"acc": (0.8, 0.95), "params": (None, 2e6)}).describe() \
+        == "minimize latency_ms where acc >= 0.8 and acc <= 0.95 and params <= 2e+06"
+
+
+def test_no_trial_under_the_bounds_names_the_rule_and_every_front_trial():
+    front = pareto_front(POINTS, [ACC, LAT])
+    with pytest.raises(NoTrialSelected) as caught:
+        select_point(front, SelectRule("acc", "max", {"latency_ms": (None, 1.0)}))
+    assert str(caught.value).endswith(
+        "'maximize acc where latency_ms <= 1' (front: A: acc=0.9, latency_ms=10; B: acc=0.8, "
+        "latency_ms=5; D: acc=0.8, latency_ms=5; E: acc=0.7, latency_ms=2); loosen the bounds")
+    with pytest.raises(NoTrialSelected, match=r"\(front: empty\); loosen the bounds$"):
+        select_point([], SelectRule("acc", "max"))
+
+
 def test_the_front_plot_is_written(tmp_path):
     front = pareto_front(POINTS, [ACC, LAT])
     path = plot_front([ACC, LAT], POINTS, front, "A", str(tmp_path / "front.png"))
