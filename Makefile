@@ -24,7 +24,8 @@ demo: $(STAMP)
 # Two test processes (pytest-xdist), each test file on one of them (its module-scoped Ray session
 # too), the files with the end-to-end Ray runs first; TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# --durations: the 25 slowest tests at the end of every run (where the suite's time goes).
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test: $(STAMP)
 	$(PYTEST)
