@@ -75,7 +75,8 @@ def epochs_trained(storage) -> dict[str, list[int]]:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     trained = {}
-    for run in sorted((storage / "default" / "pretrain" / "tb").iterdir()):
+    # The trials' run folders, not the stage's HParams config files beside them.
+    for run in sorted(p for p in (storage / "default" / "pretrain" / "tb").iterdir() if p.is_dir()):
         steps = [event.step for events in sorted(run.glob("events.out.tfevents.*"))
                  for event in EventFileLoader(str(events)).Load()
                  if any(v.tag == "train/epoch_time_s" for v in event.summary.value)]
