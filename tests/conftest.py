@@ -162,3 +162,69 @@ def pytest_collection_modifyitems(config, items):
         return
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])             # stable: else collection order
+
+
+# --- An S3-compatible server on loopback (moto's server mode) -----------------------------------
+
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Server:
+    endpoint: str          # host:port
+    bucket: str
+
+    def uri(self, prefix: str) -> str:
+        """``s3://<bucket>/<prefix>`` with the endpoint in pyarrow's query parameters."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://{self.endpoint}")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://{self.endpoint}")
+        return client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "vf-bucket") -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port, with ``bucket`` created and the AWS test
+    credentials in the environment (set before any Ray starts: Ray's workers inherit them);
+    stopped, and the environment put back, at the end."""
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start (exit {process.poll()})")
+                time.sleep(0.2)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in S3_ENVIRONMENT.items():
+                patch.setenv(key, value)
+            patch.delenv("AWS_ENDPOINT_URL", raising=False)
+            import boto3
+
+            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=bucket)
+            yield S3Server(f"127.0.0.1:{port}", bucket)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -99,6 +99,7 @@ def test_storage_outside_a_job_defaults_to_experiments_in_the_working_directory(
     assert resolve_storage("rel") == str(tmp_path / "rel")
 
 
-def test_storage_is_a_path_not_a_uri():
-    with pytest.raises(ConfigError, match="a URI is not supported.*path every node shares"):
-        resolve_storage("s3://bucket/experiments")
+def test_storage_is_a_path_or_a_uri_kept_as_given():
+    assert resolve_storage("s3://bucket/experiments/") == "s3://bucket/experiments"
+    with pytest.raises(ConfigError, match="compare.*not supported yet"):
+        SearchOptions(storage="s3://bucket/experiments", compare="virface,baseline")

@@ -73,10 +73,18 @@ def copy_checkpoint(source: str, target: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
+    """A checkpoint file's state; ``path`` may be a storage URI (``s3://...``, see
+    virface.storage), read through a downloaded copy."""
+    from virface import storage
+
+    try:
+        local = storage.local_file(path)
+    except FileNotFoundError:
+        local = None
+    if local is None or not os.path.isfile(local):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:

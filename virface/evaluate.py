@@ -70,10 +70,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def load_models(paths: list[str], device) -> tuple[list, list[dict[str, Any]]]:
     """The backbones of ``paths`` and their checkpoints; two checkpoints must describe the same
     backbone (arch, embedding size, input size), or their scores are not on one footing."""
+    from virface import storage
     from virface.checkpoint import load_backbone, model_meta
 
     for path in paths:              # both named before either is read (a read takes a while)
-        if not os.path.isfile(path):
+        if not storage.is_file(path):       # a file, or an object of a storage URI
             raise CheckpointError(f"checkpoint not found: {path}")
     backbones, states = [], []
     for path in paths:

@@ -43,9 +43,12 @@ log = logging.getLogger("virface")
 
 
 def best_file_in(checkpoint_dir: str) -> str:
-    """The run's best-epoch checkpoint as of the epoch that reported ``checkpoint_dir``."""
-    best = os.path.join(checkpoint_dir, BEST_FILE)
-    return best if os.path.isfile(best) else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
+    """The run's best-epoch checkpoint as of the epoch that reported ``checkpoint_dir`` (a folder
+    or a storage URI)."""
+    from virface import storage
+
+    best = storage.join(checkpoint_dir, BEST_FILE)
+    return best if storage.is_file(best) else storage.join(checkpoint_dir, CHECKPOINT_FILE)
 
 
 def link_or_copy(source: str, target: str) -> str:
@@ -156,7 +159,8 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
     with every epoch's checkpoint, on storage every rank reads; None: a scratch folder, only the
     reported checkpoints are kept), ``train_run_dir`` (the Train run's own folder), ``tb_dir``
     and ``progress_dir`` (TensorBoard run and progress file, rank 0; None: the run folder's
-    tb/, no progress file), ``measure_cost`` and ``log`` (progress lines on rank 0).
+    tb/, no progress file), ``tb_upload`` (a storage URI the TensorBoard run is copied to after
+    every epoch, or None), ``measure_cost`` and ``log`` (progress lines on rank 0).
     """
     import ray.train
     import ray.train.torch
@@ -166,6 +170,7 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
     from virface.distributed import DistributedContext
     from virface.progress import write_progress
     from virface.stages import StageRun
+    from virface.storage import TreeSync
 
     context = ray.train.get_context()
     # Ray Train has set up the process group; the stage loop only reads it.
@@ -207,6 +212,7 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
         run = StageRun(TrainConfig.from_dict(train_config), run_dir, ctx=ctx,
                        tb_dir=loop_config.get("tb_dir") if ctx.is_main else None,
                        on_progress=on_progress, keep_epoch_checkpoints=keep)
+        tb_sync = TreeSync(loop_config.get("tb_dir") or "", loop_config.get("tb_upload") if ctx.is_main else None)
         if ctx.is_main and run.best_ckpt and not os.path.exists(reported.best):
             # Resumed from the run folder (--resume_file): its best.pt is the best so far.
             link_or_copy(run.best_ckpt, reported.best)
@@ -217,11 +223,13 @@ def stage_worker_loop(loop_config: dict[str, Any]) -> None:
                 metrics = {**metrics, **cost}
                 epoch_name["name"] = f"checkpoint_epoch={metrics['epoch']:03d}"
                 if ctx.is_main:
+                    tb_sync.sync()          # the epoch's TensorBoard points, before it counts
                     reported.report(metrics, path, run.best["epoch"])
                 else:               # every rank reports; rank 0 brings the checkpoint
                     train_report(metrics)
         finally:
             run.close()
+            tb_sync.sync()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -251,10 +259,11 @@ def last_epoch_of_this_run(train_run_dir: str, run_dir: str) -> str | None:
 def stage_trainer(train_config: dict[str, Any], *, workers: int, cpus_per_worker: float,
                   gpus_per_worker: float, storage: str, name: str, max_failures: int,
                   run_dir: str | None = None, tb_dir: str | None = None, progress_dir: str | None = None,
-                  measure_cost: bool = False, log: bool = False, callbacks: list | None = None):
+                  tb_upload: str | None = None, measure_cost: bool = False, log: bool = False,
+                  callbacks: list | None = None):
     """A ``TorchTrainer`` running ``train_config``'s stage on ``workers`` ranks.
 
-    ``storage`` (absolute) / ``name`` is the Train run's folder: its reported checkpoints
+    ``storage`` (absolute, or a storage URI) / ``name`` is the Train run's folder: its reported checkpoints
     (``checkpoint_epoch=NNN``, the ``CHECKPOINTS_KEPT`` latest) and the snapshot a trainer of
     the same name and storage restores from. A worker that fails restarts the group from the
     last checkpoint, ``max_failures`` times. See :func:`stage_worker_loop` for the rest.
@@ -262,16 +271,19 @@ def stage_trainer(train_config: dict[str, Any], *, workers: int, cpus_per_worker
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from virface import storage as storages
+
     check_train_v2()
-    if not os.path.isabs(storage):
+    if not (os.path.isabs(storage) or storages.is_uri(storage)):
         raise ValueError(f"Ray Train storage {storage!r} must be absolute")
     use_gpu = gpus_per_worker > 0
     per_worker = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         stage_worker_loop,
         train_loop_config={"train_config": train_config, "run_dir": run_dir, "tb_dir": tb_dir,
-                           "progress_dir": progress_dir, "measure_cost": measure_cost, "log": log,
-                           "train_run_dir": os.path.join(storage, name)},
+                           "progress_dir": progress_dir, "tb_upload": tb_upload,
+                           "measure_cost": measure_cost, "log": log,
+                           "train_run_dir": storages.join(storage, name)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),

@@ -22,6 +22,7 @@ import sys
 from virface.config import GROUP_DATA, TrainConfig, config_field_names
 from virface.errors import VirFaceError
 from virface.options import HelpFormatter, add_dataclass_options, given_options
+from virface.storage import join as storages_join
 
 
 def build_parser(prog: str = "virface-search") -> argparse.ArgumentParser:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
         if getattr(args, "list", False):
             from virface.search.experiments import format_experiments, list_experiments
 
-            print(format_experiments(options.storage, list_experiments(options.storage)))
+            print(format_experiments(options.shown_storage, list_experiments(options.storage, options.storage_uri)))
             return 0
         if options.compare:
             from virface.search.compare import comparison_table, run_comparison
@@ -116,7 +117,12 @@ def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print("\n" + "\n\n".join(o.table() for o in outcomes))
-    print(f"\nTensorBoard: tensorboard --logdir {options.storage}/{options.name}")
+    if options.storage_uri:
+        print(f"\nfiles: {storages_join(options.shown_storage, options.name)} (the driver's records, and "
+              f"the TensorBoard runs of trials on this machine: {os.path.join(options.storage, options.name)})")
+        print(f"TensorBoard: tensorboard --logdir {os.path.join(options.storage, options.name)}")
+    else:
+        print(f"\nTensorBoard: tensorboard --logdir {options.storage}/{options.name}")
     failed = [o for o in outcomes if o.manifest is None]
     if failed:
         print(f"{prog}: {failed[0].error}", file=sys.stderr)

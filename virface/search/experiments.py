@@ -4,7 +4,10 @@ Each experiment (``<storage>/<name>/``) with its stages in chain order and their
 finished (a manifest: the best trial, its value, the test figures), running (the search folder
 of a stage without a manifest while the experiment's driver lock is held by a live driver, whose
 pid and host are shown) or interrupted (the same without a live driver: the ``--resume`` command
-that continues it is shown). Read from the files the search writes; no Ray.
+that continues it is shown). Read from the files the search writes; no Ray. Under a storage URI
+(``s3://...``) each experiment's records are fetched into the driver's local copy first
+(virface.storage.ExperimentMirror) and read there; its lock and Tune folders are looked at
+remotely.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from virface import storage as storages
 from virface.errors import VirFaceError
 from virface.search.lock import describe_holder, lock_holder
 from virface.search.manifest import MANIFEST_NAME, StageManifest, read_manifest
@@ -40,21 +44,25 @@ class ExperimentSummary:
     driver: str | None = None           # the live driver holding the experiment, described
 
 
-def resume_command(storage: str, name: str, stage: str) -> str:
+def resume_command(storage: str, name: str, stage: str, shown: str | None = None) -> str:
     """The command the experiment's last driver recorded (its own, with --resume), else the
-    plain one (to which the data and run-size options it was started with must be added)."""
+    plain one (to which the data and run-size options it was started with must be added).
+    ``shown``: the --storage to name, when ``storage`` is the local copy of a URI's records."""
     try:
         with open(os.path.join(storage, name, RESUME_COMMAND_FILE), encoding="utf-8") as f:
             recorded = f.read().strip()
     except OSError:
         recorded = ""
-    return recorded or (shlex.join(["virface-search", "--stage", stage, "--name", name, "--storage", storage,
+    return recorded or (shlex.join(["virface-search", "--stage", stage, "--name", name, "--storage", shown or storage,
                                     "--resume"]) + " (with the options it was started with)")
 
 
-def summarise_experiment(storage: str, name: str) -> ExperimentSummary:
+def summarise_experiment(storage: str, name: str, remote: str | None = None) -> ExperimentSummary:
+    """``storage``: the folder of the records; ``remote``: the storage URI they are the local
+    copy of (its lock and Tune folders are looked at there), or None."""
     folder = os.path.join(storage, name)
-    holder, alive = lock_holder(folder)
+    location = storages.join(remote, name) if remote else folder
+    holder, alive = lock_holder(location)
     summary = ExperimentSummary(name, folder, driver=describe_holder(holder) if holder and alive else None)
     for stage in STAGES:
         stage_dir = os.path.join(folder, stage)
@@ -67,17 +75,28 @@ def summarise_experiment(storage: str, name: str) -> ExperimentSummary:
                 summary.stages.append(StageStatus(stage, "unreadable", note=str(exc)))
                 continue
             summary.stages.append(StageStatus(stage, FINISHED, manifest, len(rows)))
-        elif os.path.isdir(os.path.join(folder, f"search_{stage}")):
+        elif storages.exists(storages.join(location, f"search_{stage}")):
             if summary.driver:
                 summary.stages.append(StageStatus(stage, RUNNING, note=f"driver {summary.driver}"))
             else:
+                shown = storages.without_credentials(remote) if remote else None
                 summary.stages.append(StageStatus(stage, INTERRUPTED,
-                                                  note="continue: " + resume_command(storage, name, stage)))
+                                                  note="continue: " + resume_command(storage, name, stage, shown)))
     return summary
 
 
-def list_experiments(storage: str) -> list[ExperimentSummary]:
-    """Every experiment under ``storage`` that holds at least one stage, by name."""
+def list_experiments(storage: str, remote: str | None = None) -> list[ExperimentSummary]:
+    """Every experiment under ``storage`` that holds at least one stage, by name. ``remote``: a
+    storage URI whose experiments are listed, their records fetched into ``storage`` first."""
+    if remote is not None:
+        storages.check_reachable(remote)
+        summaries = []
+        for name in storages.list_folders(remote):
+            storages.ExperimentMirror(os.path.join(storage, name), storages.join(remote, name)).pull()
+            summary = summarise_experiment(storage, name, remote)
+            if summary.stages:
+                summaries.append(summary)
+        return summaries
     if not os.path.isdir(storage):
         raise VirFaceError(f"storage: {storage} does not exist (give the --storage the searches used)")
     summaries = []

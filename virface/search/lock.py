@@ -5,6 +5,12 @@ other's checkpoints. The lock (``<storage>/<name>/driver.lock``: host, pid, the 
 time) is created with O_EXCL, so of two drivers starting at once one wins. A lock whose holder
 is gone (same host, no such process, or a new process under a reused pid) is stale and taken
 over; a lock held from another host cannot be checked and is reported with its path.
+
+In remote storage (``s3://...``) the lock is an object with the same record. Object stores
+have no exclusive create here: the lock is taken by reading that no live driver holds it,
+writing it, and reading it back after a moment; two drivers starting within that moment may
+both believe they hold it. Best effort: it stops the usual mistake (a second search of a
+running experiment), not a race.
 """
 from __future__ import annotations
 
@@ -14,9 +20,12 @@ import socket
 import time
 from datetime import datetime, timezone
 
+from virface import storage
 from virface.errors import VirFaceError, WriteError
 
 LOCK_NAME = "driver.lock"
+# Remote lock: how long a written lock is left before it is read back to see who won.
+REMOTE_SETTLE_S = 1.0
 
 
 class ExperimentLockedError(VirFaceError):
@@ -54,10 +63,9 @@ def lock_holder(folder: str) -> tuple[dict | None, bool]:
     """``(holder, alive)`` of the experiment in ``folder``: the lock's record and whether that
     driver still runs (a holder on another host cannot be checked and counts as alive);
     ``(None, False)`` when nobody holds it."""
-    path = os.path.join(folder, LOCK_NAME)
+    path = storage.join(folder, LOCK_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
+        holder = json.loads(storage.read_bytes(path))
     except (OSError, ValueError):
         return None, False
     if not isinstance(holder, dict):
@@ -76,12 +84,16 @@ class ExperimentLock:
     """``with ExperimentLock(folder):`` holds the experiment for this process."""
 
     def __init__(self, folder: str):
-        self.path = os.path.join(folder, LOCK_NAME)
+        self.path = storage.join(folder, LOCK_NAME)
+        self.folder = folder
         self.held = False
 
     def acquire(self) -> None:
         try:
-            self._acquire()
+            if storage.is_uri(self.path):
+                self._acquire_remote()
+            else:
+                self._acquire()
         except OSError as exc:
             if isinstance(exc, WriteError):
                 raise
@@ -120,6 +132,36 @@ class ExperimentLock:
             return
         raise ExperimentLockedError(f"{self.path}: could not take the lock (it keeps changing hands)")
 
+    @staticmethod
+    def _me() -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def _acquire_remote(self) -> None:
+        me = self._me()
+        for _ in range(3):
+            holder, alive = lock_holder(self.folder)
+            mine = holder and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+            if mine:
+                return                    # this process holds it already (a comparison's arms)
+            if holder and alive:
+                self._locked_by(holder, me)
+            storage.write_bytes(self.path, json.dumps(me).encode())
+            time.sleep(REMOTE_SETTLE_S)
+            holder, _ = lock_holder(self.folder)
+            if holder == json.loads(json.dumps(me)):
+                self.held = True
+                return
+        raise ExperimentLockedError(f"{self.path}: could not take the lock (it keeps changing hands)")
+
+    def _locked_by(self, holder: dict, me: dict):
+        where = "this machine" if holder.get("host") == me["host"] else f"host {holder.get('host')}"
+        raise ExperimentLockedError(
+            f"{self.folder} is being searched by another driver (pid "
+            f"{holder.get('pid')} on {where}, since {holder.get('since')}); wait for it "
+            f"to finish or stop it, then run again (with --resume if it was interrupted). "
+            f"If that driver is gone, delete {self.path}") from None
+
     def _read_holder(self) -> dict | None:
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -141,9 +183,15 @@ class ExperimentLock:
             pass
 
     def release(self) -> None:
-        if self.held:
+        if not self.held:
+            return
+        self.held = False
+        if storage.is_uri(self.path):
+            holder, _ = lock_holder(self.folder)
+            if holder and holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+                storage.delete(self.path)     # not one another driver took over meanwhile
+        else:
             self._remove_stale()
-            self.held = False
 
     def __enter__(self) -> "ExperimentLock":
         self.acquire()

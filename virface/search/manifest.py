@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from virface import storage
 from virface.fileio import read_text, write_text_atomic
 from virface.errors import CheckpointError, ConfigError, StagePreconditionError, VirFaceError
 from virface.metrics import METRIC_MODES
@@ -46,7 +47,7 @@ class StageManifest:
     metric_name: str
     metric_value: float
     metric_mode: str                   # "max" | "min"
-    checkpoint: str                    # absolute path of the best epoch's checkpoint
+    checkpoint: str                    # absolute path (or storage URI) of the best epoch's checkpoint
     upstream: str | None = None        # upstream manifest or user checkpoint; None for pretrain
     created: str = field(default_factory=_now)   # ISO 8601, UTC
     # The chosen checkpoint's --test pair-set figures (each accuracy with its ``_acc_se`` over
@@ -95,12 +96,12 @@ def write_manifest(manifest: StageManifest, path: str | os.PathLike) -> Path:
     """Write ``manifest`` as JSON, atomically: readers see the old file or the new one, never half.
 
     Creates the folders. The checkpoint path must be absolute, since trials run in another
-    working directory than the one that reads the manifest.
+    working directory than the one that reads the manifest, or a storage URI (``s3://...``).
     """
     if manifest.stage not in STAGES:
         raise ManifestError(f"{os.fspath(path)}: stage: {manifest.stage!r} is not one of "
                             f"{list(STAGES)}")
-    if not os.path.isabs(manifest.checkpoint):
+    if not (os.path.isabs(manifest.checkpoint) or storage.is_uri(manifest.checkpoint)):
         raise ManifestError(f"{os.fspath(path)}: checkpoint: {manifest.checkpoint!r} must be "
                             "an absolute path")
     path = Path(path)
@@ -165,9 +166,10 @@ def read_manifest(path: str | os.PathLike) -> StageManifest:
             raise ManifestError(f"{where}: carried[{i}]: {entry!r} must be an object with a "
                                 f"trial_id and a checkpoint")
 
-    checkpoint = os.path.join(os.path.dirname(os.path.abspath(where)), data["checkpoint"])
-    checkpoint = os.path.normpath(checkpoint)
-    if not os.path.exists(checkpoint):
+    checkpoint = data["checkpoint"]
+    if not storage.is_uri(checkpoint):
+        checkpoint = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(where)), checkpoint))
+    if not storage.exists(checkpoint):
         raise ManifestError(f"{where}: checkpoint: {checkpoint} does not exist (moved or "
                             f"deleted?); delete the manifest to search stage "
                             f"{data['stage']} again")
@@ -243,7 +245,7 @@ def carried_choices(manifest: StageManifest | None) -> dict[str, dict[str, Any]]
         return {}
     choices = {}
     for entry in manifest.carried:
-        if not os.path.exists(entry["checkpoint"]):
+        if not storage.exists(entry["checkpoint"]):
             raise ManifestError(f"stage {manifest.stage}: carried trial {entry['trial_id']}: "
                                 f"checkpoint {entry['checkpoint']} does not exist (moved or deleted?)")
         choices[entry["trial_id"]] = entry
@@ -269,7 +271,7 @@ def _check_user_checkpoint(stage: str, from_checkpoint: str | os.PathLike) -> st
     if STAGES[stage].is_first:
         raise ConfigError(f"from_checkpoint: stage {stage} has no upstream stage to replace; "
                           f"it applies to {[name for name, spec in STAGES.items() if not spec.is_first]}")
-    path = os.path.abspath(from_checkpoint)
-    if not os.path.exists(path):
+    path = from_checkpoint if storage.is_uri(from_checkpoint) else os.path.abspath(from_checkpoint)
+    if not storage.exists(path):
         raise CheckpointError(f"from_checkpoint: {path} does not exist")
     return path

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
+from virface import storage as storages
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
@@ -119,17 +120,22 @@ def sigterm_as_sigint(message: str | None = None) -> Iterator[threading.Event]:
 
 
 def resolve_storage(storage: str | None) -> str:
-    """The experiment storage as an absolute path.
+    """The experiment storage as an absolute path, or a storage URI (``s3://bucket/prefix``,
+    see virface.storage) as given, less a trailing slash.
 
     Under ``ray job submit --working-dir``, the job runs in a temporary copy of that folder,
     which Ray deletes: a relative storage (the default included) would vanish with the job, so it
     is an error there, asking for a path every node shares.
     """
     given = storage or DEFAULT_STORAGE
-    if "://" in given:
-        raise ConfigError(f"storage: {given!r}: a URI is not supported; manifests, the Optuna journal, "
-                          f"checkpoints and TensorBoard runs are written as files. Give a path every "
-                          f"node shares (NFS, or the bucket mounted with a FUSE driver)")
+    if storages.is_uri(given):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(given)
+        if not parts.netloc or parts.fragment:
+            raise ConfigError(f"storage: {storages.without_credentials(given)!r}: a storage URI is "
+                              f"SCHEME://BUCKET/PREFIX[?QUERY], e.g. s3://my-bucket/experiments")
+        return parts._replace(path=parts.path.rstrip("/")).geturl()
     if not os.path.isabs(given) and _job_working_dir() is not None:
         raise ConfigError(
             f"storage: {given!r} is relative, and this is a Ray job with a --working-dir: it would "
@@ -162,8 +168,9 @@ class SearchOptions:
                                 help="search space of --stage: a shipped space's name (--spaces "
                                      "lists them) or a YAML file (default: the space named <stage>)")
     storage: str | None = setting(
-        None, group=GROUP_SEARCH, metavar="DIR",
-        help="where experiments live, made absolute; on a cluster, storage every node shares "
+        None, group=GROUP_SEARCH, metavar="DIR|URI",
+        help="where experiments live: a folder, made absolute (on a cluster, one every node "
+             "shares), or a URI such as s3://bucket/prefix (README: Cloud storage) "
              f"(default: ./{DEFAULT_STORAGE}; required inside a Ray job with a working dir)")
     name: str = setting("default", group=GROUP_SEARCH, help="experiment name: <storage>/<name>/")
     budget: str = setting("default", group=GROUP_SEARCH, choices=BUDGETS,
@@ -221,6 +228,9 @@ class SearchOptions:
     # Set by the command line: the command that started this search, with --resume (a stopped
     # search names it).
     resume_command: str | None = None
+    # Set from --storage: a storage URI (s3://...) when the experiments live there; ``storage``
+    # is then the driver's local copy of its own records (virface.storage.ExperimentMirror).
+    storage_uri: str | None = None
 
     def how_to_resume(self) -> str:
         return (f"`{self.resume_command}`" if self.resume_command
@@ -244,8 +254,30 @@ class SearchOptions:
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker: {self.gpus_per_worker} must be >= 0")
         self.storage = resolve_storage(self.storage)
-        if self.from_checkpoint:
+        if storages.is_uri(self.storage):
+            self.storage_uri = self.storage
+            self.storage = storages.mirror_dir(self.storage_uri)
+        if self.storage_uri and self.compare:
+            raise ConfigError(f"compare: --compare with a storage URI ({storages.without_credentials(self.storage_uri)}) "
+                              f"is not supported yet; compare on a local or shared folder")
+        if self.from_checkpoint and not storages.is_uri(self.from_checkpoint):
             self.from_checkpoint = os.path.abspath(self.from_checkpoint)
+
+    @property
+    def experiment_location(self) -> str:
+        """Where the experiment lives: ``<storage>/<name>``, a folder or a URI."""
+        return storages.join(self.storage_uri or self.storage, self.name)
+
+    @property
+    def shown_storage(self) -> str:
+        """--storage as given (a URI without credentials) or the folder."""
+        return storages.without_credentials(self.storage_uri) if self.storage_uri else self.storage
+
+    def mirror(self) -> storages.ExperimentMirror:
+        """The driver's records of the experiment: a local folder, and with a storage URI the
+        experiment there they are copied to (and pulled from)."""
+        return storages.ExperimentMirror(os.path.join(self.storage, self.name),
+                                         self.experiment_location if self.storage_uri else None)
 
 
     def run_overrides(self) -> dict[str, int]:
@@ -494,7 +526,8 @@ def ray_start_errors(options: SearchOptions, what: str) -> Iterator[None]:
 
 
 def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
-                 interrupted: threading.Event | None = None) -> StageOutcome:
+                 interrupted: threading.Event | None = None,
+                 mirror: storages.ExperimentMirror | None = None) -> StageOutcome:
     """Search one stage. ``interrupted`` is set by a stop signal (:func:`sigterm_as_sigint`): a
     search it stopped raises :class:`SearchInterrupted`, whatever its trials look like."""
     from ray import tune
@@ -502,12 +535,17 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
 
     from virface.search.callbacks import TrialProgress, write_stage_hparams
     from virface.search.searcher import StageOptunaSearch
-    from virface.search.state import (KEPT_STATE_DIR, TuneStateKeeper, is_disk_error, repair_journal,
-                                      repair_tune_state)
+    from virface.search.state import (KEPT_STATE_DIR, MirrorKeeper, MirroredJournalBackend, TuneStateKeeper,
+                                      is_disk_error, repair_journal, repair_tune_state)
 
+    mirror = mirror or options.mirror()
+    # The driver's own records (manifests, journal, ...) are under experiment_dir, a local folder;
+    # Tune's and Ray Train's folders under location: the same folder, or a storage URI.
     experiment_dir = os.path.join(options.storage, options.name)
+    location = options.experiment_location
+    remote = options.storage_uri is not None
     stage_dir = os.path.join(experiment_dir, stage)
-    search_dir = os.path.join(experiment_dir, f"search_{stage}")
+    search_dir = storages.join(location, f"search_{stage}")
     base = base_train_config(options)
     from_checkpoint = options.from_checkpoint if stage == options.stage else None
     upstream, upstream_source = upstream_checkpoint(stage, options.storage, options.name, from_checkpoint)
@@ -535,7 +573,8 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
         stage=stage, base_config={**base, **space.fixed, "best_metric": metric,
                                       "selection": space.selection},
         upstream_checkpoint=upstream, tb_root=os.path.join(stage_dir, "tb"),
-        train_storage=experiment_dir, metric=metric, mode=space.metric_mode,
+        tb_upload=storages.join(location, stage, "tb") if remote else None,
+        train_storage=location, metric=metric, mode=space.metric_mode,
         resources=space.resources, measure_cost=bool(space.cost_metrics),
         upstream_choices={k: c["checkpoint"] for k, c in choices.items()},
         worker_max_failures=options.max_failures)
@@ -547,7 +586,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     progress = TrialProgress(stage, metric, space.parameter_names, space.budget.num_samples,
                              space.max_epochs, max(1, at_once), setup.tb_root,
                              print_lines=not options.quiet)
-    if os.path.exists(search_dir) and not options.resume:
+    if storages.exists(search_dir) and not options.resume:
         raise SearchError(f"{search_dir} holds an interrupted search of stage {stage}; continue "
                           f"it with --resume, or choose another --name")
     space_record = os.path.join(stage_dir, SPACE_RECORD)
@@ -556,17 +595,19 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
         check_same_space(space, space_record)
         say(f"[{stage}] resuming the interrupted search in {search_dir}")
         # What a write that failed (a full disk) left cut short, before Tune or Optuna reads it.
-        repair_tune_state(search_dir, kept_state, lambda text: say(f"[{stage}] {text}"))
+        if not remote:          # objects are written whole: nothing is cut short there
+            repair_tune_state(search_dir, kept_state, lambda text: say(f"[{stage}] {text}"))
         repair_journal(journal, lambda text: say(f"[{stage}] {text}"))
         tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
         os.makedirs(stage_dir, exist_ok=True)
         write_text_atomic(space_record, json.dumps(space.describe(), indent=2, sort_keys=True) + "\n")
-        storage = JournalStorage(JournalFileBackend(journal))
+        mirror.push(os.path.relpath(space_record, experiment_dir))
+        storage = JournalStorage(MirroredJournalBackend(
+            journal, storages.join(location, stage, "optuna.journal") if remote else None))
         if space.multi_objective:
             # Optuna is told each trial's best epoch for the selection metric and the others'
             # last values (cost metrics are the same every epoch).
@@ -592,11 +633,12 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                 trial_dirname_creator=lambda t: f"{stage}_{t.trial_id}",
                 reuse_actors=reuses_actors(space.resources)),
             run_config=tune.RunConfig(
-                name=f"search_{stage}", storage_path=experiment_dir, verbose=0,
+                name=f"search_{stage}", storage_path=location, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=checkpoint_retention(),
                 callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback(),
-                           TuneStateKeeper(search_dir, kept_state)]),
+                           # A trial's HParams entry (written by progress) copied at its end.
+                           *([MirrorKeeper(mirror)] if remote else [TuneStateKeeper(search_dir, kept_state)])]),
         )
     if interrupted is not None and interrupted.is_set():
         raise SearchInterrupted(f"the search was interrupted before stage {stage} started; continue "
@@ -617,6 +659,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                                 f"continue it with {options.how_to_resume()}")
     rows = [trial_row(r, space) for r in results]
     write_stage_hparams(experiment_dir, stage, space.parameters, [r.metrics or {} for r in results])
+    mirror.sync()
     ok = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not ok:
         errors = "; ".join(sorted({str(r.error).strip().splitlines()[-1] for r in results if r.error})) or "no results"
@@ -624,7 +667,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     # Each trial at its best validation epoch: its checkpoint and what it reported there.
     points = []
     for result in ok:
-        path, epoch_metrics = best_epoch_of(result, metric)
+        path, epoch_metrics = best_epoch_of(result, metric, options.storage_uri)
         if path is not None:
             names = [o.name for o in space.objectives] or [metric]
             points.append(TrialPoint(_trial_id(result), {n: epoch_metrics.get(n) for n in names}, path,
@@ -690,8 +733,19 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     write_trials(os.path.join(stage_dir, TRIALS_FILE), stage, metric, space.metric_mode,
                  space.max_epochs, rows)
     path = manifest_path(options.storage, options.name, stage)
+    # The manifest is what makes a stage finished: sent after everything it refers to.
+    mirror.sync(skip=[os.path.relpath(path, experiment_dir)])
     write_manifest(manifest, path)
-    return StageOutcome(stage, manifest, str(path), rows, metric)
+    mirror.push(os.path.relpath(path, experiment_dir))
+    return StageOutcome(stage, manifest, shown_path(options, path), rows, metric)
+
+
+def shown_path(options: SearchOptions, path: str | os.PathLike) -> str:
+    """A record's path as the user knows it: under a storage URI, its URI there."""
+    if not options.storage_uri:
+        return str(path)
+    return storages.join(storages.without_credentials(options.storage_uri),
+                         os.path.relpath(path, options.storage))
 
 
 SPACE_RECORD = "search_space.json"
@@ -727,11 +781,11 @@ def _trial_id(result) -> str:
     return str(result.metrics.get("trial_id") or os.path.basename(result.path))
 
 
-def best_epoch_of(result, metric: str) -> tuple[str | None, dict[str, Any]]:
-    """The trial's best-epoch checkpoint file and its objective values there: ``metric`` at its
-    best epoch (``best_<metric>``), the others from the last report (the cost metrics are
-    measured once per trial, so every report carries the same)."""
-    path, value = best_checkpoint_of(result, metric)
+def best_epoch_of(result, metric: str, storage_uri: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The trial's best-epoch checkpoint file (a URI under a storage URI) and its objective
+    values there: ``metric`` at its best epoch (``best_<metric>``), the others from the last
+    report (the cost metrics are measured once per trial, so every report carries the same)."""
+    path, value = best_checkpoint_of(result, metric, storage_uri)
     if path is None:
         return None, {}
     return path, {**(result.metrics or {}), metric: value}
@@ -761,7 +815,8 @@ def reused_outcome(options: SearchOptions, stage: str) -> StageOutcome:
     path = manifest_path(options.storage, options.name, stage)
     metric, rows = read_trials(os.path.join(options.storage, options.name, stage, TRIALS_FILE))
     manifest = read_manifest(path)
-    return StageOutcome(stage, manifest, str(path), rows, metric or manifest.metric_name, reused=True)
+    return StageOutcome(stage, manifest, shown_path(options, path), rows, metric or manifest.metric_name,
+                        reused=True)
 
 
 def adopt_upstream_data(options: SearchOptions, stage: str, say) -> SearchOptions:
@@ -792,6 +847,7 @@ def draw_plots(options: SearchOptions, outcome: StageOutcome, say) -> None:
     for path in write_optuna_plots(journal, f"{options.name}-{outcome.stage}",
                                    os.path.join(stage_dir, "plots"), outcome.metric, say=say):
         say(f"[{outcome.stage}] plot: {path}")
+    options.mirror().sync()
 
 
 def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
@@ -801,11 +857,17 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
     again. ``say`` receives the start-up and progress lines (``print`` by default).
     """
     say = (lambda text: None) if options.quiet else say
+    mirror = options.mirror()
+    if options.storage_uri:
+        # Before anything: a missing bucket or an unreachable endpoint is an error naming the URI.
+        storages.check_reachable(options.storage_uri)
+        say(f"storage {options.shown_storage}: the driver's records are copied to {mirror.local}")
+        mirror.pull()
     finished = manifest_path(options.storage, options.name, options.stage).exists()
     if finished:
         plan = []
         say(f"stage {options.stage} of experiment {options.name} finished earlier: reporting it "
-            f"from {os.path.join(options.storage, options.name)} (use another --name to search again)")
+            f"from {storages.without_credentials(options.experiment_location)} (use another --name to search again)")
     else:
         plan = plan_chain(options.stage, options.storage, options.name, options.from_checkpoint)
     if plan:
@@ -826,7 +888,9 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
             plan[0], options.storage, options.name,
             options.from_checkpoint if plan[0] == options.stage else None)
         check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
-        with ExperimentLock(os.path.join(options.storage, options.name)), search_environment():
+        with ExperimentLock(options.experiment_location), search_environment():
+            # Held now: what another driver may have written before is fetched again.
+            mirror.pull()
             started = init_ray(options, say)
             try:
                 if options.resume_command:
@@ -834,11 +898,12 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
                     # Ray is up: a failed start leaves the experiment folder as it was).
                     write_text_atomic(os.path.join(options.storage, options.name, RESUME_COMMAND_FILE),
                                       options.resume_command + "\n")
+                    mirror.push(RESUME_COMMAND_FILE)
                 # After ray.init, which installs a SIGTERM handler of its own that aborts.
                 with sigterm_as_sigint(f"stopping: the search's state is being saved; continue it "
                                        f"with {options.how_to_resume()}") as interrupted:
                     for stage in plan:
-                        outcome = search_stage(options, stage, spaces[stage], say, interrupted)
+                        outcome = search_stage(options, stage, spaces[stage], say, interrupted, mirror)
                         outcomes.append(outcome)
                         if outcome.manifest is None:
                             break

@@ -68,8 +68,9 @@ class StageOptunaSearch(OptunaSearch):
             if folder and self._trial_root and not error:
                 from virface.search.trial import best_file_in
 
-                directory = "/".join([self._trial_root.rstrip("/"), self._trial_dir.format(trial_id=trial_id),
-                                      folder])
+                from virface.storage import join
+
+                directory = join(self._trial_root, self._trial_dir.format(trial_id=trial_id), folder)
                 ot_trial.set_user_attr(CHECKPOINT, directory if "://" in directory else best_file_in(directory))
         except Exception as exc:   # a record, never a reason to lose the trial's result
             log.warning("optuna trial of %s: user attributes not written: %s", trial_id, exc)

@@ -9,7 +9,9 @@ Two files decide what ``--resume`` continues, and neither is written atomically 
 - The Optuna journal (``<stage>/optuna.journal``) is appended a line per change; a full disk cuts
   the last line, the next append is glued to it, and replaying the journal then fails.
   :func:`repair_journal` drops a cut last line before the journal is opened again.
-Both say what they did.
+Both say what they did. With remote storage (``s3://...``) Tune's state lives there, written
+as whole objects, and neither repair of it applies; the journal is the driver's local copy,
+sent after every append (:class:`MirroredJournalBackend`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import os
 import pickle
 from typing import Callable
 
+from optuna.storages.journal import JournalFileBackend
 from ray.tune import Callback
 
+from virface import storage
 from virface.errors import VirFaceError
 from virface.fileio import write_text_atomic
 
@@ -105,6 +109,23 @@ def repair_tune_state(search_dir: str, kept_dir: str, say: Callable[[str], None]
             f"from {os.path.join(kept_dir, name)}")
 
 
+class MirroredJournalBackend(JournalFileBackend):
+    """The Optuna journal file, and with remote storage (``remote``: its URI) sent there whole
+    after every append, before Optuna goes on: the remote journal is never behind what Tune's
+    state (saved later) knows, only ahead of it, which a restore accepts (virface.search.searcher).
+    A driver killed between an append and its upload leaves the remote journal one append
+    behind the local file; the remote one is what ``--resume`` continues."""
+
+    def __init__(self, file_path: str, remote: str | None = None):
+        super().__init__(file_path)
+        self.remote = remote
+
+    def append_logs(self, logs):
+        super().append_logs(logs)
+        if self.remote is not None:
+            storage.upload_file(self._file_path, self.remote)
+
+
 def repair_journal(path: str, say: Callable[[str], None]) -> None:
     """Drop a last line of the Optuna journal ``path`` that a failed append cut short (no newline,
     or not JSON), so that the next append starts on a line of its own."""
@@ -144,3 +165,21 @@ def is_disk_error(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class MirrorKeeper(Callback):
+    """With remote storage: sends the driver's records that changed (a trial's TensorBoard
+    HParams entry, written as it ends) when a trial ends and when the stage's search ends. Put it
+    after the callback that writes them."""
+
+    def __init__(self, mirror: "storage.ExperimentMirror"):
+        self.mirror = mirror
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.mirror.sync()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.mirror.sync()
+
+    def on_experiment_end(self, trials, **info):
+        self.mirror.sync()

@@ -27,6 +27,7 @@ from virface.progress import write_progress
 from virface.ray_train import (BEST_FILE, CHECKPOINT_FILE, CHECKPOINTS_KEPT,  # noqa: F401 (re-exported)
                                ReportedCheckpoints, best_file_in)
 from virface.search.space import ResourcesSpec
+from virface.storage import join
 
 # The categorical parameter of a stage that starts from one of several carried upstream
 # checkpoints (--carry_top): its value is the upstream trial's id.
@@ -43,7 +44,7 @@ class TrialSetup:
     base_config: dict[str, Any]          # TrainConfig fields: data options, fixed values
     upstream_checkpoint: str | None      # best-epoch checkpoint of the upstream stage
     tb_root: str                         # <experiment>/<stage>/tb: one run folder per trial
-    train_storage: str                   # absolute; multi-worker trials' Ray Train runs (checkpoints)
+    train_storage: str                   # absolute or a URI; multi-worker trials' Ray Train runs (checkpoints)
     metric: str
     mode: str
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -54,6 +55,9 @@ class TrialSetup:
     # Restarts of a multi-worker trial's worker group (from its last checkpoint) after a worker
     # fails, before the trial fails (and Tune retries it, --max_failures).
     worker_max_failures: int = 1
+    # Remote storage (virface.storage): the URI of ``tb_root`` there. Each trial writes its
+    # TensorBoard run into ``tb_root`` on its own node and copies it here after every epoch.
+    tb_upload: str | None = None
 
 
 def trial_train_config(setup: TrialSetup, params: dict[str, Any]) -> dict[str, Any]:
@@ -130,11 +134,12 @@ def checkpoint_retention():
     return tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
 
 
-def best_checkpoint_of(result, metric: str) -> tuple[str | None, float | None]:
+def best_checkpoint_of(result, metric: str, storage_root: str | None = None) -> tuple[str | None, float | None]:
     """A finished trial's best-epoch checkpoint file and its ``metric`` value (not merely the last
     epoch's): the best file of its latest reported directory (the one Tune, or for a multi-worker
     trial Ray Train, always keeps), valued at its last result's ``best_<metric>``. ``(None, None)``
-    without a checkpoint or a finite value.
+    without a checkpoint or a finite value. ``storage_root``: the search's storage URI, when it
+    is remote: Ray gives paths on its file system (``bucket/key``), made URIs like it.
     """
     checkpoint = getattr(result, "checkpoint", None)
     metrics = result.metrics or {}
@@ -143,6 +148,10 @@ def best_checkpoint_of(result, metric: str) -> tuple[str | None, float | None]:
     value = metrics.get(f"best_{metric}")
     if not directory or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None, None
+    if storage_root is not None:
+        from virface.storage import uri_for
+
+        directory = uri_for(storage_root, directory)
     return best_file_in(directory), float(value)
 
 
@@ -152,19 +161,25 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     train_config = trial_train_config(setup, params)
-    tb_dir = os.path.join(setup.tb_root, f"{setup.stage}_{trial_id}")
+    run_name = f"{setup.stage}_{trial_id}"
+    tb_dir = os.path.join(setup.tb_root, run_name)
+    tb_upload = join(setup.tb_upload, run_name) if setup.tb_upload else None
     if setup.resources.workers == 1:
-        _run_in_process(train_config, tb_dir, setup.measure_cost)
+        _run_in_process(train_config, tb_dir, setup.measure_cost, tb_upload)
     else:
-        _run_on_ray_train(train_config, tb_dir, setup, trial_id)
+        _run_on_ray_train(train_config, tb_dir, setup, trial_id, tb_upload)
 
 
-def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: bool = False) -> None:
+def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: bool = False,
+                    tb_upload: str | None = None) -> None:
     from ray import tune
 
     from virface.config import TrainConfig
     from virface.cost import run_cost
     from virface.stages import StageRun
+    from virface.storage import TreeSync
+
+    tb_sync = TreeSync(tb_dir, tb_upload)
 
     checkpoint = tune.get_checkpoint()
     work = tempfile.mkdtemp(prefix="virface-trial-")
@@ -184,9 +199,11 @@ def _run_in_process(train_config: dict[str, Any], tb_dir: str, measure_cost: boo
             checkpoints.report_unseen(cost)
             while not run.done:
                 metrics, path = run.run_epoch()
+                tb_sync.sync()          # the epoch's TensorBoard points, before it counts
                 checkpoints.report({**metrics, **cost}, path, run.best["epoch"])
         finally:
             run.close()
+            tb_sync.sync()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -197,7 +214,8 @@ def train_run_name(stage: str, trial_id: str) -> str:
     return f"train_{stage}_{trial_id}"
 
 
-def _run_on_ray_train(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup, trial_id: str) -> None:
+def _run_on_ray_train(train_config: dict[str, Any], tb_dir: str, setup: TrialSetup, trial_id: str,
+                      tb_upload: str | None = None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from virface.ray_train import stage_trainer
@@ -206,6 +224,6 @@ def _run_on_ray_train(train_config: dict[str, Any], tb_dir: str, setup: TrialSet
     trainer = stage_trainer(
         train_config, workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
         storage=setup.train_storage, name=train_run_name(setup.stage, trial_id),
-        max_failures=setup.worker_max_failures, tb_dir=tb_dir, progress_dir=tb_dir,
+        max_failures=setup.worker_max_failures, tb_dir=tb_dir, progress_dir=tb_dir, tb_upload=tb_upload,
         measure_cost=setup.measure_cost, callbacks=[TuneReportCallback()])
     trainer.fit()
