@@ -27,10 +27,19 @@ def test_it_measures_the_generator_and_covariance_transfer_of_a_checkpoint(tmp_p
     gen = run_stage(TrainConfig(method="generator", pretrained_file=pre.best_checkpoint, **tiny),
                     str(tmp_path / "gen"))
     out = tmp_path / "figures.json"
-    assert bench.main([gen.best_checkpoint, "--covariance", "0", "4", "--json", str(out)]) == 0
+    assert bench.main([gen.best_checkpoint, "--covariance", "0", "4", "--cov_shrink", "0", "1",
+                       "--json", str(out), "--plot", str(tmp_path / "instances.png")]) == 0
     records = json.loads(out.read_text())
-    assert [r["instances"] for r in records] == ["generator", "covariance rank full x1", "covariance rank 4 x1"]
+    assert [r["instances"] for r in records] == [
+        "generator", "covariance rank full scale 1 shrink 0", "covariance rank full scale 1 shrink 1",
+        "covariance rank 4 scale 1 shrink 0", "covariance rank 4 scale 1 shrink 1"]
     # One backbone, one set of pairs: the real same-identity cosine is the same for every variant.
     assert len({round(r["vi_real_cos"], 6) for r in records}) == 1
     assert gen.history[-1]["vi_identity_keep"] == pytest.approx(records[0]["vi_identity_keep"], abs=1e-5)
-    assert capsys.readouterr().out.count("identity keep") == 3
+    # Shrinking the sources towards their estimated centres changes what is drawn.
+    assert records[1]["vi_draw_cos"] != records[2]["vi_draw_cos"]
+    assert capsys.readouterr().out.count("identity keep") == 5
+    assert (tmp_path / "instances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The figure again from the JSON alone, nothing measured.
+    again = tmp_path / "again.png"
+    assert bench.main(["--from-json", str(out), "--plot", str(again)]) == 0 and again.stat().st_size > 10_000
