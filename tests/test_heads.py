@@ -21,6 +21,17 @@ def test_arcface_falls_back_to_cos_minus_m_sin_m_past_pi():
     assert torch.allclose(logits, torch.tensor([[-1.139713, 0.1]]), atol=1e-6)
 
 
+def test_arcface_clamps_cosines_a_rounding_error_put_outside_minus_one_to_one():
+    # Normalised products can come out a hair past +-1; acos of them would be NaN.
+    cos = torch.tensor([[1.0 + 1e-6, -1.0 - 1e-6], [-1.0 - 1e-6, 1.0 + 1e-6]])
+    logits = arcface_margin_logits(cos, torch.tensor([0, 0]), s=1.0, m=0.5)
+    want = torch.tensor([[math.cos(0.5), -1.0], [-1.0 - 0.5 * math.sin(0.5), 1.0]])
+    assert torch.isfinite(logits).all() and torch.allclose(logits, want, atol=1e-5)
+    # Larger excursions are clamped to the same values, not extrapolated.
+    assert torch.allclose(arcface_margin_logits(1.5 * torch.sign(cos), torch.tensor([0, 0]), 1.0, 0.5), want,
+                          atol=1e-5)
+
+
 def test_virclass_appends_each_unlabeled_feature_as_a_negative_class():
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     x = torch.tensor([[3.0, 0.0]])                    # norm -> (1, 0), label 0
@@ -113,3 +124,16 @@ def test_dropout_is_inactive_in_eval_mode():
     assert torch.allclose(vc[:, :3], expected, atol=1e-6)
     assert torch.allclose(vc[:, 3], torch.full((16,), 2.0 * (6.0 + 16.0) / 25.0), atol=1e-6)
     assert torch.equal(torch.rand(3), _rand_after_seed())
+
+
+def test_one_drawn_instance_has_a_loss_and_the_defaults_are_no_offset_and_detached_centres():
+    head = ArcFaceHead(num_classes=1, feat_len=2, s=4.0, m=0.5, dropout=0.0)
+    centres = torch.tensor([[0.0, 1.0], [0.6, 0.8]], requires_grad=True)
+    one = torch.tensor([[0.0, 1.0]])
+    loss = head.virinstance_loss(one, centres, gen_num=1)
+    assert loss.item() > 0                             # a single instance is not "none drawn"
+    loss.backward()
+    assert centres.grad is None                        # detached by default
+    _, target = head.virinstance(one, centres, gen_num=1)
+    assert target.tolist() == [1]                      # C + 0: the first source, no offset
+    assert head.virinstance_loss(torch.zeros(0, 2), centres, gen_num=1).item() == 0.0

@@ -27,6 +27,7 @@ def test_the_hardest_pair_set_selects(names, hardest):
 @pytest.mark.parametrize("metric, mode", [
     ("loss", "min"), ("loss_vc", "min"), ("loss_vi", "min"), ("gen_loss", "min"), ("gen_mse", "min"),
     ("gen_kl", "min"), ("synth_cfp_fp_acc", "max"), ("lfw_tar_far1e-3", "max"), ("virtual_classes", "max"),
+    ("lfw_acc_se", "min"), ("synth_cfp_fp_acc_std", "min"), ("vi_identity_keep", "max"),
 ])
 def test_losses_are_minimised_and_everything_else_maximised(metric, mode):
     assert metric_mode(metric) == mode
@@ -64,7 +65,7 @@ def test_a_stage_reports_its_loss_terms_and_pair_set_metrics_only_when_it_trains
     ("best_lfw_acc", "best/lfw_acc"), ("test_lfw_acc", "test/lfw_acc"), ("loss", "loss/loss"),
     ("loss_vc", "loss/loss_vc"), ("gen_mse", "loss/gen_mse"), ("lfw_acc", "val/lfw_acc"),
     ("lfw_acc_std", "val/lfw_acc_std"), ("lfw_tar_far1e-3", "val/lfw_tar_far1e-3"), ("lr", "train/lr"),
-    ("samples_per_s", "train/samples_per_s"),
+    ("samples_per_s", "train/samples_per_s"), ("vi_identity_keep", "instances/vi_identity_keep"),
 ])
 def test_each_metric_has_its_tensorboard_section(metric, tag):
     assert tensorboard_tag(metric) == tag
@@ -86,3 +87,12 @@ def test_paired_differences_of_one_seed_have_no_std_and_take_a_scale():
     assert paired_over_seeds([1.0, 2.0], [1.0 + 1e-12, 2.0 - 2e-9], scale=1.0)["signs"] == "0+"
     with pytest.raises(ValueError):
         paired_over_seeds([1.0, 2.0], [1.0])
+
+
+def test_the_instance_figures_read_as_one_line_with_the_own_class_share_in_percent():
+    from virface.metrics import format_instance_metrics
+
+    assert format_instance_metrics({"vi_identity_keep": -0.0123, "vi_draw_cos": 0.97, "vi_real_cos": 0.69,
+                                    "vi_w_pull": 0.045, "vi_own_class_share": 0.5}) == (
+        "identity keep -0.012, draw cos 0.970 (real same-identity cos 0.690), nearest-W pull +0.045, "
+        "own class wins 50.0 %")
