@@ -4,9 +4,9 @@ import torch
 from virface.generator import FeatureVAE, generator_losses
 
 
-def constant_vae(decoded, mu_bias=0.0, logvar_bias=0.0):
+def constant_vae(decoded, mu_bias=0.0, logvar_bias=0.0, residual=False):
     """A VAE whose encoder outputs constant (mu, logvar) and whose decoder outputs ``decoded``."""
-    g = FeatureVAE(feat_len=2, hidden=3, latent=2)
+    g = FeatureVAE(feat_len=2, hidden=3, latent=2, residual=residual)
     with torch.no_grad():
         for lin, bias in ((g.to_mu, mu_bias), (g.to_logvar, logvar_bias)):
             lin.weight.zero_()
@@ -36,6 +36,26 @@ def test_kl_is_mean_over_elements():
     _, kl = generator_losses(g, torch.randn(3, 2), torch.tensor([[1.0, 0.0]]).expand(3, 2))
     # -0.5 * (1 + 0 - 1 - 1) = 0.5 for every element; the mean is 0.5 (a sum would be 3.0)
     assert torch.isclose(kl, torch.tensor(0.5))
+
+
+def test_mse_and_kl_against_values_worked_out_by_hand_off_the_axes():
+    # decoded (1, 0) against W_y at 53 degrees, (0.6, 0.8): ((1 - 0.6)^2 + (0 - 0.8)^2) / 2 = 0.4
+    g = constant_vae([5.0, 0.0], logvar_bias=1.0)
+    mse, kl = generator_losses(g, torch.randn(2, 2), torch.tensor([[3.0, 4.0]]).expand(2, 2))
+    assert torch.isclose(mse, torch.tensor(0.4))
+    # mu = 0, logvar = 1: -0.5 * (1 + 1 - 0 - e) = 0.359141
+    assert torch.isclose(kl, torch.tensor(0.359141), atol=1e-6)
+
+
+def test_a_residual_generator_steps_from_its_input():
+    g = constant_vae([0.5, -0.5], logvar_bias=-30.0, residual=True)      # no noise to speak of
+    x = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    decoded, _, _ = g(x)
+    assert torch.allclose(decoded, x + torch.tensor([0.5, -0.5]), atol=1e-6)
+    want = torch.nn.functional.normalize(x + torch.tensor([0.5, -0.5]), dim=1)
+    assert torch.allclose(g.sample(x, 2), want.repeat(2, 1), atol=1e-6)
+    plain = constant_vae([0.5, -0.5], logvar_bias=-30.0)
+    assert torch.allclose(plain(x)[0], torch.tensor([[0.5, -0.5]]).expand(2, 2), atol=1e-6)
 
 
 def test_losses_never_reach_backbone_features_or_class_weights():
