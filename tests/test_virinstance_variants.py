@@ -43,6 +43,27 @@ def test_reference_l_vi_moves_w_but_not_the_backbone():
     assert not torch.equal(without.head.weight, with_vi.head.weight)
 
 
+@pytest.mark.parametrize("mode", ["alternate", "joint"])
+def test_the_step_loss_is_l_vc_plus_the_weighted_l_vi_plus_the_generator_loss(mode):
+    """The total the step reports (and, in joint mode, differentiates) is L_vc + w L_vi + L_gen,
+    with w the warm-up weight: half-way through a 2-epoch warm-up of weight 0.8, w = 0.4."""
+    _, terms = one_step(epochs_done=1.0, optim_mode=mode, vi_weight=0.8, vi_warmup_epochs=2.0)
+    assert terms["loss_vi"] > 0 and terms["gen_loss"] > 0
+    want = terms["loss_vc"] + 0.4 * terms["loss_vi"] + terms["gen_loss"]
+    assert float(terms["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+def test_with_vi_gen_grad_the_generator_step_takes_l_vi_too():
+    """Alternate + vi_gen_grad: the generator's step takes w L_vi's gradient; without it the
+    generator ignores L_vi."""
+    reference, _ = one_step(vi_weight=1.0, L2=0.0, KL=0.0)
+    with_grad, _ = one_step(vi_weight=1.0, L2=0.0, KL=0.0, vi_gen_grad=True)
+    assert not same(reference.generator, with_grad.generator)
+    # With L2 = KL = 0 the reference's generator step has nothing to descend.
+    untouched, _ = one_step(vi_weight=0.0, L2=0.0, KL=0.0)
+    assert same(reference.generator, untouched.generator)
+
+
 def test_vi_to_backbone_reaches_the_backbone_but_leaves_the_generator_to_its_own_step():
     without, _ = one_step(vi_weight=0.0, vi_to_backbone=True)
     with_vi, _ = one_step(vi_weight=1.0, vi_to_backbone=True)
