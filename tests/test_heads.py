@@ -134,6 +134,8 @@ def test_one_drawn_instance_has_a_loss_and_the_defaults_are_no_offset_and_detach
     assert loss.item() > 0                             # a single instance is not "none drawn"
     loss.backward()
     assert centres.grad is None                        # detached by default
-    _, target = head.virinstance(one, centres, gen_num=1)
+    logits, target = head.virinstance(one, centres, gen_num=1)
     assert target.tolist() == [1]                      # C + 0: the first source, no offset
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    assert centres.grad is None
     assert head.virinstance_loss(torch.zeros(0, 2), centres, gen_num=1).item() == 0.0
