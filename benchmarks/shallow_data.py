@@ -915,7 +915,7 @@ def _run(plan: Plan, args, work: str, cache: str) -> dict[str, Any]:
     print("evaluation cost here (s per evaluation, one process): " + ", ".join(
         f"{name} ({pairs['test' if name.startswith(TEST_PREFIX) else 'val']} pairs) {sec:.1f}"
         for name, sec in eval_cost.items())
-        + f"; validation every epoch, test once per run", flush=True)
+        + "; validation every epoch, test once per run", flush=True)
     print(f"[{plan.name}] deep {len(faces.labeled)} images / {faces.labeled.num_classes} ids, shallow "
           f"{len(faces.unlabeled)} images / {faces.unlabeled.num_classes} ids; identities apart: {roles}; "
           f"{steps_per_epoch(plan)} steps per epoch; arms {', '.join(plan.arms)}; {len(plan.seeds)} seeds, "

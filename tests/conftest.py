@@ -228,3 +228,15 @@ def s3_server(bucket: str = "vf-bucket") -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def write_space(tmp_path, stage, **changes):
+    """The shipped search space of ``stage`` with some sections replaced, written under tmp_path."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", f"{stage}.yaml")) as f:
+        space = yaml.safe_load(f)
+    space.update(changes)
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return str(path)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-import yaml
+from conftest import write_space
 
 from virface.checkpoint import load_checkpoint
 from virface.search.manifest import read_manifest
@@ -33,16 +33,6 @@ def ray_cluster():
     init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def write_space(tmp_path, stage, **changes):
-    """The shipped search space of ``stage`` with some sections replaced."""
-    with open(os.path.join(REPO, "search_spaces", f"{stage}.yaml")) as f:
-        space = yaml.safe_load(f)
-    space.update(changes)
-    path = tmp_path / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return str(path)
 
 
 def tb_scalars_and_hparams(run_dir):

@@ -17,8 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import s3_server
-from virface import storage
+from conftest import s3_server, write_space
 from virface.checkpoint import load_checkpoint
 from virface.search.cli import main as search_main
 from virface.search.runner import SearchOptions, run_search
@@ -42,17 +41,6 @@ def ray_cluster(s3):
     init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def write_space(tmp_path, stage, **changes):
-    import yaml
-
-    with open(os.path.join(REPO, "search_spaces", f"{stage}.yaml")) as f:
-        space = yaml.safe_load(f)
-    space.update(changes)
-    path = tmp_path / f"{stage}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return str(path)
 
 
 def test_smoke_chain_on_s3_keeps_everything_in_the_bucket_and_chains_through_it(ray_cluster, s3, tmp_path, capsys):

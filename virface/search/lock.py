@@ -105,9 +105,7 @@ class ExperimentLock:
 
     def _acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "process_start": _process_start(os.getpid()),
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        me = self._me()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -120,12 +118,7 @@ class ExperimentLock:
                 if holder is None or (holder.get("host") == me["host"] and not _holder_alive(holder)):
                     self._remove_stale()
                     continue
-                where = "this machine" if holder.get("host") == me["host"] else f"host {holder.get('host')}"
-                raise ExperimentLockedError(
-                    f"{os.path.dirname(self.path)} is being searched by another driver (pid "
-                    f"{holder.get('pid')} on {where}, since {holder.get('since')}); wait for it "
-                    f"to finish or stop it, then run again (with --resume if it was interrupted). "
-                    f"If that driver is gone, delete {self.path}") from None
+                self._locked_by(holder, me)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
             self.held = True
