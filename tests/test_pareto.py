@@ -37,6 +37,13 @@ def test_the_front_keeps_exactly_the_trials_no_other_beats_on_both_objectives():
     assert dominates(POINTS[0].values, POINTS[2].values, [ACC, LAT])      # A over C
 
 
+def test_a_tie_on_one_objective_and_a_loss_on_the_other_is_dominated():
+    same_acc = [point("fast", 0.9, 5.0), point("slow", 0.9, 10.0)]        # tie on the max objective
+    assert [p.trial_id for p in pareto_front(same_acc, [ACC, LAT])] == ["fast"]
+    same_latency = [point("worse", 0.8, 5.0), point("better", 0.9, 5.0)]  # tie on the min objective
+    assert [p.trial_id for p in pareto_front(same_latency, [ACC, LAT])] == ["better"]
+
+
 def test_a_third_objective_can_put_a_dominated_pair_back_on_the_front():
     params = Objective("params", "min")
     points = [TrialPoint("A", {"acc": 0.9, "latency_ms": 10.0, "params": 5e6}),
