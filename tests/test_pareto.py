@@ -11,7 +11,7 @@ from torch import nn
 
 from virface.cost import count_macs, model_cost
 from virface.errors import ConfigError
-from virface.search.pareto import (NoTrialSelected, Objective, SelectRule, TrialPoint, dominates,
+from virface.search.pareto import (NoTrialSelected, Objective, SelectRule, TrialPoint, dominates, format_front,
                                    pareto_front, plot_front, rank_by_rule, select_point)
 from virface.search.space import CHECKOUT_SPACES, load_search_space
 
@@ -78,6 +78,32 @@ def test_no_trial_under_the_bounds_names_the_rule_and_every_front_trial():
         "latency_ms=5; D: acc=0.8, latency_ms=5; E: acc=0.7, latency_ms=2); loosen the bounds")
     with pytest.raises(NoTrialSelected, match=r"\(front: empty\); loosen the bounds$"):
         select_point([], SelectRule("acc", "max"))
+
+
+def test_the_front_table_lists_best_first_marks_the_chosen_and_names_the_rule():
+    front = pareto_front(POINTS, [ACC, LAT])
+    front[0].params = {"arch": "resnet18", "lr": 0.0324}
+    front[1].params = {"arch": "mobilefacenet", "macs": 2.5e8}
+    table = format_front([ACC, LAT], front, "B", SelectRule("acc", "max", {"latency_ms": (None, 6.0)}))
+    assert table.splitlines() == [
+        "Pareto front on acc (max), latency_ms (min): 4 trial(s); select: maximize acc where latency_ms <= 6",
+        f"  {'trial':<16}{'acc':>19}{'latency_ms':>19}  params",
+        f"  {'A':<16}{'0.9000':>19}{'10.0000':>19}  arch=resnet18, lr=0.0324",
+        f"* {'B':<16}{'0.8000':>19}{'5.0000':>19}  arch=mobilefacenet, macs=2.5e+08",
+        f"  {'D':<16}{'0.8000':>19}{'5.0000':>19}  ",
+        f"  {'E':<16}{'0.7000':>19}{'2.0000':>19}  "]
+    # With a min objective first, the fastest trial leads; no rule, no "select".
+    assert format_front([LAT, ACC], front, None, None).splitlines()[2].startswith("  E ")
+    assert "select" not in format_front([LAT, ACC], front, None, None)
+
+
+def test_the_front_and_rule_are_recorded_as_plain_json():
+    assert SelectRule("acc", "max", {"latency_ms": (None, 6.0)}).to_dict() == {
+        "metric": "acc", "mode": "max", "where": {"latency_ms": {"min": None, "max": 6.0}}}
+    p = point("A", 0.9, 10.0, arch="resnet18")
+    assert p.to_dict() == {"trial_id": "A", "values": {"acc": 0.9, "latency_ms": 10.0},
+                           "checkpoint": "/A.pt", "params": {"arch": "resnet18"}}
+    assert p.to_dict()["values"] is not p.values            # a copy, not the live dict
 
 
 def test_the_front_plot_is_written(tmp_path):
