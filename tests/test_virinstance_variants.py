@@ -295,3 +295,39 @@ def test_the_covariance_variant_runs_as_a_virface_stage_and_reports_its_instance
                                pretrained_file=gen.best_checkpoint, **tiny), str(tmp_path / "vf"), data=tiny_data)
     record = vf.history[0]
     assert record["loss_vi"] > 0 and record["vi_draw_cos"] < 1.0
+
+
+def stage_step(**changes) -> StageStep:
+    config = TrainConfig(**{**BASE, **changes})
+    torch.manual_seed(0)
+    models = build_models(config)
+    return StageStep(config, models, models.backbone, build_optimizers(config, models),
+                     DistributedContext(torch.device("cpu")), None)
+
+
+def test_l_vi_ramps_up_linearly_over_a_warm_up_shorter_than_one_epoch():
+    step = stage_step(vi_weight=0.8, vi_warmup_epochs=0.5)
+    step.epochs_done = 0.25
+    assert step.vi_weight() == pytest.approx(0.4)
+    step.epochs_done = 2.0
+    assert step.vi_weight() == pytest.approx(0.8)
+    assert stage_step(vi_weight=0.8, vi_warmup_epochs=0.0).vi_weight() == pytest.approx(0.8)
+
+
+def test_the_within_identity_generator_loss_is_l2_mse_plus_kl_kl(monkeypatch):
+    step = stage_step(method="generator", L2=10.0, KL=3.0)
+    monkeypatch.setattr("virface.steps.generator_losses", lambda g, a, b: (torch.tensor(0.2), torch.tensor(0.5)))
+    terms = step.same_identity_terms(torch.zeros(2, 8), torch.zeros(2, 8))
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx(
+        {"gen_mse": 0.2, "gen_kl": 0.5, "gen_loss": 10.0 * 0.2 + 3.0 * 0.5})
+
+
+def test_the_diversity_term_is_the_squared_gap_to_the_real_same_identity_cosine(monkeypatch):
+    step = stage_step(method="generator", gen_diversity=2.0)
+    f_a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    f_b = torch.tensor([[0.6, 0.8], [0.0, 1.0]])                 # cosines 0.6 and 1.0: mean 0.8
+    monkeypatch.setattr(step, "bank_pairs", lambda n: (f_a, f_b))
+    monkeypatch.setattr("virface.steps.draw_agreement", lambda g, x: torch.tensor(0.95))
+    terms = step.with_diversity({"gen_loss": torch.tensor(1.0)}, torch.zeros(2, 8))
+    assert float(terms["gen_diversity"]) == pytest.approx(0.15 ** 2)
+    assert float(terms["gen_loss"]) == pytest.approx(1.0 + 2.0 * 0.15 ** 2)
