@@ -314,12 +314,16 @@ def test_l_vi_ramps_up_linearly_over_a_warm_up_shorter_than_one_epoch():
     assert stage_step(vi_weight=0.8, vi_warmup_epochs=0.0).vi_weight() == pytest.approx(0.8)
 
 
-def test_the_within_identity_generator_loss_is_l2_mse_plus_kl_kl(monkeypatch):
+def test_both_generator_losses_are_l2_mse_plus_kl_kl(monkeypatch):
+    """The reference's (towards W_y) and the within-identity one (towards f_b)."""
     step = stage_step(method="generator", L2=10.0, KL=3.0)
-    monkeypatch.setattr("virface.steps.generator_losses", lambda g, a, b: (torch.tensor(0.2), torch.tensor(0.5)))
+    monkeypatch.setattr("virface.steps.generator_losses",
+                        lambda g, a, b, **kw: (torch.tensor(0.2), torch.tensor(0.5)))
+    want = {"gen_mse": 0.2, "gen_kl": 0.5, "gen_loss": 10.0 * 0.2 + 3.0 * 0.5}
     terms = step.same_identity_terms(torch.zeros(2, 8), torch.zeros(2, 8))
-    assert {k: float(v) for k, v in terms.items()} == pytest.approx(
-        {"gen_mse": 0.2, "gen_kl": 0.5, "gen_loss": 10.0 * 0.2 + 3.0 * 0.5})
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx(want)
+    terms = step.generator_terms(torch.zeros(2, 8), torch.tensor([0, 1]))
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx(want)
 
 
 def test_the_diversity_term_is_the_squared_gap_to_the_real_same_identity_cosine(monkeypatch):
