@@ -9,7 +9,7 @@ from torchvision.io import encode_png
 
 from virface.errors import PairSetError
 from virface.evaluation.pairs import PairSet
-from virface.evaluation.verification import (evaluate_pair_set, extract_embeddings,
+from virface.evaluation.verification import (evaluate_pair_set, evaluate_pair_sets, extract_embeddings,
                                              load_bin, load_cfp_folder, load_lfw_folder,
                                              open_pair_set, verify_10fold, write_bin)
 
@@ -339,3 +339,32 @@ def test_per_pair_correctness_marks_exactly_the_pairs_the_fold_threshold_gets_wr
     assert result.correct.dtype == bool and result.correct.shape == (20,)
     assert np.flatnonzero(~result.correct).tolist() == [6]
     assert result.acc == pytest.approx(result.correct.mean()) == pytest.approx(19 / 20)
+
+
+class LeftHalfMean(torch.nn.Module):
+    """An embedding that sees only the left half of the image, so a flip changes it."""
+
+    def forward(self, x):
+        left = x[..., : x.shape[-1] // 2]
+        return torch.stack([left.mean((1, 2, 3)), left[:, 0].mean((1, 2)), torch.ones(x.shape[0])], 1)
+
+
+def test_a_pair_set_is_scored_with_flips_10_folds_and_tar_at_far_1e_3_by_default():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (80, 3, 8, 8), dtype=torch.uint8, generator=g)
+    pair_set = PairSet("mine", images, np.arange(40) % 2 == 0)
+    net = LeftHalfMean()
+    default = evaluate_pair_set(net, pair_set)
+    explicit = evaluate_pair_set(net, pair_set, flip=True, n_folds=10, far_target=1e-3)
+    assert default.acc == explicit.acc and default.tar_at_far == explicit.tar_at_far
+    assert default.far_target == 1e-3
+    assert np.array_equal(default.best_thresholds, explicit.best_thresholds)
+    assert len(default.best_thresholds) == 10
+    assert torch.equal(extract_embeddings(net, images), extract_embeddings(net, images, flip=True))
+    assert not torch.equal(extract_embeddings(net, images, flip=True), extract_embeddings(net, images, flip=False))
+    # Every set under its own name, with the prefix given, nothing else.
+    metrics = evaluate_pair_sets(net, {"mine": pair_set})
+    assert set(metrics) == {"mine_acc", "mine_acc_se", "mine_acc_std", "mine_tar_far1e-3"}
+    assert metrics["mine_acc"] == default.acc and metrics["mine_tar_far1e-3"] == default.tar_at_far
+    assert set(evaluate_pair_sets(net, {"mine": pair_set}, prefix="test_")) == {
+        "test_mine_acc", "test_mine_acc_se", "test_mine_acc_std", "test_mine_tar_far1e-3"}
