@@ -368,3 +368,27 @@ def test_a_pair_set_is_scored_with_flips_10_folds_and_tar_at_far_1e_3_by_default
     assert metrics["mine_acc"] == default.acc and metrics["mine_tar_far1e-3"] == default.tar_at_far
     assert set(evaluate_pair_sets(net, {"mine": pair_set}, prefix="test_")) == {
         "test_mine_acc", "test_mine_acc_se", "test_mine_acc_std", "test_mine_tar_far1e-3"}
+
+
+def test_blank_lines_inside_pair_lists_are_skipped_not_the_end_of_the_list(tmp_path):
+    make_lfw(str(tmp_path / "lfw"), "1 2\n\nAnn 1 2\n\nAnn 2 Bo 1\n", {"Ann": 2, "Bo": 1})
+    lfw = load_lfw_folder(str(tmp_path / "lfw"))
+    assert lfw.name == "lfw" and lfw.issame.tolist() == [True, False]
+    make_cfp(str(tmp_path / "cfp"))
+    with open(tmp_path / "cfp" / "Protocol" / "Split" / "FP" / "01" / "same.txt", "w") as f:
+        f.write("\n1,1\n\n2,2\n")
+    assert load_cfp_folder(str(tmp_path / "cfp"), "FP").issame.tolist() == [True, True, False, True, False]
+
+
+def test_a_first_line_of_three_numbers_is_a_pair_not_a_header(tmp_path):
+    # 'Ann 1 2' style lines are pairs; only a first line of one or two numbers is the header.
+    make_lfw(str(tmp_path), "1 2 3\n", {"Ann": 2})
+    with pytest.raises(PairSetError, match=r"(?s)2 images are missing .*1_0002\.jpg"):   # person 1, images 2, 3
+        load_lfw_folder(str(tmp_path))
+
+
+def test_folder_pair_sets_are_resized_to_the_image_size_asked_for(tmp_path):
+    make_lfw(str(tmp_path / "lfw"), "Ann 1 2\n", {"Ann": 2})
+    assert load_lfw_folder(str(tmp_path / "lfw"), image_size=8).images.shape == (2, 3, 8, 8)
+    make_cfp(str(tmp_path / "cfp"))
+    assert load_cfp_folder(str(tmp_path / "cfp"), "FF", image_size=6).images.shape[2:] == (6, 6)
