@@ -391,3 +391,17 @@ def test_two_gloo_ranks_match_one_process_over_the_full_w(tmp_path):
     for k, (got_loss, _, got_dw) in enumerate(o["sampled"] for o in ranks):
         assert math.isclose(got_loss.item(), loss.item(), rel_tol=1e-6, abs_tol=1e-6)
         assert torch.allclose(got_dw, dw[shard[k]], atol=1e-6)
+
+
+def test_a_ranks_margin_applies_to_the_rows_whose_target_it_holds_and_leaves_the_others():
+    from virface.partial_fc import margin_logits
+
+    cos = torch.tensor([[0.5, 0.2, -0.95, 0.1], [0.3, 0.4, 0.0, -0.2], [0.9, -0.1, 0.2, 0.6],
+                        [-0.5, 0.7, 0.1, 0.0], [0.2, 0.2, 0.3, -0.92]])
+    target = torch.tensor([2, -1, 0, -1, 3])         # rows 1 and 3: their targets are on another rank
+    got = margin_logits(cos, target, s=4.0, m=0.5)
+    here = target >= 0
+    full = arcface_margin_logits(cos[here], target[here], s=4.0, m=0.5)
+    assert torch.allclose(got[here], full, atol=1e-6)             # the fallback past pi included (rows 0, 4)
+    assert torch.allclose(got[~here], 4.0 * cos[~here])
+    assert torch.allclose(margin_logits(cos[here], target[here], 4.0, 0.5), full)
