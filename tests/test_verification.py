@@ -392,3 +392,16 @@ def test_folder_pair_sets_are_resized_to_the_image_size_asked_for(tmp_path):
     assert load_lfw_folder(str(tmp_path / "lfw"), image_size=8).images.shape == (2, 3, 8, 8)
     make_cfp(str(tmp_path / "cfp"))
     assert load_cfp_folder(str(tmp_path / "cfp"), "FF", image_size=6).images.shape[2:] == (6, 6)
+
+
+def test_a_pair_set_takes_issame_as_booleans_and_refuses_images_of_another_layout():
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    ones_and_zeros = PairSet("x", images, [1, 0])               # as other tools write issame
+    assert ones_and_zeros.issame.dtype == bool and ones_and_zeros.issame.tolist() == [True, False]
+    with pytest.raises(PairSetError, match=r"^x: 4 images make 2 pairs, but the issame list has 3 entries$"):
+        PairSet("x", images, [True, False, True])
+    with pytest.raises(PairSetError, match=r"^x: odd number of images \(3\); pairs need 2 each$"):
+        PairSet("x", images[:3], [True])
+    for bad in (images.float(), torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, 3, 2, dtype=torch.uint8)):
+        with pytest.raises(PairSetError, match=r"^x: images must be uint8 \(2N, 3, H, W\), got torch\."):
+            PairSet("x", bad, [True, False])
