@@ -240,3 +240,20 @@ def write_space(tmp_path, stage, **changes):
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return str(path)
+
+
+def start_search_until_a_trial_reports_epoch_2(cmd: list[str]):
+    """Start a search driver (its own session, so it can be killed with its group) and read its
+    output until a pretrain trial reports epoch 2; returns (the running driver, that trial's id)."""
+    import re
+    import time
+
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    for line in driver.stdout:
+        match = re.match(r"\[pretrain\] trial \d+/\d+ (\w+) \| epoch 2/\d+:", line)
+        if match:
+            return driver, match.group(1)
+        assert time.time() < deadline, "no trial reached epoch 2 in time"
+    raise AssertionError("the driver ended before any trial reached epoch 2")

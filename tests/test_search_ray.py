@@ -6,7 +6,6 @@ Train needs it to clean up the placement groups of trials that Tune stops), and 
 import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import write_space
+from conftest import start_search_until_a_trial_reports_epoch_2, write_space
 
 from virface.checkpoint import load_checkpoint
 from virface.search.manifest import read_manifest
@@ -117,17 +116,8 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path, workers):
            "--space", space, "--storage", str(storage), "--address", ray_cluster,
            "--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=20",
            "--synthetic", "n_unlabeled_ids=40", "--synthetic", "n_val_ids=16", "--synthetic", "val_pairs=100"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver, first_trial = start_search_until_a_trial_reports_epoch_2(cmd)
     deadline = time.time() + 300
-    first_trial = None
-    for line in driver.stdout:                       # the first trial reported epoch 2
-        match = re.match(r"\[pretrain\] trial \d+/\d+ (\w+) \| epoch 2/\d+:", line)
-        if match:
-            first_trial = match.group(1)
-            break
-        assert time.time() < deadline, "no trial reached epoch 2 in time"
-    assert first_trial is not None
     # Kill once that trial's epoch-2 checkpoint is persisted (by Tune, or by Ray Train for a
     # multi-worker trial) and Tune has snapshotted its state since.
     search_dir = storage / "default" / "search_pretrain"

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import s3_server, write_space
+from conftest import s3_server, start_search_until_a_trial_reports_epoch_2, write_space
 from virface.checkpoint import load_checkpoint
 from virface.search.cli import main as search_main
 from virface.search.runner import SearchOptions, run_search
@@ -116,17 +116,8 @@ def test_a_driver_killed_mid_search_on_s3_resumes_from_the_bucket(ray_cluster, s
            "--space", space, "--storage", uri, "--address", ray_cluster,
            "--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id=20",
            "--synthetic", "n_unlabeled_ids=40", "--synthetic", "n_val_ids=16", "--synthetic", "val_pairs=100"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver, first_trial = start_search_until_a_trial_reports_epoch_2(cmd)
     deadline = time.time() + 300
-    first_trial = None
-    for line in driver.stdout:                       # the first trial reported epoch 2
-        match = re.match(r"\[pretrain\] trial \d+/\d+ (\w+) \| epoch 2/\d+:", line)
-        if match:
-            first_trial = match.group(1)
-            break
-        assert time.time() < deadline, "no trial reached epoch 2 in time"
-    assert first_trial is not None
     # Kill once that trial's epoch-2 checkpoint is in the bucket and Tune's state there is newer.
     import boto3
 

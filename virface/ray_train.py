@@ -305,17 +305,24 @@ def check_train_v2() -> None:
                           f"API off; VirFace's multi-worker runs need it: unset the variable or set it to 1")
 
 
+def workers_beyond_cluster(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                           cluster: dict[str, float]) -> str | None:
+    """Why a worker group the cluster (``ray.cluster_resources()``) can never hold does not fit,
+    or None when it fits (Ray would otherwise wait for the resources without a limit)."""
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    if all(v <= cluster.get(k, 0.0) + 1e-9 for k, v in need.items()):
+        return None
+    return (f"{workers} worker(s) x ({cpus_per_worker} CPU, {gpus_per_worker} GPU) = {need}, but the "
+            f"Ray cluster has {{'CPU': {cluster.get('CPU', 0)}, 'GPU': {cluster.get('GPU', 0)}}}; "
+            f"lower --workers/--cpus_per_worker/--gpus_per_worker or add nodes")
+
+
 def check_workers_fit(workers: int, cpus_per_worker: float, gpus_per_worker: float,
                       cluster: dict[str, float]) -> None:
-    """A worker group the cluster (``ray.cluster_resources()``) can never hold is an error now,
-    not a group waiting for resources."""
-    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
-    short = {k: v for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
-    if short:
-        raise ConfigError(f"{workers} worker(s) x ({cpus_per_worker} CPU, {gpus_per_worker} GPU) = {need}, "
-                          f"but the Ray cluster has {{'CPU': {cluster.get('CPU', 0)}, "
-                          f"'GPU': {cluster.get('GPU', 0)}}}; lower --workers/--cpus_per_worker/"
-                          f"--gpus_per_worker or add nodes")
+    """A worker group the cluster can never hold is an error now, not a group waiting for resources."""
+    why = workers_beyond_cluster(workers, cpus_per_worker, gpus_per_worker, cluster)
+    if why:
+        raise ConfigError(why)
 
 
 def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True) -> None:

@@ -30,6 +30,7 @@ from virface import storage as storages
 from virface.config import GROUP_MODEL, METHODS, TEST_PREFIX, TrainConfig, check_field_types, setting
 from virface.errors import ConfigError, VirFaceError
 from virface.fileio import write_text_atomic
+from virface.ray_train import workers_beyond_cluster
 from virface.search.experiments import RESUME_COMMAND_FILE
 from virface.metrics import INSTANCE_METRICS
 from virface.search.lock import ExperimentLock
@@ -421,14 +422,9 @@ def check_trial_fits(space: SearchSpace) -> None:
     import ray
 
     r = space.resources
-    need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker}
-    have = ray.cluster_resources()
-    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-    if short:
-        raise SearchError(f"one trial of stage {space.stage} needs {r.workers} worker(s) x "
-                          f"({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU) = {need}, but the Ray "
-                          f"cluster has {{'CPU': {have.get('CPU', 0)}, 'GPU': {have.get('GPU', 0)}}}; "
-                          f"lower --workers/--cpus_per_worker/--gpus_per_worker or add nodes")
+    why = workers_beyond_cluster(r.workers, r.cpus_per_worker, r.gpus_per_worker, ray.cluster_resources())
+    if why:
+        raise SearchError(f"one trial of stage {space.stage} needs {why}")
 
 
 # Process settings of a search, applied for its duration only (see search_environment).
