@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from virface.errors import VirFaceError
 from virface.generator import CovarianceTransfer
-from virface.metrics import INSTANCE_METRICS, format_instance_metrics  # noqa: F401  (names listed there)
+from virface.metrics import format_instance_metrics
 
 log = logging.getLogger("virface")
 

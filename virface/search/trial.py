@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virface.progress import write_progress
-from virface.ray_train import (BEST_FILE, CHECKPOINT_FILE, CHECKPOINTS_KEPT,  # noqa: F401 (re-exported)
-                               ReportedCheckpoints, best_file_in)
+from virface.ray_train import CHECKPOINTS_KEPT, ReportedCheckpoints, best_file_in
 from virface.search.space import ResourcesSpec
 from virface.storage import join
 
