@@ -14,7 +14,8 @@ same run in one process and Tune's no-op floor), and the time a whole 2-epoch ru
 outside its training steps (start-up, checkpoints, reports, shutdown).
 
     python benchmarks/throughput.py            # about 6 minutes on 2 idle cores
-    python benchmarks/throughput.py --quick    # about 3 minutes; used by the tests
+    python benchmarks/throughput.py --quick    # about 3 minutes: fewer steps and trials
+    python benchmarks/throughput.py --smoke    # every figure once, 2 steps: what the tests run
 """
 from __future__ import annotations
 
@@ -226,11 +227,14 @@ def noop_trial_overhead(storage: str, n_trials: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="8 steps an epoch, 3 trials per overhead figure")
+    size.add_argument("--smoke", action="store_true",
+                      help="2 steps an epoch, 1 trial per overhead figure: the script runs, the figures mean little")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args(argv)
-    steps = 8 if args.quick else 100
-    n_trials = 3 if args.quick else 6
+    steps = 2 if args.smoke else 8 if args.quick else 100
+    n_trials = 1 if args.smoke else 3 if args.quick else 6
     torch.set_num_threads(1)        # one CPU per worker, as Ray gives each trial and rank
     figures: dict[str, float] = {"load_average_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as work:
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
                     figures[f"ray_{stage}_w{workers}_outside_training_s"] = outside
             figures["overhead_noop_tune_s"] = noop_trial_overhead(storage, n_trials)
             figures["overhead_trial_w1_s"] = trial_overhead(storage, 1, n_trials, "overhead_w1")
-            figures["overhead_trial_w2_s"] = trial_overhead(storage, 2, max(2, n_trials // 2), "overhead_w2")
+            figures["overhead_trial_w2_s"] = trial_overhead(storage, 2, max(1, n_trials // 2), "overhead_w2")
         finally:
             ray.shutdown()
     figures["load_average_end"] = os.getloadavg()[0]

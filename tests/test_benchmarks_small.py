@@ -49,9 +49,9 @@ def test_data_eval_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_throughput_quick(tmp_path):
+def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.json"
-    stdout = run_script("throughput.py", "--quick", "--out", str(out), timeout=900)
+    stdout = run_script("throughput.py", "--smoke", "--out", str(out), timeout=900)
     figures = json.loads(out.read_text())
     for key in ("bare_pretrain", "ddp_handwritten_pretrain_w2", "core_pretrain", "core_virface",
                 "ray_pretrain_w1", "ray_pretrain_w2", "ray_virface_w1", "ray_virface_w2",

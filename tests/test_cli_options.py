@@ -103,3 +103,21 @@ def test_storage_is_a_path_or_a_uri_kept_as_given():
     assert resolve_storage("s3://bucket/experiments/") == "s3://bucket/experiments"
     with pytest.raises(ConfigError, match="compare.*not supported yet"):
         SearchOptions(storage="s3://bucket/experiments", compare="virface,baseline")
+
+
+@pytest.mark.parametrize("entry_point", ["virface.train", "virface.search.cli", "virface.evaluate",
+                                         "virface.export"])
+def test_every_entry_point_prints_line_by_line_into_a_pipe_or_a_log_file(entry_point, monkeypatch):
+    # `virface-search ... | tee search.log` shows each progress line as it is printed, not an
+    # hour later: Python block-buffers an output that is not a terminal unless told otherwise.
+    import importlib
+    import io
+    import sys
+
+    out, err = (io.TextIOWrapper(io.BytesIO()) for _ in range(2))
+    assert not out.line_buffering
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit):
+        importlib.import_module(entry_point).main(["--help"])
+    assert out.line_buffering and err.line_buffering

@@ -26,7 +26,7 @@ from typing import Any
 from virface.config import TEST_PREFIX, TrainConfig
 from virface.errors import CheckpointError, ConfigError, VirFaceError
 from virface.evaluation.pairs import PairSet
-from virface.options import HelpFormatter, add_dataclass_options, given_options
+from virface.options import HelpFormatter, add_dataclass_options, given_options, line_buffered_output
 
 # The data and run options of virface-train that scoring uses.
 OPTIONS = ("val", "test", "input_size", "synthetic", "device")
@@ -206,6 +206,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    line_buffered_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.checkpoints) > 2:

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from virface.errors import VirFaceError
 from virface.fileio import _umask, write_text_atomic
+from virface.options import line_buffered_output
 
 FORMATS = ("onnx", "torchscript", "state_dict")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "state_dict": ".backbone.pt"}
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    line_buffered_output()
     args = build_parser().parse_args(argv)
     try:
         export_backbone(args.checkpoint, args.format, args.output, batch=args.batch,

@@ -18,11 +18,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Iterable
 
 import yaml
+
+
+def line_buffered_output() -> None:
+    """Progress reaches a pipe or a log file (``virface-search ... | tee search.log``, ``nohup``,
+    a cluster's job log) line by line, as on a terminal: Python block-buffers an output that is
+    not a terminal, and an hour-long search would show nothing until it ended. Called by each
+    entry point's ``main``, never on import."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -23,7 +23,7 @@ import sys
 from virface.checkpoint import checkpoint_run_dir, load_checkpoint, resume_config
 from virface.config import METHODS, TrainConfig, config_field_names
 from virface.errors import ConfigError, VirFaceError
-from virface.options import HelpFormatter, add_dataclass_options, given_options
+from virface.options import HelpFormatter, add_dataclass_options, given_options, line_buffered_output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    line_buffered_output()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:

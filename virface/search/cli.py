@@ -21,7 +21,7 @@ import sys
 
 from virface.config import GROUP_DATA, TrainConfig, config_field_names
 from virface.errors import VirFaceError
-from virface.options import HelpFormatter, add_dataclass_options, given_options
+from virface.options import HelpFormatter, add_dataclass_options, given_options, line_buffered_output
 from virface.storage import join as storages_join
 
 
@@ -82,6 +82,7 @@ def format_spaces() -> str:
 
 def main(argv: list[str] | None = None, prog: str = "virface-search") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    line_buffered_output()
     args = build_parser(prog).parse_args(argv)
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")) and "ray" not in sys.modules:
         # The local Ray the search starts uses token authentication, Ray's default; choosing it
