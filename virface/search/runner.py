@@ -529,7 +529,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from virface.search.callbacks import TrialProgress, write_stage_hparams
+    from virface.search.callbacks import TrialProgress
     from virface.search.searcher import StageOptunaSearch
     from virface.search.state import (KEPT_STATE_DIR, MirrorKeeper, MirroredJournalBackend, TuneStateKeeper,
                                       is_disk_error, repair_journal, repair_tune_state)
@@ -653,6 +653,25 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     if (interrupted is not None and interrupted.is_set()) or stage_interrupted(results, space, time.time() - started):
         raise SearchInterrupted(f"the search of stage {stage} was interrupted; its state is saved: "
                                 f"continue it with {options.how_to_resume()}")
+    return conclude_stage(options, stage, space, list(results), upstream=upstream, parent=parent,
+                          choices=choices, mirror=mirror, say=say)
+
+
+def conclude_stage(options: SearchOptions, stage: str, space: SearchSpace, results: list, *,
+                   upstream: str | None, parent: StageManifest | None, choices: dict[str, dict[str, Any]],
+                   mirror: storages.ExperimentMirror, say=print) -> StageOutcome:
+    """What a finished stage search decides, from Tune's results: the trials' rows, each trial at
+    its best validation epoch, the chosen trial (best ``metric``; with several objectives the
+    Pareto front's by its select rule), the trials carried on (``--carry_top``) with what each
+    started from, and the manifest, written last: it is what makes the stage finished. Ray-free:
+    a result is read through ``error``, ``metrics``, ``config``, ``path`` and ``checkpoint`` only.
+    ``upstream``/``parent``: the checkpoint and manifest the stage started from; ``choices``: the
+    upstream trials carried on to it (its ``upstream`` parameter), if any."""
+    experiment_dir = os.path.join(options.storage, options.name)
+    stage_dir = os.path.join(experiment_dir, stage)
+    from virface.search.callbacks import write_stage_hparams
+
+    metric = space.metric_name
     rows = [trial_row(r, space) for r in results]
     write_stage_hparams(experiment_dir, stage, space.parameters, [r.metrics or {} for r in results])
     mirror.sync()

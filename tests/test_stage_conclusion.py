@@ -1,0 +1,130 @@
+"""How a finished stage search concludes (virface.search.runner.conclude_stage), without Ray: which
+trial it chooses (best value at each trial's best validation epoch, max or min), which epoch's
+checkpoint goes on, what is carried on with --carry_top and in which order, what each trial
+started from, and that failed trials never win."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_space
+from virface.checkpoint import FORMAT
+from virface.ray_train import BEST_FILE, CHECKPOINT_FILE
+from virface.search.manifest import manifest_path, read_manifest
+from virface.search.runner import SearchOptions, conclude_stage, prepare_space, with_upstream_parameter
+
+METRIC = "synth_cfp_fp_acc"
+
+
+def trial_result(root, trial_id, best, last=None, *, best_epoch_earlier=True, error=None, params=None,
+                 metric=METRIC, extra_metrics=None):
+    """A finished trial as Tune returns it: its last report (``best_<metric>`` the best epoch's
+    value, ``metric`` the last epoch's) and its latest checkpoint folder, holding best.pt when the
+    best epoch was an earlier one. Each checkpoint file records which trial and epoch wrote it."""
+    folder = root / f"trial_{trial_id}" / "checkpoint_000002"
+    folder.mkdir(parents=True)
+    chosen_metrics = {metric: best, f"{metric}_se": 0.01, "test_synth_cfp_fp_acc": 0.5 + best / 10,
+                      "loss": 3.0, **(extra_metrics or {})}
+    state = {"format": FORMAT, "config": {"trial": trial_id, "epoch": 1 if best_epoch_earlier else 2},
+             "metrics": chosen_metrics}
+    torch.save(state, folder / (BEST_FILE if best_epoch_earlier else CHECKPOINT_FILE))
+    if best_epoch_earlier:
+        torch.save({**state, "config": {"trial": trial_id, "epoch": 2}}, folder / CHECKPOINT_FILE)
+    metrics = {"trial_id": trial_id, "epoch": 2, metric: best if last is None else last,
+               f"best_{metric}": best}
+    return SimpleNamespace(error=error, metrics=None if error else metrics, config=dict(params or {}),
+                           path=str(root / f"trial_{trial_id}"), checkpoint=SimpleNamespace(path=str(folder)))
+
+
+def conclude(tmp_path, results, *, stage="pretrain", space=None, carry_top=1, upstream=None, parent=None,
+             choices=None, said=None):
+    options = SearchOptions(stage=stage, storage=str(tmp_path / "exp"), budget="smoke", quiet=True,
+                            carry_top=carry_top)
+    space = space or prepare_space(options, stage)
+    return conclude_stage(options, stage, space, results, upstream=upstream, parent=parent,
+                          choices=choices or {}, mirror=options.mirror(),
+                          say=(said.append if said is not None else lambda text: None))
+
+
+def test_the_trial_with_the_highest_best_epoch_value_is_chosen_not_the_highest_last_epoch(tmp_path):
+    results = [trial_result(tmp_path, "a", 0.70, last=0.90), trial_result(tmp_path, "b", 0.80, last=0.60),
+               trial_result(tmp_path, "c", 0.75, last=0.75)]
+    outcome = conclude(tmp_path, results)
+    m = outcome.manifest
+    assert (m.trial_id, m.metric_value, m.metric_mode) == ("b", 0.80, "max")
+    # The chosen trial's best epoch (an earlier one: best.pt), not its last.
+    assert m.checkpoint.endswith(f"trial_b/checkpoint_000002/{BEST_FILE}")
+    assert m.config == {"trial": "b", "epoch": 1}
+    assert m.metric_se == 0.01
+    assert m.test_metrics == {"test_synth_cfp_fp_acc": pytest.approx(0.58)}
+    assert read_manifest(manifest_path(tmp_path / "exp", "default", "pretrain")).trial_id == "b"
+    assert m.lineage == ["pretrain:b"] and m.upstream is None and m.carried == []
+
+
+def test_a_min_metric_chooses_the_lowest(tmp_path):
+    space_file = write_space(tmp_path, "pretrain", metric={"name": "loss", "mode": "min"})
+    options = SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke", space=space_file)
+    space = prepare_space(options, "pretrain")
+    results = [trial_result(tmp_path, t, v, metric="loss", best_epoch_earlier=False)
+               for t, v in (("a", 2.5), ("b", 1.5), ("c", 3.5))]
+    m = conclude(tmp_path, results, space=space).manifest
+    assert (m.trial_id, m.metric_value, m.metric_mode) == ("b", 1.5, "min")
+    assert m.checkpoint.endswith(f"trial_b/checkpoint_000002/{CHECKPOINT_FILE}")
+
+
+def test_a_failed_trial_never_wins_and_a_stage_whose_every_trial_failed_writes_no_manifest(tmp_path):
+    results = [trial_result(tmp_path, "a", 0.70), trial_result(tmp_path, "bad", 0.99, error="boom\nValueError: x")]
+    outcome = conclude(tmp_path, results)
+    assert outcome.manifest.trial_id == "a"
+    assert [r.outcome for r in outcome.rows] == ["completed", "failed"]
+
+    failed = conclude(tmp_path / "other", [trial_result(tmp_path / "other", "bad", 0.9, error="boom\nValueError: x")])
+    assert failed.manifest is None
+    assert failed.error == "every trial of stage pretrain failed: ValueError: x"
+    assert not manifest_path(tmp_path / "other" / "exp", "default", "pretrain").exists()
+
+
+def test_a_trial_without_a_finite_best_value_is_not_chosen(tmp_path):
+    results = [trial_result(tmp_path, "nan", float("nan")), trial_result(tmp_path, "a", 0.6)]
+    assert conclude(tmp_path, results).manifest.trial_id == "a"
+
+
+def test_carry_top_passes_the_k_best_on_best_first_with_what_each_started_from(tmp_path):
+    results = [trial_result(tmp_path, t, v) for t, v in (("a", 0.70), ("b", 0.90), ("c", 0.80), ("d", 0.60))]
+    parent = SimpleNamespace(stage="pretrain", trial_id="p0", lineage=["pretrain:p0"], carried=[])
+    m = conclude(tmp_path, results, stage="baseline", carry_top=3, upstream="/up/p0.pt", parent=parent).manifest
+    assert [c["trial_id"] for c in m.carried] == ["b", "c", "a"]
+    assert [c["metric_value"] for c in m.carried] == [0.90, 0.80, 0.70]
+    assert all(c["upstream"] == "p0" and c["upstream_checkpoint"] == "/up/p0.pt" for c in m.carried)
+    assert m.carried[1]["lineage"] == ["pretrain:p0", "baseline:c"]
+    assert m.carried[1]["checkpoint"].endswith(f"trial_c/checkpoint_000002/{BEST_FILE}")
+    assert (m.trial_id, m.upstream, m.lineage) == ("b", "/up/p0.pt", ["pretrain:p0", "baseline:b"])
+
+
+def test_carry_top_with_fewer_qualifying_trials_says_so_and_carries_those(tmp_path):
+    said = []
+    results = [trial_result(tmp_path, "a", 0.7), trial_result(tmp_path, "b", 0.8),
+               trial_result(tmp_path, "x", 0.9, error="boom")]
+    m = conclude(tmp_path, results, carry_top=3, said=said).manifest
+    assert [c["trial_id"] for c in m.carried] == ["b", "a"]
+    assert any("--carry_top 3: only 2 trial(s) qualify" in line for line in said)
+
+
+def test_a_stage_choosing_among_carried_upstream_trials_records_which_each_trial_started_from(tmp_path):
+    choices = {"p1": {"checkpoint": "/up/p1.pt", "lineage": ["pretrain:p1"]},
+               "p2": {"checkpoint": "/up/p2.pt", "lineage": ["pretrain:p2"]}}
+    options = SearchOptions(stage="baseline", storage=str(tmp_path / "exp"), budget="smoke")
+    space = with_upstream_parameter(prepare_space(options, "baseline"), list(choices))
+    results = [trial_result(tmp_path, "a", 0.70, params={"upstream": "p1"}),
+               trial_result(tmp_path, "b", 0.85, params={"upstream": "p2"})]
+    m = conclude(tmp_path, results, stage="baseline", space=space, choices=choices, upstream="/up/p1.pt").manifest
+    assert (m.trial_id, m.upstream, m.lineage) == ("b", "/up/p2.pt", ["pretrain:p2", "baseline:b"])
+    assert m.trial_upstreams == {"a": "p1", "b": "p2"}
+
+
+def test_the_trial_table_is_written_beside_the_manifest(tmp_path):
+    conclude(tmp_path, [trial_result(tmp_path, "a", 0.7), trial_result(tmp_path, "b", 0.8)])
+    table = json.loads((tmp_path / "exp" / "default" / "pretrain" / "trials.json").read_text())
+    assert (table["metric"], table["mode"]) == (METRIC, "max")
+    assert {t["trial_id"]: t["metric"] for t in table["trials"]} == {"a": 0.7, "b": 0.8}
