@@ -26,12 +26,14 @@ declare -A MUTANTS_OF=(
   [sources]="virface.data.sources.*"
   # The synthetic faces' roles and held-out pairs, not the renderer's pixel arithmetic.
   [synthetic_roles]="virface.data.synthetic.x_identity_* virface.data.synthetic.x_draw_identity* virface.data.synthetic.x__build_pair_set* virface.data.synthetic.x_build_synthetic* virface.data.synthetic.x__render_identities*"
-  # Which trial a stage chooses and carries on, and the chain of stages.
-  [ranking]="virface.search.pareto.*"
+  # Which trial a stage chooses and carries on (the Pareto front's PNG plot left out: it decides
+  # nothing), how a finished stage search concludes from Tune's results, and the chain of stages.
+  [ranking]="virface.search.pareto.xǁ* virface.search.pareto.x__complete* virface.search.pareto.x_dominates* virface.search.pareto.x_pareto_front* virface.search.pareto.x_rank_trials* virface.search.pareto.x_carried_trials* virface.search.pareto.x_rank_by_rule* virface.search.pareto.x_select_point* virface.search.pareto.x_format_front* virface.search.pareto.x__number*"
+  [conclusion]="virface.search.runner.x_conclude_stage* virface.search.runner.x_trial_row* virface.search.runner.x_best_epoch_of* virface.search.runner.x__trial_id* virface.search.runner.x_with_upstream_parameter*"
   [chaining]="virface.search.manifest.*"
   [runner]="virface.search.runner.*"
 )
-ORDER=(ranking metrics heads generator steps evaluation partial_fc sources synthetic_roles chaining runner)
+ORDER=(ranking conclusion metrics heads generator steps evaluation partial_fc sources synthetic_roles chaining runner)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 
