@@ -667,10 +667,10 @@ def conclude_stage(options: SearchOptions, stage: str, space: SearchSpace, resul
     a result is read through ``error``, ``metrics``, ``config``, ``path`` and ``checkpoint`` only.
     ``upstream``/``parent``: the checkpoint and manifest the stage started from; ``choices``: the
     upstream trials carried on to it (its ``upstream`` parameter), if any."""
-    experiment_dir = os.path.join(options.storage, options.name)
-    stage_dir = os.path.join(experiment_dir, stage)
     from virface.search.callbacks import write_stage_hparams
 
+    experiment_dir = os.path.join(options.storage, options.name)
+    stage_dir = os.path.join(experiment_dir, stage)
     metric = space.metric_name
     rows = [trial_row(r, space) for r in results]
     write_stage_hparams(experiment_dir, stage, space.parameters, [r.metrics or {} for r in results])
