@@ -94,7 +94,8 @@ def test_the_front_table_lists_best_first_marks_the_chosen_and_names_the_rule():
         f"  {'E':<16}{'0.7000':>19}{'2.0000':>19}  "]
     # With a min objective first, the fastest trial leads; no rule, no "select".
     assert format_front([LAT, ACC], front, None, None).splitlines()[2].startswith("  E ")
-    assert "select" not in format_front([LAT, ACC], front, None, None)
+    assert format_front([LAT, ACC], front, None, None).splitlines()[0] == \
+        "Pareto front on latency_ms (min), acc (max): 4 trial(s)"
 
 
 def test_the_front_and_rule_are_recorded_as_plain_json():
