@@ -180,3 +180,11 @@ def test_the_shipped_pareto_space_searches_three_backbones_against_latency():
     assert len(arch.distribution.choices) >= 3 and space.scheduler.type == "none"
     assert [o.name for o in space.objectives] == ["synth_cfp_fp_acc", "latency_ms"]
     assert space.select_rule().bounds == {"latency_ms": (None, 10.0)}
+
+
+def test_front_numbers_show_four_decimals_below_a_thousand_and_four_significant_digits_from_there():
+    from virface.search.pareto import _number
+
+    assert [_number(v) for v in (0.91234, 999.5, 1000.0, 1234.5, 2.5e8)] == \
+        ["0.9123", "999.5000", "1000", "1234", "2.5e+08"]
+    assert _number("resnet18") == "resnet18"
