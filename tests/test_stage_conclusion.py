@@ -18,7 +18,7 @@ METRIC = "synth_cfp_fp_acc"
 
 
 def trial_result(root, trial_id, best, last=None, *, best_epoch_earlier=True, error=None, params=None,
-                 metric=METRIC, extra_metrics=None):
+                 metric=METRIC, extra_metrics=None, epochs=2):
     """A finished trial as Tune returns it: its last report (``best_<metric>`` the best epoch's
     value, ``metric`` the last epoch's) and its latest checkpoint folder, holding best.pt when the
     best epoch was an earlier one. Each checkpoint file records which trial and epoch wrote it."""
@@ -31,7 +31,7 @@ def trial_result(root, trial_id, best, last=None, *, best_epoch_earlier=True, er
     torch.save(state, folder / (BEST_FILE if best_epoch_earlier else CHECKPOINT_FILE))
     if best_epoch_earlier:
         torch.save({**state, "config": {"trial": trial_id, "epoch": 2}}, folder / CHECKPOINT_FILE)
-    metrics = {"trial_id": trial_id, "epoch": 2, metric: best if last is None else last,
+    metrics = {"trial_id": trial_id, "epoch": epochs, metric: best if last is None else last,
                f"best_{metric}": best}
     return SimpleNamespace(error=error, metrics=None if error else metrics, config=dict(params or {}),
                            path=str(root / f"trial_{trial_id}"), checkpoint=SimpleNamespace(path=str(folder)))
@@ -128,3 +128,23 @@ def test_the_trial_table_is_written_beside_the_manifest(tmp_path):
     table = json.loads((tmp_path / "exp" / "default" / "pretrain" / "trials.json").read_text())
     assert (table["metric"], table["mode"]) == (METRIC, "max")
     assert {t["trial_id"]: t["metric"] for t in table["trials"]} == {"a": 0.7, "b": 0.8}
+
+
+def test_trials_the_scheduler_stopped_early_rank_after_those_that_trained_every_epoch(tmp_path):
+    # A trial ASHA stopped after 1 of 4 epochs is valued on that one epoch (it barely moved from
+    # the starting checkpoint); it must not win against trials that trained all 4.
+    space_file = write_space(tmp_path, "baseline", fixed={"max_epoch": 4, "steps_per_epoch": 2})
+    options = SearchOptions(stage="baseline", storage=str(tmp_path / "exp"), space=space_file)
+    space = prepare_space(options, "baseline")
+    assert space.max_epochs == 4
+    said = []
+    results = [trial_result(tmp_path, "one_epoch", 0.90, epochs=1), trial_result(tmp_path, "full_a", 0.80, epochs=4),
+               trial_result(tmp_path, "two_epochs", 0.85, epochs=2), trial_result(tmp_path, "full_b", 0.82, epochs=4)]
+    m = conclude(tmp_path, results, stage="baseline", space=space, carry_top=3, said=said).manifest
+    assert m.trial_id == "full_b"
+    assert [c["trial_id"] for c in m.carried] == ["full_b", "full_a", "one_epoch"]
+    assert any("choosing among the 2 trial(s) that trained all 4 epoch(s); the scheduler stopped 2 earlier"
+               in line for line in said)
+    # No trial trained every epoch (a time budget ran out): the best of them all.
+    stopped = [trial_result(tmp_path / "s", t, v, epochs=e) for t, v, e in (("x", 0.7, 1), ("y", 0.75, 2))]
+    assert conclude(tmp_path / "s", stopped, stage="baseline", space=space).manifest.trial_id == "y"

@@ -37,8 +37,8 @@ from virface.search.lock import ExperimentLock
 from virface.search.manifest import (StageManifest, carried_choices, manifest_lineage, manifest_path,
                                      plan_chain, read_manifest, upstream_checkpoint, upstream_manifest,
                                      write_manifest)
-from virface.search.report import (TRIALS_FILE, TrialRow, format_table, read_trials, trial_outcome,
-                                   write_optuna_plots, write_trials)
+from virface.search.report import (OUTCOME_COMPLETED, TRIALS_FILE, TrialRow, format_table, read_trials,
+                                   trial_outcome, write_optuna_plots, write_trials)
 from virface.search.pareto import (NoTrialSelected, TrialPoint, carried_trials, format_front, pareto_front,
                                    plot_front, rank_by_rule, rank_trials, select_point)
 from virface.search.space import Parameter, SearchSpace, default_space_path, load_search_space, resolve_space
@@ -706,7 +706,19 @@ def conclude_stage(options: SearchOptions, stage: str, space: SearchSpace, resul
                   "front": [p.to_dict() for p in front],
                   "trials": [p.to_dict() for p in points], "plot": plot}
     else:
-        ranked = rank_trials(points, metric, space.metric_mode)
+        # A trial the scheduler stopped early is valued on fewer epochs than one that trained the
+        # whole budget, and the scheduler stopped it for looking worse: the trials that trained
+        # every epoch are ranked first, the others after them (still there for --carry_top).
+        # Otherwise a one-epoch trial that barely moved from the starting checkpoint can win
+        # against trials that changed it for longer, and its winner is then retrained (--compare)
+        # at a length it was never validated at.
+        completed = {r.trial_id for r in rows if r.outcome == OUTCOME_COMPLETED}
+        full = [p for p in points if p.trial_id in completed]
+        ranked = (rank_trials(full, metric, space.metric_mode)
+                  + rank_trials([p for p in points if p.trial_id not in completed], metric, space.metric_mode))
+        if full and len(full) < len(points):
+            say(f"[{stage}] choosing among the {len(full)} trial(s) that trained all {space.max_epochs} "
+                f"epoch(s); the scheduler stopped {len(points) - len(full)} earlier (ranked after them)")
     best = ranked[0]
     from virface.checkpoint import load_checkpoint
 
