@@ -37,21 +37,42 @@ def trial_result(root, trial_id, best, last=None, *, best_epoch_earlier=True, er
                            path=str(root / f"trial_{trial_id}"), checkpoint=SimpleNamespace(path=str(folder)))
 
 
+class RecordingMirror:
+    """What the stage sends to remote storage, in order (a local search sends nothing)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sync(self, skip=()):
+        self.calls.append(("sync", list(skip)))
+
+    def push(self, path):
+        self.calls.append(("push", path))
+
+
 def conclude(tmp_path, results, *, stage="pretrain", space=None, carry_top=1, upstream=None, parent=None,
-             choices=None, said=None):
+             choices=None, said=None, mirror=None):
     options = SearchOptions(stage=stage, storage=str(tmp_path / "exp"), budget="smoke", quiet=True,
                             carry_top=carry_top)
     space = space or prepare_space(options, stage)
     return conclude_stage(options, stage, space, results, upstream=upstream, parent=parent,
-                          choices=choices or {}, mirror=options.mirror(),
+                          choices=choices or {}, mirror=mirror or options.mirror(),
                           say=(said.append if said is not None else lambda text: None))
 
 
 def test_the_trial_with_the_highest_best_epoch_value_is_chosen_not_the_highest_last_epoch(tmp_path):
-    results = [trial_result(tmp_path, "a", 0.70, last=0.90), trial_result(tmp_path, "b", 0.80, last=0.60),
+    results = [trial_result(tmp_path, "a", 0.70, last=0.90), trial_result(tmp_path, "b", 0.80, last=0.60,
+                                                                       extra_metrics={"vi_identity_keep": -0.05}),
                trial_result(tmp_path, "c", 0.75, last=0.75)]
-    outcome = conclude(tmp_path, results)
+    mirror = RecordingMirror()
+    outcome = conclude(tmp_path, results, mirror=mirror)
+    path = manifest_path(tmp_path / "exp", "default", "pretrain")
+    assert (outcome.stage, outcome.manifest_path, outcome.metric, outcome.error) == ("pretrain", str(path), METRIC, None)
+    assert [r.trial_id for r in outcome.rows] == ["a", "b", "c"]
+    # The manifest is what makes the stage finished: sent after everything it refers to.
+    assert mirror.calls == [("sync", []), ("sync", ["pretrain/best.json"]), ("push", "pretrain/best.json")]
     m = outcome.manifest
+    assert m.instance_metrics == {"vi_identity_keep": -0.05} and m.overrides == {}
     assert (m.trial_id, m.metric_value, m.metric_mode) == ("b", 0.80, "max")
     # The chosen trial's best epoch (an earlier one: best.pt), not its last.
     assert m.checkpoint.endswith(f"trial_b/checkpoint_000002/{BEST_FILE}")
@@ -79,9 +100,11 @@ def test_a_failed_trial_never_wins_and_a_stage_whose_every_trial_failed_writes_n
     assert outcome.manifest.trial_id == "a"
     assert [r.outcome for r in outcome.rows] == ["completed", "failed"]
 
-    failed = conclude(tmp_path / "other", [trial_result(tmp_path / "other", "bad", 0.9, error="boom\nValueError: x")])
+    failed = conclude(tmp_path / "other", [trial_result(tmp_path / "other", t, 0.9, error=e) for t, e in
+                                           (("bad", "Traceback\n  line\nValueError: x"), ("worse", "OSError: y"))])
     assert failed.manifest is None
-    assert failed.error == "every trial of stage pretrain failed: ValueError: x"
+    assert (failed.stage, failed.metric, [r.trial_id for r in failed.rows]) == ("pretrain", METRIC, ["trial_bad", "trial_worse"])
+    assert failed.error == "every trial of stage pretrain failed: OSError: y; ValueError: x"
     assert not manifest_path(tmp_path / "other" / "exp", "default", "pretrain").exists()
 
 
@@ -126,7 +149,7 @@ def test_a_stage_choosing_among_carried_upstream_trials_records_which_each_trial
 def test_the_trial_table_is_written_beside_the_manifest(tmp_path):
     conclude(tmp_path, [trial_result(tmp_path, "a", 0.7), trial_result(tmp_path, "b", 0.8)])
     table = json.loads((tmp_path / "exp" / "default" / "pretrain" / "trials.json").read_text())
-    assert (table["metric"], table["mode"]) == (METRIC, "max")
+    assert (table["stage"], table["metric"], table["mode"], table["max_epochs"]) == ("pretrain", METRIC, "max", 1)
     assert {t["trial_id"]: t["metric"] for t in table["trials"]} == {"a": 0.7, "b": 0.8}
 
 
@@ -148,3 +171,81 @@ def test_trials_the_scheduler_stopped_early_rank_after_those_that_trained_every_
     # No trial trained every epoch (a time budget ran out): the best of them all.
     stopped = [trial_result(tmp_path / "s", t, v, epochs=e) for t, v, e in (("x", 0.7, 1), ("y", 0.75, 2))]
     assert conclude(tmp_path / "s", stopped, stage="baseline", space=space).manifest.trial_id == "y"
+
+
+def test_a_stage_whose_trials_reported_nothing_says_so(tmp_path):
+    silent = trial_result(tmp_path, "quiet", 0.5)
+    silent.metrics = {"epoch": 1}               # no metric, no trial id: named by its folder
+    outcome = conclude(tmp_path, [silent])
+    assert outcome.manifest is None and outcome.error == "every trial of stage pretrain failed: no results"
+    assert [r.trial_id for r in outcome.rows] == ["trial_quiet"]
+
+
+def test_a_chosen_epoch_without_a_standard_error_records_none(tmp_path):
+    result = trial_result(tmp_path, "a", 0.7)
+    state_file = f"{result.checkpoint.path}/{BEST_FILE}"
+    state = torch.load(state_file, weights_only=True)
+    del state["metrics"][f"{METRIC}_se"]
+    torch.save(state, state_file)
+    assert conclude(tmp_path, [result]).manifest.metric_se is None
+
+
+def test_carry_top_two_carries_two_and_exactly_k_qualifying_is_not_a_shortfall(tmp_path):
+    said = []
+    results = [trial_result(tmp_path, "a", 0.7, params={"lr": 0.1}), trial_result(tmp_path, "b", 0.8, params={"lr": 0.2})]
+    m = conclude(tmp_path, results, carry_top=2, said=said).manifest
+    assert [(c["trial_id"], c["params"]) for c in m.carried] == [("b", {"lr": 0.2}), ("a", {"lr": 0.1})]
+    assert not any("qualify" in line for line in said)
+
+
+def test_carried_trials_of_a_stage_that_chose_among_upstreams_name_the_upstream_each_started_from(tmp_path):
+    choices = {"p1": {"checkpoint": "/up/p1.pt", "lineage": ["pretrain:p1"]},
+               "p2": {"checkpoint": "/up/p2.pt", "lineage": ["pretrain:p2"]}}
+    options = SearchOptions(stage="baseline", storage=str(tmp_path / "exp"), budget="smoke")
+    space = with_upstream_parameter(prepare_space(options, "baseline"), list(choices))
+    results = [trial_result(tmp_path, "a", 0.70, params={"upstream": "p1"}),
+               trial_result(tmp_path, "b", 0.85, params={"upstream": "p2"})]
+    m = conclude(tmp_path, results, stage="baseline", space=space, choices=choices, carry_top=2).manifest
+    assert [(c["trial_id"], c["upstream"], c["upstream_checkpoint"]) for c in m.carried] == \
+        [("b", "p2", "/up/p2.pt"), ("a", "p1", "/up/p1.pt")]
+
+
+def test_several_objectives_choose_from_the_pareto_front_by_the_select_rule_and_record_it(tmp_path):
+    import os
+
+    options = SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
+                            space=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                               "search_spaces", "pretrain_pareto.yaml"))
+    space = prepare_space(options, "pretrain")
+    # (accuracy, latency): "slow" is the most accurate but over the 10 ms bound; "dominated" loses on both.
+    points = {"slow": (0.90, 14.0), "fast": (0.85, 6.0), "fastest": (0.80, 2.0), "dominated": (0.79, 7.0)}
+    results = []
+    for trial_id, (acc, latency) in points.items():
+        result = trial_result(tmp_path, trial_id, acc, params={"arch": trial_id})
+        result.metrics["latency_ms"] = latency          # a cost metric: the same in every report
+        results.append(result)
+    m = conclude(tmp_path, results, space=space).manifest
+    assert (m.trial_id, m.metric_value) == ("fast", 0.85)
+    pareto = m.pareto
+    assert pareto["objectives"] == [[METRIC, "max"], ["latency_ms", "min"]]
+    assert sorted(p["trial_id"] for p in pareto["front"]) == ["fast", "fastest", "slow"]
+    assert sorted(p["trial_id"] for p in pareto["trials"]) == sorted(points)
+    assert {p["trial_id"]: p["values"]["latency_ms"] for p in pareto["trials"]}["fast"] == 6.0
+    assert pareto["select"] == space.select_rule().to_dict()
+    assert pareto["plot"] == str(tmp_path / "exp" / "default" / "pretrain" / "plots" / "pareto_front.png")
+    assert os.path.getsize(pareto["plot"]) > 1000
+
+
+def test_a_front_with_no_trial_the_rule_accepts_is_a_stage_error_not_a_choice(tmp_path):
+    import os
+
+    options = SearchOptions(stage="pretrain", storage=str(tmp_path / "exp"), budget="smoke",
+                            space=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                               "search_spaces", "pretrain_pareto.yaml"))
+    space = prepare_space(options, "pretrain")
+    result = trial_result(tmp_path, "slow", 0.9)
+    result.metrics["latency_ms"] = 50.0
+    outcome = conclude(tmp_path, [result], space=space)
+    assert outcome.manifest is None and (outcome.stage, outcome.metric) == ("pretrain", METRIC)
+    assert outcome.error.startswith("stage pretrain: ") and "latency_ms" in outcome.error
+    assert [r.trial_id for r in outcome.rows] == ["slow"]
