@@ -51,9 +51,9 @@ class RecordingMirror:
 
 
 def conclude(tmp_path, results, *, stage="pretrain", space=None, carry_top=1, upstream=None, parent=None,
-             choices=None, said=None, mirror=None):
+             choices=None, said=None, mirror=None, **option_changes):
     options = SearchOptions(stage=stage, storage=str(tmp_path / "exp"), budget="smoke", quiet=True,
-                            carry_top=carry_top)
+                            carry_top=carry_top, **option_changes)
     space = space or prepare_space(options, stage)
     return conclude_stage(options, stage, space, results, upstream=upstream, parent=parent,
                           choices=choices or {}, mirror=mirror or options.mirror(),
@@ -65,14 +65,15 @@ def test_the_trial_with_the_highest_best_epoch_value_is_chosen_not_the_highest_l
                                                                        extra_metrics={"vi_identity_keep": -0.05}),
                trial_result(tmp_path, "c", 0.75, last=0.75)]
     mirror = RecordingMirror()
-    outcome = conclude(tmp_path, results, mirror=mirror)
+    outcome = conclude(tmp_path, results, mirror=mirror, num_samples=3)
     path = manifest_path(tmp_path / "exp", "default", "pretrain")
     assert (outcome.stage, outcome.manifest_path, outcome.metric, outcome.error) == ("pretrain", str(path), METRIC, None)
     assert [r.trial_id for r in outcome.rows] == ["a", "b", "c"]
     # The manifest is what makes the stage finished: sent after everything it refers to.
     assert mirror.calls == [("sync", []), ("sync", ["pretrain/best.json"]), ("push", "pretrain/best.json")]
     m = outcome.manifest
-    assert m.instance_metrics == {"vi_identity_keep": -0.05} and m.overrides == {}
+    assert m.instance_metrics == {"vi_identity_keep": -0.05} and m.overrides == {"num_samples": 3}
+    assert m.pareto is None and m.trial_upstreams == {}
     assert (m.trial_id, m.metric_value, m.metric_mode) == ("b", 0.80, "max")
     # The chosen trial's best epoch (an earlier one: best.pt), not its last.
     assert m.checkpoint.endswith(f"trial_b/checkpoint_000002/{BEST_FILE}")
@@ -100,8 +101,12 @@ def test_a_failed_trial_never_wins_and_a_stage_whose_every_trial_failed_writes_n
     assert outcome.manifest.trial_id == "a"
     assert [r.outcome for r in outcome.rows] == ["completed", "failed"]
 
+    long_error = "RuntimeError: " + "x" * 300
     failed = conclude(tmp_path / "other", [trial_result(tmp_path / "other", t, 0.9, error=e) for t, e in
                                            (("bad", "Traceback\n  line\nValueError: x"), ("worse", "OSError: y"))])
+    assert [(r.epochs, r.error) for r in failed.rows] == [(0, "ValueError: x"), (0, "OSError: y")]
+    cut = conclude(tmp_path / "cut", [trial_result(tmp_path / "cut", "long", 0.9, error=long_error)])
+    assert cut.rows[0].error == long_error[:200]
     assert failed.manifest is None
     assert (failed.stage, failed.metric, [r.trial_id for r in failed.rows]) == ("pretrain", METRIC, ["trial_bad", "trial_worse"])
     assert failed.error == "every trial of stage pretrain failed: OSError: y; ValueError: x"
@@ -175,10 +180,18 @@ def test_trials_the_scheduler_stopped_early_rank_after_those_that_trained_every_
 
 def test_a_stage_whose_trials_reported_nothing_says_so(tmp_path):
     silent = trial_result(tmp_path, "quiet", 0.5)
-    silent.metrics = {"epoch": 1}               # no metric, no trial id: named by its folder
+    silent.metrics = {"note": 1}                # no metric, no epoch, no trial id: named by its folder
     outcome = conclude(tmp_path, [silent])
     assert outcome.manifest is None and outcome.error == "every trial of stage pretrain failed: no results"
-    assert [r.trial_id for r in outcome.rows] == ["trial_quiet"]
+    assert [(r.trial_id, r.epochs, r.outcome) for r in outcome.rows] == [("trial_quiet", 0, "stopped early")]
+
+
+def test_trials_that_reported_no_checkpoint_are_a_stage_error(tmp_path):
+    result = trial_result(tmp_path, "a", 0.7)
+    result.checkpoint = None                    # and no checkpoint_path metric from Ray Train
+    outcome = conclude(tmp_path, [result])
+    assert outcome.manifest is None and outcome.error == "stage pretrain: no trial reported a checkpoint"
+    assert (outcome.stage, outcome.metric, [r.trial_id for r in outcome.rows]) == ("pretrain", METRIC, ["a"])
 
 
 def test_a_chosen_epoch_without_a_standard_error_records_none(tmp_path):
