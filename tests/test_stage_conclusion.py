@@ -139,13 +139,20 @@ def test_carry_top_with_fewer_qualifying_trials_says_so_and_carries_those(tmp_pa
     assert any("--carry_top 3: only 2 trial(s) qualify" in line for line in said)
 
 
-def test_a_stage_choosing_among_carried_upstream_trials_records_which_each_trial_started_from(tmp_path):
+def two_upstream_choices(tmp_path):
+    """A baseline stage choosing between two carried pretrain trials: its space (with the
+    ``upstream`` parameter), the choices, and a trial started from each (b, from p2, is better)."""
     choices = {"p1": {"checkpoint": "/up/p1.pt", "lineage": ["pretrain:p1"]},
                "p2": {"checkpoint": "/up/p2.pt", "lineage": ["pretrain:p2"]}}
     options = SearchOptions(stage="baseline", storage=str(tmp_path / "exp"), budget="smoke")
     space = with_upstream_parameter(prepare_space(options, "baseline"), list(choices))
     results = [trial_result(tmp_path, "a", 0.70, params={"upstream": "p1"}),
                trial_result(tmp_path, "b", 0.85, params={"upstream": "p2"})]
+    return space, choices, results
+
+
+def test_a_stage_choosing_among_carried_upstream_trials_records_which_each_trial_started_from(tmp_path):
+    space, choices, results = two_upstream_choices(tmp_path)
     m = conclude(tmp_path, results, stage="baseline", space=space, choices=choices, upstream="/up/p1.pt").manifest
     assert (m.trial_id, m.upstream, m.lineage) == ("b", "/up/p2.pt", ["pretrain:p2", "baseline:b"])
     assert m.trial_upstreams == {"a": "p1", "b": "p2"}
@@ -212,12 +219,7 @@ def test_carry_top_two_carries_two_and_exactly_k_qualifying_is_not_a_shortfall(t
 
 
 def test_carried_trials_of_a_stage_that_chose_among_upstreams_name_the_upstream_each_started_from(tmp_path):
-    choices = {"p1": {"checkpoint": "/up/p1.pt", "lineage": ["pretrain:p1"]},
-               "p2": {"checkpoint": "/up/p2.pt", "lineage": ["pretrain:p2"]}}
-    options = SearchOptions(stage="baseline", storage=str(tmp_path / "exp"), budget="smoke")
-    space = with_upstream_parameter(prepare_space(options, "baseline"), list(choices))
-    results = [trial_result(tmp_path, "a", 0.70, params={"upstream": "p1"}),
-               trial_result(tmp_path, "b", 0.85, params={"upstream": "p2"})]
+    space, choices, results = two_upstream_choices(tmp_path)
     m = conclude(tmp_path, results, stage="baseline", space=space, choices=choices, carry_top=2).manifest
     assert [(c["trial_id"], c["upstream"], c["upstream_checkpoint"]) for c in m.carried] == \
         [("b", "p2", "/up/p2.pt"), ("a", "p1", "/up/p1.pt")]
