@@ -8,6 +8,9 @@
 #   benchmarks/mutation.sh heads ranking  # some groups
 #   JOBS=1 benchmarks/mutation.sh steps   # fewer parallel children (default 2)
 #
+# A function mutmut reports "no tests" for (new since its last full statistics run), or survivors
+# to judge again after writing tests: benchmarks/mutation_judge.py FUNCTION -- TESTS.
+#
 # setup.cfg [mutmut] names the mutated files and the tests that judge them. Results stay in
 # mutants/ (ignored by git; a re-run only retests what changed): `mutmut results` lists the
 # survivors, `mutmut show NAME` shows one. The score per group is printed at the end.
