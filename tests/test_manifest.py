@@ -16,6 +16,7 @@ from virface.search.manifest import (
     plan_chain,
     read_manifest,
     upstream_checkpoint,
+    upstream_manifest,
     write_manifest,
 )
 from virface.stage_table import stage_chain
@@ -273,7 +274,7 @@ def test_user_checkpoint_must_exist_and_needs_an_upstream(tmp_path):
 
 def test_pretrain_starts_from_scratch(tmp_path):
     path, source = upstream_checkpoint("pretrain", tmp_path, EXPERIMENT, None)
-    assert path is None and "scratch" in source
+    assert (path, source) == (None, "none: pretrain starts from scratch")
 
 
 def test_stage_starts_from_the_upstream_best_checkpoint(tmp_path):
@@ -379,3 +380,38 @@ def test_from_checkpoint_on_the_first_stage_names_the_stages_it_applies_to(tmp_p
     with pytest.raises(ConfigError, match=r"stage pretrain has no upstream stage to replace; it applies to "
                                           r"\['generator', "):
         upstream_checkpoint("pretrain", tmp_path, EXPERIMENT, str(tmp_path / "x.pt"))
+
+
+def test_a_stage_reads_the_manifest_of_its_own_upstream_stage_and_none_otherwise(tmp_path):
+    # Where carried trials and lineage come from: virface reads the generator's manifest, not
+    # pretrain's; pretrain has none; a user checkpoint replaces it; nothing searched yet: none.
+    assert upstream_manifest("virface", tmp_path, EXPERIMENT, None) is None
+    finish_stage(tmp_path, "pretrain")
+    generator = make_manifest(tmp_path, "generator", trial_id="g1")
+    write_manifest(generator, manifest_path(tmp_path, EXPERIMENT, "generator"))
+    assert upstream_manifest("virface", tmp_path, EXPERIMENT, None) == generator
+    assert upstream_manifest("virclass", tmp_path, EXPERIMENT, None).trial_id == "a1b2"
+    assert upstream_manifest("pretrain", tmp_path, EXPERIMENT, None) is None
+    assert upstream_manifest("virface", tmp_path, EXPERIMENT, make_checkpoint(tmp_path, "mine.pt")) is None
+    assert upstream_manifest("virface", tmp_path, "another", None) is None
+
+
+def test_a_manifest_may_name_a_checkpoint_in_object_storage(tmp_path, monkeypatch):
+    uri = "s3://bucket/runs/exp/train_pretrain_a1b2/checkpoint_000001/checkpoint.pt"
+    path = tmp_path / "best.json"
+    write_manifest(make_manifest(tmp_path, checkpoint=uri), path)        # not refused as relative
+    assert json.loads(path.read_text())["checkpoint"] == uri
+    # Read back as the URI (the object's existence asked of the storage), not as a path
+    # relative to the manifest's folder.
+    monkeypatch.setattr(manifest_module.storage, "exists", lambda where: where == uri)
+    assert read_manifest(path).checkpoint == uri
+
+
+def test_a_user_checkpoint_is_made_absolute_and_a_uri_is_kept(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path, "mine.pt")
+    monkeypatch.chdir(tmp_path)
+    path, _ = upstream_checkpoint("virclass", tmp_path, EXPERIMENT, os.path.join("checkpoints", "mine.pt"))
+    assert path == str(tmp_path / "checkpoints" / "mine.pt")
+    uri = "s3://bucket/mine.pt"
+    monkeypatch.setattr(manifest_module.storage, "exists", lambda where: where == uri)
+    assert upstream_checkpoint("virclass", tmp_path, EXPERIMENT, uri)[0] == uri
