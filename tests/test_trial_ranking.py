@@ -28,6 +28,13 @@ def test_mode_min_chooses_the_lowest_value_first():
     assert ids(rank_trials(points(**TRIALS), "loss", "min")) == ["c", "a", "d", "b"]
 
 
+def test_trials_that_trained_every_epoch_rank_before_those_stopped_early_in_either_mode():
+    # b and c were stopped early: each comes after a and d, still best first among themselves.
+    assert ids(rank_trials(points(**TRIALS), "acc", "max", completed={"a", "d"})) == ["d", "a", "b", "c"]
+    assert ids(rank_trials(points(**TRIALS), "loss", "min", completed={"a", "d"})) == ["a", "d", "c", "b"]
+    assert ids(rank_trials(points(**TRIALS), "acc", "max", completed=set())) == ["b", "d", "a", "c"]
+
+
 def test_negative_values_rank_by_value_not_by_magnitude():
     trials = [TrialPoint("near", {"m": -0.1}), TrialPoint("far", {"m": -2.0}), TrialPoint("up", {"m": 0.5})]
     assert ids(rank_trials(trials, "m", "max")) == ["up", "near", "far"]

@@ -98,12 +98,20 @@ def pareto_front(points: list[TrialPoint], objectives: list[Objective]) -> list[
     return [p for p in usable if not any(dominates(q.values, p.values, objectives) for q in usable if q is not p)]
 
 
-def rank_trials(points: list[TrialPoint], metric: str, mode: str) -> list[TrialPoint]:
+def rank_trials(points: list[TrialPoint], metric: str, mode: str,
+                completed: set[str] | None = None) -> list[TrialPoint]:
     """The points best first by ``metric``: highest first for mode "max", lowest first for
     "min". Equal values keep the order given (the order the trials finished in). ``ranked[0]``
-    is the trial a stage chooses and passes on."""
+    is the trial a stage chooses and passes on.
+
+    ``completed``: the ids of the trials that trained every epoch; they rank before the others.
+    A trial the scheduler stopped early is valued on fewer epochs, and was stopped for looking
+    worse: otherwise a one-epoch trial that barely moved from its starting checkpoint can win
+    against trials that changed it for longer, and be retrained (--compare) at a length it was
+    never validated at."""
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(points, key=lambda p: sign * p.values[metric])
+    return sorted(points, key=lambda p: (completed is not None and p.trial_id not in completed,
+                                         sign * p.values[metric]))
 
 
 def carried_trials(ranked: list[TrialPoint], carry_top: int) -> list[TrialPoint]:

@@ -706,19 +706,12 @@ def conclude_stage(options: SearchOptions, stage: str, space: SearchSpace, resul
                   "front": [p.to_dict() for p in front],
                   "trials": [p.to_dict() for p in points], "plot": plot}
     else:
-        # A trial the scheduler stopped early is valued on fewer epochs than one that trained the
-        # whole budget, and the scheduler stopped it for looking worse: the trials that trained
-        # every epoch are ranked first, the others after them (still there for --carry_top).
-        # Otherwise a one-epoch trial that barely moved from the starting checkpoint can win
-        # against trials that changed it for longer, and its winner is then retrained (--compare)
-        # at a length it was never validated at.
         completed = {r.trial_id for r in rows if r.outcome == OUTCOME_COMPLETED}
-        full = [p for p in points if p.trial_id in completed]
-        ranked = (rank_trials(full, metric, space.metric_mode)
-                  + rank_trials([p for p in points if p.trial_id not in completed], metric, space.metric_mode))
-        if full and len(full) < len(points):
-            say(f"[{stage}] choosing among the {len(full)} trial(s) that trained all {space.max_epochs} "
-                f"epoch(s); the scheduler stopped {len(points) - len(full)} earlier (ranked after them)")
+        ranked = rank_trials(points, metric, space.metric_mode, completed)
+        full = sum(p.trial_id in completed for p in points)
+        if 0 < full < len(points):
+            say(f"[{stage}] choosing among the {full} trial(s) that trained all {space.max_epochs} "
+                f"epoch(s); the scheduler stopped {len(points) - full} earlier (ranked after them)")
     best = ranked[0]
     from virface.checkpoint import load_checkpoint
 
