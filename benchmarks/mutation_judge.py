@@ -18,6 +18,7 @@ import argparse
 import ast
 import contextlib
 import difflib
+import functools
 import io
 import json
 import os
@@ -30,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def mutant_names(mutants_dir: str, prefix: str) -> list[str]:
     """Every mutant of the functions whose mangled names start with ``prefix`` (module dotted,
     then ``x_<function>`` or ``xǁ<Class>ǁ<method>``), in the mutated copy of their module."""
+    if re.search(r"__mutmut_\d+$", prefix):       # one mutant, named in full
+        return [prefix]
     module, _, function = prefix.partition(".x")
     path = os.path.join(mutants_dir, *module.split(".")) + ".py"
     with open(path, encoding="utf-8") as f:
@@ -37,15 +40,21 @@ def mutant_names(mutants_dir: str, prefix: str) -> list[str]:
     return sorted((f"{module}.{name}" for name in found), key=lambda n: (len(n), n))
 
 
-def changed_lines(mutants_dir: str, name: str) -> str:
-    """The lines a mutant changes, against the original function of the mutated module."""
-    module, _, short = name.rpartition(".")
-    path = os.path.join(mutants_dir, *module.split(".")) + ".py"
+@functools.lru_cache(maxsize=None)
+def _functions(path: str) -> dict[str, list[str]]:
+    """Each function of a mutated module by name, its source lines (parsed once: a mutated
+    module holds every mutant and takes seconds to parse)."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     lines = source.splitlines()
-    functions = {node.name: lines[node.lineno - 1:node.end_lineno]
-                 for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
+    return {node.name: lines[node.lineno - 1:node.end_lineno]
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
+
+
+def changed_lines(mutants_dir: str, name: str) -> str:
+    """The lines a mutant changes, against the original function of the mutated module."""
+    module, _, short = name.rpartition(".")
+    functions = _functions(os.path.join(os.path.abspath(mutants_dir), *module.split(".")) + ".py")
     original = functions.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", [])
     diff = [line for line in difflib.unified_diff(original, functions.get(short, []), lineterm="", n=0)
             if line[:1] in "+-" and not line.startswith(("+++", "---")) and not line[1:].lstrip().startswith("def ")]
@@ -56,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tests = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prefixes", nargs="+", metavar="FUNCTION",
-                   help="mangled function prefix, e.g. virface.search.runner.x_conclude_stage")
+    p.add_argument("prefixes", nargs="*", metavar="FUNCTION",
+                   help="mangled function prefix, e.g. virface.search.runner.x_conclude_stage, or one "
+                   "mutant's full name (e.g. the survivors of an earlier run)")
+    p.add_argument("--from-file", help="also judge the mutants named in this file, one a line")
     p.add_argument("--mutants", default=os.path.join(REPO, "mutants"), help="mutmut's mutants/ folder")
     p.add_argument("--out", help="write {mutant: pytest exit code} as JSON here")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -67,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())               # the mutated package, not the installed one
     import pytest
 
-    names = [n for prefix in args.prefixes for n in mutant_names(".", prefix)]
+    prefixes = list(args.prefixes)
+    if args.from_file:
+        with open(args.from_file, encoding="utf-8") as f:
+            prefixes += [line.strip() for line in f if line.strip()]
+    names = [n for prefix in prefixes for n in mutant_names(".", prefix)]
     pytest_args = ["-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", *tests]
 
     def run(mutant: str) -> int:

@@ -245,6 +245,10 @@ def test_tar_threshold_is_zero_when_training_far_never_reaches_the_target():
     assert result.tar_at_far == 0.0 and result.far == 0.0
 
 
+def test_tar_is_measured_at_far_1e_3_by_default():
+    assert verify_10fold(pairs_at_distances([0.305, 2.505] * 2), [True, False] * 2, n_folds=2).far_target == 1e-3
+
+
 def test_more_folds_than_pairs_is_a_clear_error():
     with pytest.raises(ValueError, match="n_folds must be between 2 and the number of pairs"):
         verify_10fold(pairs_at_distances([0.1, 0.2, 0.3]), [True, False, True], n_folds=10)
@@ -405,3 +409,277 @@ def test_a_pair_set_takes_issame_as_booleans_and_refuses_images_of_another_layou
     for bad in (images.float(), torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, 3, 2, dtype=torch.uint8)):
         with pytest.raises(PairSetError, match=r"^x: images must be uint8 \(2N, 3, H, W\), got torch\."):
             PairSet("x", bad, [True, False])
+
+
+# ----------------------------------------------------------------------------- refused inputs
+# Each refusal is a PairSetError naming the file (and line) at fault, never a raw traceback.
+
+def test_a_bin_that_is_not_two_lists_of_images_names_the_file_and_the_image(tmp_path):
+    path = str(tmp_path / "three.bin")
+    dump(path, ([png_bytes(solid(1, 2, 3))] * 2, [True], "extra"))
+    with pytest.raises(PairSetError, match=rf"^{path}: expected a pickle of \(bins, issame_list\)$"):
+        load_bin(path)
+    dump(path, ([png_bytes(solid(1, 2, 3)), 7], [True]))
+    with pytest.raises(PairSetError, match=rf"^{path}: image 1 is a int, expected bytes or a numpy uint8 array$"):
+        load_bin(path)
+    dump(path, ([], []))
+    with pytest.raises(PairSetError, match=rf"^{path}: no images$"):
+        load_bin(path)
+    (tmp_path / "text.bin").write_text("not a pickle")
+    with pytest.raises(PairSetError, match=r"text\.bin: cannot read the \.bin pickle"):
+        load_bin(str(tmp_path / "text.bin"))
+
+
+def test_images_of_different_sizes_name_the_file_and_both_sizes_unless_resized(tmp_path):
+    path = str(tmp_path / "mixed.bin")
+    dump(path, ([png_bytes(solid(1, 2, 3, size=4))] * 3 + [png_bytes(solid(1, 2, 3, size=5))], [True, False]))
+    with pytest.raises(PairSetError, match=rf"^{path}: image 3 is \(5, 5\) but image 0 is \(4, 4\); pass image_size"):
+        load_bin(path)
+    assert load_bin(path, image_size=4).images.shape == (4, 3, 4, 4)
+    make_lfw(str(tmp_path / "lfw"), "Ann 1 2\n", {"Ann": 1})
+    save(str(tmp_path / "lfw" / "Ann" / "Ann_0002.jpg"), solid(1, 2, 3, size=6))
+    with pytest.raises(PairSetError, match=r"lfw/pairs\.txt: image 1 is \(6, 6\) but image 0 is \(4, 4\)"):
+        load_lfw_folder(str(tmp_path / "lfw"))
+
+
+def test_an_lfw_folder_without_pairs_or_with_a_corrupt_image_is_named(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(PairSetError, match=rf"^{tmp_path / 'empty'}: no pairs\.txt \(expected an LFW folder\)$"):
+        load_lfw_folder(str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "header_only")
+    make_lfw(str(tmp_path / "header_only"), "10 300\n", {})
+    with pytest.raises(PairSetError, match=r"header_only/pairs\.txt: no pairs$"):
+        load_lfw_folder(str(tmp_path / "header_only"))
+    make_lfw(str(tmp_path / "corrupt"), "Ann 1 2\n", {"Ann": 2})
+    (tmp_path / "corrupt" / "Ann" / "Ann_0002.jpg").write_bytes(b"not an image")
+    with pytest.raises(PairSetError, match=r"corrupt/pairs\.txt: image 1: .*Ann_0002\.jpg"):
+        load_lfw_folder(str(tmp_path / "corrupt"))
+
+
+def test_lfw_images_may_be_png_or_jpg_per_person(tmp_path):
+    make_lfw(str(tmp_path), "Ann 1 Bo 1\n", {"Ann": 1})
+    save(str(tmp_path / "Bo" / "Bo_0001.png"), solid(77, 0, 0))
+    pairs = load_lfw_folder(str(tmp_path))
+    assert pairs.images[:, 0, 0, 0].tolist() == [10, 77] and pairs.issame.tolist() == [False]
+
+
+def test_a_cfp_folder_missing_a_list_or_with_a_bad_line_names_the_file_and_line(tmp_path):
+    root = tmp_path / "cfp"
+    make_cfp(str(root))
+    proto = root / "Protocol"
+    with pytest.raises(PairSetError, match=r"^CFP protocol must be one of \('FF', 'FP'\), got 'XX'$"):
+        load_cfp_folder(str(root), "xx")
+    (proto / "Split" / "FP" / "02" / "diff.txt").write_text("1,1\n2;1\n")
+    with pytest.raises(PairSetError, match=r"Split/FP/02/diff\.txt:2: expected 'i,j' with indexes from the pair lists, got '2;1'$"):
+        load_cfp_folder(str(root), "FP")
+    (proto / "Split" / "FP" / "02" / "diff.txt").write_text("\n1,9\n")          # no profile 9
+    with pytest.raises(PairSetError, match=r"Split/FP/02/diff\.txt:2: expected 'i,j'"):
+        load_cfp_folder(str(root), "FP")
+    os.remove(proto / "Split" / "FP" / "02" / "diff.txt")
+    with pytest.raises(PairSetError, match=r"^CFP split list does not exist: .*Split/FP/02/diff\.txt$"):
+        load_cfp_folder(str(root), "FP")
+    (proto / "Pair_list_P.txt").write_text("1 ../Data/p/1.png\ntwo ../Data/p/2.png\n")
+    with pytest.raises(PairSetError, match=r"Pair_list_P\.txt:2: expected 'index relative/path', got 'two \.\./Data/p/2\.png'$"):
+        load_cfp_folder(str(root), "FP")
+    os.remove(proto / "Pair_list_P.txt")
+    with pytest.raises(PairSetError, match=r"^CFP pair list does not exist: .*Protocol/Pair_list_P\.txt$"):
+        load_cfp_folder(str(root), "FP")
+
+
+def test_a_cfp_folder_without_splits_or_pairs_or_images_is_named(tmp_path):
+    root = tmp_path / "cfp"
+    make_cfp(str(root))
+    split_dir = root / "Protocol" / "Split" / "FF"
+    for split in ("01", "02"):
+        for kind in ("same", "diff"):
+            (split_dir / split / f"{kind}.txt").write_text("\n")
+    with pytest.raises(PairSetError, match=rf"^{split_dir}: no pairs$"):
+        load_cfp_folder(str(root), "FF")
+    (split_dir / "01" / "same.txt").write_text("1,2\n")
+    os.remove(root / "Data" / "f" / "2.png")
+    with pytest.raises(PairSetError, match=rf"(?s)^{split_dir}: 1 images are missing .*Data/f/2\.png"):
+        load_cfp_folder(str(root), "FF")
+    import shutil
+    shutil.rmtree(root / "Protocol" / "Split" / "FP")
+    with pytest.raises(PairSetError, match=r"Split/FP: no split folders \(expected 01 \.\. 10\)$"):
+        load_cfp_folder(str(root), "FP")
+
+
+def test_files_beside_the_cfp_split_folders_are_not_splits(tmp_path):
+    make_cfp(str(tmp_path))
+    (tmp_path / "Protocol" / "Split" / "FP" / "README.txt").write_text("splits 01..10\n")
+    (tmp_path / "Protocol" / "Split" / "FP" / ".DS_Store").write_bytes(b"\0")
+    assert load_cfp_folder(str(tmp_path), "FP").issame.tolist() == [True, False, True, False]
+
+
+def test_open_pair_set_passes_the_name_and_image_size_to_every_format(tmp_path):
+    make_cfp(str(tmp_path / "cfp"))
+    make_lfw(str(tmp_path / "lfw"), "Ann 1 1\n", {"Ann": 1})
+    dump(tmp_path / "agedb.bin", ([png_bytes(solid(1, 2, 3))] * 2, [True]))
+    for name, path in (("my_cfp_fp", "cfp"), ("my_lfw", "lfw"), ("agedb_30", "agedb.bin")):
+        pairs = open_pair_set(name, str(tmp_path / path), image_size=6)
+        assert pairs.name == name and pairs.images.shape[2:] == (6, 6), (name, pairs.images.shape)
+
+
+def test_open_pair_set_refuses_a_folder_of_no_known_layout_and_a_missing_bin_alike(tmp_path):
+    os.makedirs(tmp_path / "plain")
+    for path in (tmp_path / "plain", tmp_path / "missing.bin"):
+        with pytest.raises(PairSetError, match=rf"^pair set 'cfp_fp': cannot open {path}; expected an insightface \.bin"):
+            open_pair_set("cfp_fp", str(path))
+
+
+# ----------------------------------------------------------------------------- the protocol's edges
+
+def test_embeddings_that_are_not_pairs_are_refused_with_their_shapes():
+    with pytest.raises(ValueError, match=r"^embeddings must be \(2N, D\) with pairs interleaved, got \(3, 2\)$"):
+        verify_10fold(torch.zeros(3, 2), [True, False])
+    with pytest.raises(ValueError, match=r"^embeddings must be \(2N, D\) with pairs interleaved, got \(4,\)$"):
+        verify_10fold(torch.zeros(4), [True, False])
+    with pytest.raises(ValueError, match=r"^pair embeddings must both be \(N, D\), got \(2, 2\) and \(2, 3\)$"):
+        verify_10fold((torch.zeros(2, 2), torch.zeros(2, 3)), [True, False])
+    with pytest.raises(ValueError, match=r"^pair embeddings must both be \(N, D\), got \(2,\) and \(2,\)$"):
+        verify_10fold((torch.zeros(2), torch.zeros(2)), [True, False])
+    with pytest.raises(ValueError, match=r"^2 embedding pairs but 3 issame labels$"):
+        verify_10fold(torch.zeros(4, 2), [True, False, True])
+
+
+def test_as_many_folds_as_pairs_is_leave_one_out():
+    result = verify_10fold(pairs_at_distances([0.305, 2.505] * 2), [True, False] * 2, n_folds=4)
+    assert len(result.best_thresholds) == 4 and result.acc == 1.0
+
+
+def test_a_pair_exactly_at_the_threshold_is_not_accepted():
+    # insightface predicts "same" for distance < threshold (np.less). Every pair different at
+    # distance 0: threshold 0 is the only one that rejects them all, so each fold picks it, and
+    # the held-out pairs at exactly 0 are rejected: all right.
+    result = verify_10fold(pairs_at_distances([0.0] * 4), [False] * 4, n_folds=2)
+    assert result.best_thresholds.tolist() == [0.0, 0.0] and result.correct.tolist() == [True] * 4
+    # Different pairs beyond every threshold keep the training FAR at 0, so the FAR threshold
+    # is 0: the same pairs at distance exactly 0 are not accepted either (TAR 0).
+    result = verify_10fold(pairs_at_distances([0.0, 5.0] * 4), [True, False] * 4, n_folds=2)
+    assert result.tar_at_far == 0.0 and result.far == 0.0
+
+
+def test_tar_at_far_interpolates_the_training_far_curve_worked_by_hand():
+    # Two identical folds: same at 0.105 and 2.0, different at 0.105 and 1.005. Trained on the
+    # other fold, FAR is 0 up to t = 0.10 and 1/2 from t = 0.11: FAR 1/2 is reached at t = 0.11.
+    # Each fold then accepts the pairs at 0.105: TAR 1/2, FAR 1/2.
+    fold = [0.105, 2.0, 0.105, 1.005]
+    result = verify_10fold(pairs_at_distances(fold * 2), [True, True, False, False] * 2,
+                           n_folds=2, far_target=0.5)
+    assert result.tar_at_far == pytest.approx(0.5) and result.far == pytest.approx(0.5)
+    assert result.tar_at_far_std == 0.0 and result.far_target == 0.5
+
+
+def test_far_threshold_is_the_first_crossing_of_the_target_between_thresholds():
+    from virface.evaluation.verification import _far_threshold
+
+    thresholds = np.array([0.0, 0.01, 0.02, 0.03])
+    # Reaches the target exactly at 0.01 (then flat until 0.03): 0.01, not a later step.
+    assert _far_threshold(np.array([0.0, 0.001, 0.001, 0.5]), thresholds, 1e-3) == pytest.approx(0.01)
+    # Crosses it between 0.01 and 0.02: linear between them.
+    assert _far_threshold(np.array([0.0, 0.0, 0.002, 0.5]), thresholds, 1e-3) == pytest.approx(0.015)
+    # Its largest value is the target: reached, at its last threshold.
+    assert _far_threshold(np.array([0.0, 0.0, 0.0, 0.001]), thresholds, 1e-3) == pytest.approx(0.03)
+    # Above the target from the first threshold: the first; never reaching it: 0.
+    assert _far_threshold(np.array([0.5, 0.6, 0.7, 0.8]), thresholds + 0.3, 1e-3) == pytest.approx(0.3)
+    assert _far_threshold(np.array([0.0, 0.0, 0.0, 0.0009]), thresholds, 1e-3) == 0.0
+
+
+def test_a_fold_without_same_or_different_pairs_has_no_tar_or_far_and_is_left_out():
+    # Fold 1 holds only different pairs: no TAR there; the mean is fold 2's alone.
+    distances = [1.005, 1.005, 0.205, 1.005]
+    result = verify_10fold(pairs_at_distances(distances), [False, False, True, False], n_folds=2,
+                           far_target=0.5)
+    assert math.isfinite(result.tar_at_far) and result.tar_at_far_std == 0.0
+    # A set without any same pair has no TAR at all; without any different pair, no FAR.
+    none_same = verify_10fold(pairs_at_distances([1.0] * 4), [False] * 4, n_folds=2)
+    assert math.isnan(none_same.tar_at_far) and math.isnan(none_same.tar_at_far_std)
+    none_different = verify_10fold(pairs_at_distances([1.0] * 4), [True] * 4, n_folds=2)
+    assert math.isnan(none_different.far)
+    # A fold with exactly one different pair has a FAR of 0 or 1, not none.
+    one_each = verify_10fold(pairs_at_distances([0.205, 1.005] * 2), [True, False] * 2, n_folds=2,
+                             far_target=0.5)
+    # Trained on the other fold's one different pair (at 1.005), FAR 1/2 is reached at 1.005:
+    # the same pair at 0.205 is accepted, the different one not.
+    assert one_each.tar_at_far == 1.0 and one_each.far == 0.0
+
+
+class BatchRecorder(torch.nn.Module):
+    """LeftHalfMean's embedding (flip-sensitive), recording the batch sizes it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return x[..., : x.shape[-1] // 2].mean(dim=(2, 3))
+
+
+def test_a_pair_set_is_scored_with_the_flip_folds_far_and_batch_size_it_is_given():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (80, 3, 8, 8), dtype=torch.uint8, generator=g)
+    pair_set = PairSet("mine", images, np.arange(40) % 2 == 0)
+    net = BatchRecorder()
+    for flip in (True, False):
+        expected = verify_10fold(extract_embeddings(net, images, flip=flip), pair_set.issame,
+                                 n_folds=5, far_target=0.1)
+        got = evaluate_pair_set(net, pair_set, flip=flip, n_folds=5, far_target=0.1)
+        assert got.acc == expected.acc and np.array_equal(got.correct, expected.correct)
+        assert len(got.best_thresholds) == 5 and got.far_target == 0.1
+    flipped, plain = (verify_10fold(extract_embeddings(net, images, flip=f), pair_set.issame) for f in (True, False))
+    assert not np.array_equal(flipped.best_thresholds, plain.best_thresholds)   # the flip tells
+    net.batches.clear()
+    evaluate_pair_set(net, pair_set, batch_size=16)
+    assert set(net.batches) == {16}
+    net.batches.clear()
+    evaluate_pair_sets(net, {"mine": pair_set}, batch_size=32)
+    assert sorted(set(net.batches)) == [16, 32]
+
+
+def test_no_images_embed_to_an_empty_float_matrix():
+    empty = extract_embeddings(BatchRecorder(), torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+    assert empty.shape == (0, 0) and empty.dtype == torch.float32
+
+
+def python2_pickle(images, issame):
+    """What insightface's mxnet-era tools wrote: a protocol-2 pickle whose images are Python 2
+    ``str`` (BINSTRING opcodes), which Python 3 reads as text unless told they are bytes."""
+    import struct
+
+    strings = b"".join(b"T" + struct.pack("<i", len(data)) + data for data in images)
+    flags = b"".join(b"\x88" if v else b"\x89" for v in issame)
+    return b"\x80\x02](" + strings + b"e](" + flags + b"e\x86."
+
+
+def test_a_bin_written_by_python_2_reads_its_images_as_bytes(tmp_path):
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(python2_pickle([png_bytes(solid(200, 10, 20)), png_bytes(solid(5, 6, 7))], [True]))
+    pairs = load_bin(str(path))
+    assert pairs.images[:, :, 0, 0].tolist() == [[200, 10, 20], [5, 6, 7]] and pairs.issame.tolist() == [True]
+
+
+def test_write_bin_uses_pickle_protocol_4_which_every_python_3_reader_opens(tmp_path):
+    path = write_bin(PairSet("x", torch.zeros(2, 3, 2, 2, dtype=torch.uint8), [True]), str(tmp_path / "x.bin"))
+    assert open(path, "rb").read(2) == b"\x80\x04"
+
+
+def test_a_missing_images_error_lists_the_first_five(tmp_path):
+    make_lfw(str(tmp_path), "Ann 1 2\nAnn 3 4\nAnn 5 6\nAnn 7 8\n", {"Ann": 1})
+    message = ""
+    with pytest.raises(PairSetError) as info:
+        load_lfw_folder(str(tmp_path))
+    message = str(info.value)
+    assert "7 images are missing" in message and "the first 5:\n  " in message
+    listed = [line.strip() for line in message.splitlines()[1:]]
+    assert listed == [os.path.join(str(tmp_path), "Ann", f"Ann_{k:04d}.jpg") for k in range(2, 7)]
+
+
+def test_images_are_shrunk_with_antialiasing(tmp_path):
+    # A one-pixel checkerboard shrunk 9 -> 3: antialiased, every pixel is the mean grey (within
+    # 2); without antialiasing each output pixel samples one input pixel: black or white.
+    board = ((torch.arange(9)[:, None] + torch.arange(9)[None, :]) % 2 * 255).to(torch.uint8)
+    dump(tmp_path / "board.bin", ([png_bytes(board.expand(3, 9, 9).contiguous())] * 2, [True]))
+    small = load_bin(str(tmp_path / "board.bin"), image_size=3).images.float()
+    assert small.shape == (2, 3, 3, 3) and (small - 127.5).abs().max() < 2
