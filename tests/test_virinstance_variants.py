@@ -174,6 +174,71 @@ def test_covariance_transfer_estimates_the_pooled_within_identity_covariance_and
     assert torch.allclose(drawn.norm(dim=1), torch.ones(12)) and not torch.allclose(drawn, u.repeat(3, 1))
 
 
+def test_covariance_transfer_shrinks_towards_the_centre_the_docstring_defines():
+    from virface.generator import CovarianceTransfer
+
+    # Sigma Sigma_t^-1 with Sigma the pooled within-identity covariance, Sigma_t the features'
+    # total covariance over N - 1 plus a ridge of 1e-3 of its mean diagonal; worked in numpy.
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 5])
+    cov = CovarianceTransfer.from_features(feats, labels, shrink=0.5)
+    f = torch.nn.functional.normalize(feats.float(), dim=1).double().numpy()
+    import numpy as np
+    lab = labels.numpy()
+    centred = f - np.stack([f[lab == k].mean(0) for k in lab])
+    sigma = centred.T @ centred / (12 - 6)
+    mean = f.mean(0)
+    total = (f - mean).T @ (f - mean) / 11
+    total += 1e-3 * np.trace(total) / 3 * np.eye(3)
+    expected_map = sigma @ np.linalg.inv(total)
+    assert np.allclose(cov.mean.numpy(), mean, atol=1e-6) and np.allclose(cov.covariance.numpy(), sigma, atol=1e-6)
+    assert np.allclose(cov.centre_map.numpy(), expected_map, atol=1e-5)
+    x = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
+    expected = x.double().numpy() - 0.5 * (x.double().numpy() - mean) @ expected_map.T
+    assert np.allclose(cov.centre(x).numpy(), expected, atol=1e-5)
+    # A sample is the renormalised sum of the moved source and one noise draw per row,
+    # sample-major (row k * U + i comes from source i).
+    torch.manual_seed(7)
+    drawn = cov.sample(x, 2)
+    torch.manual_seed(7)
+    noise = cov.noise(8)
+    assert torch.allclose(drawn, torch.nn.functional.normalize(cov.centre(x).repeat(2, 1) + noise, dim=1), atol=1e-6)
+
+
+def test_covariance_transfer_keeps_its_settings_through_to_and_from_features():
+    from virface.generator import CovarianceTransfer
+
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    plain = CovarianceTransfer.from_features(feats, labels)
+    assert (plain.scale, plain.shrink, plain.centre_map, plain.mean) == (1.0, 0.0, None, None)
+    assert plain.factor.shape == (2, 2)
+    assert CovarianceTransfer.from_features(feats, labels, rank=1, scale=0.5).factor.shape == (2, 1)
+    assert CovarianceTransfer.from_features(feats, labels, scale=0.5).scale == 0.5
+    shrunk = CovarianceTransfer.from_features(feats, labels, scale=0.5, shrink=0.3)
+    for original in (plain, shrunk):
+        moved = original.to(torch.device("cpu"))
+        assert (moved.scale, moved.shrink) == (original.scale, original.shrink)
+        assert torch.equal(moved.factor, original.factor)
+        for a, b in ((moved.centre_map, original.centre_map), (moved.mean, original.mean)):
+            assert (a is None and b is None) or torch.equal(a, b)
+    double = CovarianceTransfer(plain.factor.double())
+    assert double.noise(3).dtype == torch.float64 and (double.scale, double.shrink) == (1.0, 0.0)
+    # Two images of one identity: all the variation is within it, so the centre map removes
+    # all of it along that direction (up to the ridge): both images map to their mean.
+    two = CovarianceTransfer.from_features(feats[:2], torch.tensor([0, 0]), shrink=1.0)
+    assert torch.allclose(two.centre(feats[:2]), feats[:2].mean(0).expand(2, 2), atol=2e-3)
+    # One identity of two images is enough (1 degree of freedom); identities of one image only
+    # are not, and shrinking needs the centre map and the mean.
+    assert CovarianceTransfer.from_features(feats[:3], torch.tensor([0, 0, 1])).factor.shape == (2, 2)
+    with pytest.raises(ValueError, match="^covariance transfer needs an identity with at least two images$"):
+        CovarianceTransfer.from_features(feats[:3], torch.tensor([0, 1, 2]))
+    for centre_map, mean in ((None, None), (None, shrunk.mean), (shrunk.centre_map, None)):
+        with pytest.raises(ValueError, match=r"^covariance transfer with shrink > 0 needs the centre map and mean \(estimate it with from_features\)$"):
+            CovarianceTransfer(plain.factor, shrink=0.3, centre_map=centre_map, mean=mean)
+
+
 def identity_pairs(n_ids=300, noise=0.6, seed=0):
     """Features of identities whose centres vary in dims 0-3 and whose images vary around them in
     dims 4-7 only: (f_a, f_b) two images per identity, normalised."""
