@@ -1,7 +1,8 @@
 """The generator: layer sizes, sampling layout and the reference's loss terms."""
+import pytest
 import torch
 
-from virface.generator import FeatureVAE, generator_losses
+from virface.generator import FeatureVAE, draw_agreement, generator_losses
 
 
 def constant_vae(decoded, mu_bias=0.0, logvar_bias=0.0, residual=False):
@@ -17,7 +18,7 @@ def constant_vae(decoded, mu_bias=0.0, logvar_bias=0.0, residual=False):
 
 
 def test_reference_layer_sizes():
-    g = FeatureVAE(512)
+    g = FeatureVAE()                                   # train.py passes 512 (the features' size)
     assert g.encoder[0].in_features == 512 and g.encoder[0].out_features == 256
     assert g.to_mu.out_features == 128 and g.to_logvar.out_features == 128
     assert g.decoder[0].in_features == 128 and g.decoder[-1].out_features == 512
@@ -112,3 +113,20 @@ def test_sample_draws_around_the_encoded_mean_with_the_encoded_spread():
     angle = torch.atan2(out[:, 1], out[:, 0]) - torch.pi / 4
     assert abs(float(angle.mean())) < 0.01
     assert 0.25 < float(angle.std()) < 0.32
+
+
+def test_draw_agreement_is_the_mean_cosine_between_two_draws_from_each_normalised_row():
+    torch.manual_seed(0)
+    g = FeatureVAE(feat_len=4, hidden=8, latent=3)
+    x = 3.0 * torch.randn(5, 4)                         # not normalised: the generator sees rows that are
+    torch.manual_seed(1)
+    got = draw_agreement(g, x)
+    torch.manual_seed(1)
+    rows = torch.nn.functional.normalize(x, dim=1)
+    first, second = (torch.nn.functional.normalize(g(rows)[0], dim=1) for _ in range(2))
+    assert torch.allclose(got, (first * second).sum(1).mean())
+    assert float(got) < 0.999                          # a generator whose noise matters disagrees with itself
+    with torch.no_grad():                              # ... and one without noise agrees exactly
+        g.to_logvar.weight.zero_()
+        g.to_logvar.bias.fill_(-80.0)
+    assert float(draw_agreement(g, x)) == pytest.approx(1.0)
