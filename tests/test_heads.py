@@ -138,4 +138,11 @@ def test_one_drawn_instance_has_a_loss_and_the_defaults_are_no_offset_and_detach
     assert target.tolist() == [1]                      # C + 0: the first source, no offset
     torch.nn.functional.cross_entropy(logits, target).backward()
     assert centres.grad is None
+    assert torch.allclose(head.virinstance_loss(one, centres, gen_num=1),
+                          torch.nn.functional.cross_entropy(logits, target))
     assert head.virinstance_loss(torch.zeros(0, 2), centres, gen_num=1).item() == 0.0
+
+
+def test_the_head_defaults_are_the_references_s_32_m_0_5():
+    head = ArcFaceHead(3, 4)
+    assert (head.s, head.m, head.dropout.p) == (32.0, 0.5, 0.5)
