@@ -21,8 +21,10 @@ import difflib
 import functools
 import io
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                    "mutant's full name (e.g. the survivors of an earlier run)")
     p.add_argument("--from-file", help="also judge the mutants named in this file, one a line")
     p.add_argument("--mutants", default=os.path.join(REPO, "mutants"), help="mutmut's mutants/ folder")
+    p.add_argument("--timeout", type=int, default=300,
+                   help="seconds the tests may run under one mutant before it counts as killed")
     p.add_argument("--out", help="write {mutant: pytest exit code} as JSON here")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not tests:
@@ -85,10 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for prefix in prefixes for n in mutant_names(".", prefix)]
     pytest_args = ["-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", *tests]
 
+    def too_long(signum, frame):
+        raise TimeoutError(f"the tests ran past {args.timeout} s under this mutant")
+
     def run(mutant: str) -> int:
+        """pytest's exit code under ``mutant``. A mutant that makes the tests hang (a rank of a
+        two-process test waiting forever on a collective the mutant broke) is stopped after
+        --timeout seconds, its child processes killed, and counts as killed, as in mutmut."""
         os.environ["MUTANT_UNDER_TEST"] = mutant
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return int(pytest.main(pytest_args))
+        signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(args.timeout)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return int(pytest.main(pytest_args))
+        finally:
+            signal.alarm(0)
+            for child in multiprocessing.active_children():
+                child.kill()
 
     if run("") != 0:
         print("the tests fail without any mutant: fix them first", file=sys.stderr)
