@@ -18,7 +18,8 @@ from virface.distributed import DistributedContext
 from virface.errors import CheckpointError
 from virface.heads import (ArcFaceHead, arcface_margin_logits, overlap_keep_mask, virclass_logits,
                            virinstance_logits)
-from virface.partial_fc import PartialFCHead, shard_range, shard_rows
+from virface.partial_fc import (PartialFCHead, full_optimizer_state, load_optimizer_state, shard_range,
+                                shard_rows)
 
 S, M = 8.0, 0.5
 
@@ -298,6 +299,20 @@ def _two_rank_worker(rank, port, inputs, out_dir):
         (centres * inputs["r"][rows]).sum().backward()
         out["class_centres"] = (centres.detach(), h.weight.grad)
 
+        # The optimiser's W state goes into a checkpoint whole (C, D) and comes back as shards.
+        # W is not the first parameter, and the other one's state is left as it is.
+        h, x = head(), inputs["x"][rows].clone()
+        other = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.SGD([other, h.weight], lr=0.1, momentum=0.9)
+        ((other ** 2).sum() + h.cross_entropy(*h(x, y))).backward()
+        optimizer.step()
+        saved = full_optimizer_state(optimizer, h, ctx)
+        fresh = head()
+        fresh_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2)), fresh.weight], lr=0.1, momentum=0.9)
+        load_optimizer_state(fresh_optimizer, saved, fresh, ctx)
+        out["optimizer"] = ({k: v["momentum_buffer"] for k, v in saved["state"].items()},
+                            {k: v["momentum_buffer"] for k, v in fresh_optimizer.state_dict()["state"].items()})
+
         out["overlap"] = head().overlap_keep_mask(inputs["u"], inputs["threshold"])
         out["full_w"] = head().full_state_dict()["weight"]
 
@@ -372,6 +387,15 @@ def test_two_gloo_ranks_match_one_process_over_the_full_w(tmp_path):
         assert torch.equal(centres, w[y[local[k]]])
         assert torch.allclose(got_dw, dw[shard[k]], atol=1e-6)
 
+    # SGD's first momentum buffer is the gradient: W's whole in the checkpoint on every rank
+    # (the plain loss's full dW), each rank's rows once loaded; the other parameter's untouched.
+    loss, (dw,) = reference(lambda w: F.cross_entropy(
+        arcface_margin_logits(F.normalize(x, dim=1) @ F.normalize(w, dim=1).t(), y, S, M), y), w)
+    for k, (saved, loaded) in enumerate(o["optimizer"] for o in ranks):
+        assert sorted(saved) == [0, 1] and torch.equal(saved[0], torch.full((2,), 2.0))
+        assert torch.allclose(saved[1], dw, atol=1e-6)
+        assert torch.equal(loaded[0], saved[0]) and torch.equal(loaded[1], saved[1][shard[k]])
+
     keep = overlap_keep_mask(u, w, S, threshold)
     assert keep.sum() == 2
     for o in ranks:
@@ -405,3 +429,90 @@ def test_a_ranks_margin_applies_to_the_rows_whose_target_it_holds_and_leaves_the
     assert torch.allclose(got[here], full, atol=1e-6)             # the fallback past pi included (rows 0, 4)
     assert torch.allclose(got[~here], 4.0 * cos[~here])
     assert torch.allclose(margin_logits(cos[here], target[here], 4.0, 0.5), full)
+
+
+# ---------------------------------------------------------------- one process: what the steps call
+
+def test_one_process_losses_are_the_cross_entropy_of_their_logits_with_the_plain_heads_defaults():
+    h = one_process(5, 4)
+    x, y, centres = leaf(3, 4, seed=1), torch.tensor([0, 3, 4]), leaf(2, 4, seed=2)
+    assert (PartialFCHead(5, 4).s, PartialFCHead(5, 4).m) == (32.0, 0.5)
+    assert torch.allclose(h.arcface_loss(x, y), F.cross_entropy(*h(x, y)))
+    assert torch.allclose(h.virclass_loss(x, y, centres), F.cross_entropy(*h.virclass(x, y, centres)))
+    # VirInstance: own virtual class C + source, sample-major, offset 0 and detached centres by default.
+    for gen_num in (1, 2):
+        instances = leaf(2 * gen_num, 4, seed=3)
+        logits, target = h.virinstance(instances, centres, gen_num)
+        assert target.tolist() == [5, 6] * gen_num
+        expected, _ = virinstance_logits(instances, h.weight, centres, gen_num, S, M)
+        assert torch.allclose(logits, expected, atol=1e-6)
+        loss = h.virinstance_loss(instances, centres, gen_num)
+        assert loss.item() > 0 and torch.allclose(loss, F.cross_entropy(logits, target))
+        loss.backward()
+        assert centres.grad is None and instances.grad is not None
+    assert h.virinstance_loss(torch.zeros(0, 4), centres, gen_num=2).item() == 0.0
+
+
+def test_one_process_optimizer_state_is_saved_and_loaded_as_it_is():
+    h = one_process(5, 4)
+    optimizer = torch.optim.SGD(h.parameters(), lr=0.1, momentum=0.9)
+    h.arcface_loss(leaf(3, 4, seed=1), torch.tensor([0, 3, 4])).backward()
+    optimizer.step()
+    saved = full_optimizer_state(optimizer, h, h.ctx)
+    assert torch.equal(saved["state"][0]["momentum_buffer"], h.weight.grad)
+    fresh = one_process(5, 4)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    load_optimizer_state(fresh_optimizer, saved, fresh, fresh.ctx)
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["momentum_buffer"], h.weight.grad)
+
+
+def test_the_sampled_classes_are_all_of_them_until_a_sampled_call_and_the_repr_names_the_shape():
+    h = one_process(5, 4, sample_rate=0.4)
+    assert h.sampled_classes().tolist() == [0, 1, 2, 3, 4]
+    torch.manual_seed(0)
+    h(leaf(1, 4, seed=1), torch.tensor([3]))
+    sampled = h.sampled_classes().tolist()
+    assert len(sampled) == 2 and 3 in sampled and sampled == sorted(sampled)
+    assert "num_classes=5, shard=[0, 5), feat_len=4, s=8.0, m=0.5, sample_rate=0.4" in repr(h)
+
+
+def test_one_class_per_rank_is_a_shard_and_fewer_is_refused():
+    assert [shard_range(2, k, 2) for k in range(2)] == [(0, 1), (1, 2)]
+    with pytest.raises(ValueError, match="num_classes=1 cannot be sharded over 2 ranks"):
+        shard_range(1, 0, 2)
+
+
+def test_a_batch_of_one_row_has_its_cross_entropy_and_of_none_a_zero_loss_that_backpropagates():
+    from virface.partial_fc import sharded_cross_entropy
+
+    ctx = DistributedContext(torch.device("cpu"))
+    logits = leaf(1, 3, seed=4)
+    assert torch.allclose(sharded_cross_entropy(logits, torch.tensor([2]), ctx),
+                          F.cross_entropy(logits, torch.tensor([2])))
+    empty = torch.zeros(0, 3, requires_grad=True)
+    loss = sharded_cross_entropy(empty, torch.zeros(0, dtype=torch.long), ctx)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert empty.grad is not None
+
+
+def test_a_ranks_margin_clamps_cosines_a_rounding_error_put_past_one():
+    from virface.partial_fc import margin_logits
+
+    cos = torch.tensor([[1.0 + 1e-6, 0.2], [-1.0 - 1e-6, 0.3]])
+    logits = margin_logits(cos, torch.tensor([0, 0]), S, M)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[0, 0], torch.tensor(S * math.cos(M)))            # cos(0 + m)
+    torch.testing.assert_close(logits[1, 0], torch.tensor(S * (-1.0 - M * math.sin(M))))   # past pi - m
+    assert torch.allclose(logits[:, 1], S * cos[:, 1])
+
+
+def test_a_head_state_saved_under_data_parallel_loads_and_a_wrong_one_names_its_source():
+    w = torch.randn(5, 4)
+    h = one_process(5, 4)
+    h.load_full_state_dict({"module.weight": w})
+    assert torch.equal(h.weight.detach(), w)
+    with pytest.raises(CheckpointError, match=r"^checkpoint: the head state should hold exactly 'weight'"):
+        h.load_full_state_dict({"weight": w, "bias": w[0]})
+    with pytest.raises(CheckpointError, match=r"^run/best\.pt: the head's weight is \(4, 4\)"):
+        h.load_full_state_dict({"weight": w[:4]}, source="run/best.pt")
