@@ -174,6 +174,8 @@ def test_pair_poses(tiny, role):
     assert np.abs(fp[1::2]).min() >= 60 and np.abs(fp[1::2]).max() <= 80
     assert not profile(ff).any() and np.abs(ff).max() <= 30
     assert profile(lfw).any() and not profile(lfw).all()     # profile_prob 0.5: a mix
+    # ... drawn for every image as training poses are, not frontal-then-profile as CFP-FP's
+    assert profile(lfw[0::2]).any() and not profile(lfw[1::2]).all()
 
 
 def test_profile_prob_sets_the_training_poses():
