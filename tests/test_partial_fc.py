@@ -451,6 +451,14 @@ def test_one_process_losses_are_the_cross_entropy_of_their_logits_with_the_plain
         loss.backward()
         assert centres.grad is None and instances.grad is not None
     assert h.virinstance_loss(torch.zeros(0, 4), centres, gen_num=2).item() == 0.0
+    assert h.virinstance_loss(leaf(1, 4, seed=5), centres, gen_num=1).item() > 0     # one instance is not none
+    # centre_grad: L_vi reaches the virtual centres, through the logits and through the loss.
+    attached = leaf(2, 4, seed=2)
+    h.cross_entropy(*h.virinstance(leaf(2, 4, seed=3), attached, 1, centre_grad=True)).backward()
+    assert attached.grad is not None and attached.grad.abs().sum() > 0
+    attached = leaf(2, 4, seed=2)
+    h.virinstance_loss(leaf(2, 4, seed=3), attached, 1, centre_grad=True).backward()
+    assert attached.grad is not None and attached.grad.abs().sum() > 0
 
 
 def test_one_process_optimizer_state_is_saved_and_loaded_as_it_is():
