@@ -1,6 +1,7 @@
 """The VirInstance variants: where L_vi's gradient goes in each, on one step of tiny models."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,7 +185,6 @@ def test_covariance_transfer_shrinks_towards_the_centre_the_docstring_defines():
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 5])
     cov = CovarianceTransfer.from_features(feats, labels, shrink=0.5)
     f = torch.nn.functional.normalize(feats.float(), dim=1).double().numpy()
-    import numpy as np
     lab = labels.numpy()
     centred = f - np.stack([f[lab == k].mean(0) for k in lab])
     sigma = centred.T @ centred / (12 - 6)
