@@ -141,6 +141,51 @@ def private_ray_head() -> Iterator[RayHead]:
         yield head
 
 
+@pytest.fixture(scope="session")
+def _shared_ray_head(_ray_temp_root_and_metrics_ports_of_its_own) -> Iterator[RayHead]:
+    # Started by the first test that asks for it, stopped at the end of the session: one per
+    # test process (pytest-xdist worker). Ray's processes inherit the environment they start
+    # with: the S3 test credentials (moto's, harmless elsewhere) and where the state API finds
+    # this head's dashboard (Ray Train's placement-group clean-up asks it).
+    dashboard_port = free_port()
+    env = {**os.environ, **RAY_PORT_ENVIRONMENT, **S3_ENVIRONMENT,
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+           # Token authentication off: the drivers and in-process clients of the tests join
+           # without the token file (test_job_submit's own head keeps it on).
+           "RAY_AUTH_MODE": "disabled"}
+    with ray_head(["--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                   *free_port_options(dashboard_port)], env) as head:
+        yield head
+
+
+@pytest.fixture
+def shared_ray(_shared_ray_head, monkeypatch) -> str:
+    """The address of this test process's shared 2-CPU Ray head on loopback, also set as
+    RAY_ADDRESS for the test: a search driver or ``virface-train --workers`` it runs (in this
+    process or a child) joins that Ray instead of starting one of its own, which saves each
+    driver Ray's start-up and shutdown (several seconds of two busy cores). A test that is about
+    starting Ray, or that needs a Ray with its own environment, does not use it."""
+    address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    return address
+
+
+@pytest.fixture(scope="module")
+def connected_ray(_shared_ray_head) -> Iterator[str]:
+    """This test process connected to the shared Ray head for a module's in-process searches
+    (``run_search`` then uses that Ray); disconnected at the module's end. Its address."""
+    import logging
+
+    import ray
+
+    address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
+    ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level=logging.WARNING)
+    yield address
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_temp_root_and_metrics_ports_of_its_own() -> Iterator[None]:
     # Every Ray the suite starts (ray.init, drivers, clusters) keeps its sessions, sockets and

@@ -79,7 +79,7 @@ def test_one_seed_gives_a_difference_without_an_interval():
 
 
 @pytest.mark.slow
-def test_a_smoke_comparison_searches_retrains_and_reports(tmp_path):
+def test_a_smoke_comparison_searches_retrains_and_reports(tmp_path, shared_ray):
     command = [sys.executable, os.path.join(REPO, "tune", "run_search.py"), "--stage", "virclass",
                "--compare", "baseline", "--budget", "smoke", "--seeds", "2", "--storage", str(tmp_path / "exp")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)

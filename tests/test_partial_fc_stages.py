@@ -38,15 +38,15 @@ def test_every_stage_trains_with_a_sampled_softmax_and_hands_on_a_full_w(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_ray_train_ranks_shard_w_and_write_one_full_checkpoint_that_any_run_resumes(tmp_path):
+def test_two_ray_train_ranks_shard_w_and_write_one_full_checkpoint_that_any_run_resumes(tmp_path, shared_ray):
     # virface-train --workers 2: Ray Train's two gloo ranks each hold half of W (4 + 4 classes).
     synthetic = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
                  "--synthetic", "n_unlabeled_ids=12", "--synthetic", "n_val_ids=8",
                  "--synthetic", "val_pairs=40", "--synthetic", "image_size=16"]
     fast = ["--arch", "mobilefacenet_s", "--feat_len", "16", "--label_batch_size", "8", "--steps_per_epoch", "3",
             "--max_epoch", "2", "--no-tensorboard", "--log_every", "0", "--device", "cpu"]
+    # On the test process's shared Ray head (RAY_ADDRESS), as on a cluster.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": REPO}
-    env.pop("RAY_ADDRESS", None)
     run = subprocess.run([sys.executable, "-m", "virface.train", "--method", "pretrain", "--sample_rate", "0.5",
                           "--workers", "2", "--snapshot_prefix", str(tmp_path / "pre"), *fast, *synthetic],
                          capture_output=True, text=True, timeout=600, env=env)

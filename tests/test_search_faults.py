@@ -30,7 +30,9 @@ DATA = ["--synthetic", "n_labeled_ids=16", "--synthetic", "images_per_labeled_id
 
 
 @pytest.fixture
-def search(tmp_path):
+def search(tmp_path, shared_ray):
+    # The drivers join the test process's shared Ray head (RAY_ADDRESS): a stop, a kill or a
+    # full disk of the driver is what is tested, not Ray's start-up.
     (tmp_path / "space.yaml").write_text(SPACE)
 
     def command(*extra):

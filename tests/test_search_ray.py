@@ -1,7 +1,8 @@
 """The Ray platform end to end: chained stage searches, failures, resume after a kill.
 
-One local Ray per module, started with explicit resources and the dashboard on 127.0.0.1 (Ray
-Train needs it to clean up the placement groups of trials that Tune stops), and shut down at the end.
+The searches join this test process's shared Ray head (conftest: 2 CPUs, the dashboard on
+127.0.0.1, which Ray Train needs to clean up the placement groups of trials that Tune stops):
+in-process through the module's connection, the drivers through --address.
 """
 import glob
 import json
@@ -23,15 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from virface.ray_train import init_local_ray
-
-    init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+@pytest.fixture
+def ray_cluster(connected_ray):
+    return connected_ray
 
 
 def tb_scalars_and_hparams(run_dir):

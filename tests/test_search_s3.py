@@ -3,8 +3,8 @@ chain's records, checkpoints and TensorBoard runs land in the bucket, the next s
 the previous stage's best checkpoint there, --list reads the bucket, and a driver killed with
 SIGKILL resumes from what the bucket holds (its local copy deleted).
 
-One S3 server and one local Ray for the module; the server starts first, so that Ray's workers
-inherit its credentials."""
+One S3 server for the module; the searches join the shared Ray head (conftest), whose processes
+were started with the S3 test credentials."""
 import json
 import os
 import re
@@ -32,15 +32,10 @@ def s3():
         yield server
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(s3):
-    import ray
-
-    from virface.ray_train import init_local_ray
-
-    init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+@pytest.fixture
+def ray_cluster(s3, connected_ray):
+    # The shared Ray head's processes hold the S3 test credentials from their start (conftest).
+    return connected_ray
 
 
 def test_smoke_chain_on_s3_keeps_everything_in_the_bucket_and_chains_through_it(ray_cluster, s3, tmp_path, capsys):

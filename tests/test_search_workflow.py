@@ -62,7 +62,7 @@ def test_a_chain_with_run_size_options_reports_evaluation_and_lists_itself(tmp_p
     print(listed.stdout)
 
 
-def test_a_stopped_search_names_the_command_that_resumes_it(tmp_path):
+def test_a_stopped_search_names_the_command_that_resumes_it(tmp_path, shared_ray):
     storage = tmp_path / "exp"
     args = ["--stage", "pretrain", "--budget", "smoke", "--storage", str(storage), "--max_epoch", "3",
             "--synthetic", "images_per_labeled_id=40", "--num-samples", "2"]

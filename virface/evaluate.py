@@ -108,8 +108,7 @@ def synthetic_spec(given: dict[str, Any] | None, states: list[dict[str, Any]],
 def open_pair_sets(config: TrainConfig, input_size: int, states: list[dict[str, Any]],
                    paths: list[str], say) -> list[tuple[str, str, str, PairSet]]:
     """``(key, role, source, pair set)`` for every set to score, resized to ``input_size``."""
-    from torchvision.transforms.v2 import functional as TF
-
+    from virface.data.images import resize_square
     from virface.evaluation.verification import open_pair_set
 
     sets: list[tuple[str, str, str, PairSet]] = []
@@ -133,7 +132,7 @@ def open_pair_sets(config: TrainConfig, input_size: int, states: list[dict[str, 
     resized = []
     for key, role, source, ps in sets:
         if ps.images.shape[-1] != input_size or ps.images.shape[-2] != input_size:
-            ps = PairSet(ps.name, TF.resize(ps.images, [input_size, input_size], antialias=True), ps.issame)
+            ps = PairSet(ps.name, resize_square(ps.images, input_size), ps.issame)
         resized.append((key, role, source, ps))
     return resized
 

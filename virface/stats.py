@@ -15,6 +15,10 @@ Two sources of noise, and which test fits which design:
   :func:`bootstrap_seeds_and_pairs` resamples both.
 
 Differences are ``scale * (a - b)``: points (percent) for accuracies by default.
+
+scipy is imported by the functions that need it, not with this module: it is a second of CPU
+at start-up that every trial process and Ray Train rank (which import this module through the
+evaluation) would pay for functions only the driver and the benchmarks call.
 """
 from __future__ import annotations
 
@@ -22,8 +26,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import optimize
-from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 TIE = 1e-9      # |difference| below this is a tie, whatever the float rounding (0.3 + 0.6 != 0.9)
@@ -60,6 +62,8 @@ def paired_over_seeds(values: Sequence[float], reference: Sequence[float], scale
                            "t": None, "p_value": None, "ci95": None, "signs": signs(diffs)}
     if n < 2:
         return out
+    from scipy import stats as scipy_stats
+
     std = float(np.std(diffs, ddof=1))
     se = std / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
@@ -93,6 +97,8 @@ def paired_over_pairs(correct_a: np.ndarray, correct_b: np.ndarray, scale: float
     diff = (a_only - b_only) / n
     # Per-pair difference d_k in {-1, 0, 1}: var(d) = (a_only + b_only) / n - diff^2.
     se = math.sqrt(max((a_only + b_only) / n - diff * diff, 0.0) / n)
+    from scipy import stats as scipy_stats
+
     z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
     discordant = a_only + b_only
     p = float(scipy_stats.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
@@ -143,6 +149,9 @@ def min_detectable_effect(se: float, df: int | None = None, alpha: float = 0.05,
     """The smallest true difference a two-sided test at level ``alpha`` detects with probability
     ``power``, when the estimate's standard error is ``se``: for a t-test with ``df`` degrees of
     freedom (noncentral t, exact), or a z-test when ``df`` is None. In the units of ``se``."""
+    from scipy import optimize
+    from scipy import stats as scipy_stats
+
     if se < 0:
         raise ValueError(f"se must be >= 0, got {se}")
     if df is None:

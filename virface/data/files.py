@@ -11,10 +11,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.io import encode_png
 
 from virface.fileio import read_two_field_lines, write_text_atomic
-from virface.data.images import IMAGE_EXTENSIONS, read_image_file
+from virface.data.images import IMAGE_EXTENSIONS, png_bytes, read_image_file
 from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError
 
@@ -111,7 +110,7 @@ def write_image_folder(source: ImageSource, out_dir: str, meta_list_name: str = 
         relative = f"{class_id}/{index}.png"
         os.makedirs(os.path.join(out_dir, str(class_id)), exist_ok=True)
         with open(os.path.join(out_dir, relative), "wb") as f:
-            f.write(encode_png(source.read(index)).numpy().tobytes())
+            f.write(png_bytes(source.read(index)))
         lines.append(f"{relative} {class_id}\n")
     meta_path = os.path.join(out_dir, meta_list_name)
     write_text_atomic(meta_path, "".join(lines))

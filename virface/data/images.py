@@ -1,7 +1,15 @@
-"""Image bytes to pixels: decoding to uint8 RGB, and the network's input normalisation.
+"""Image bytes to pixels and back: decoding to uint8 RGB, encoding, resizing, and the network's
+input normalisation.
 
 Every reader (RecordIO, image files, .bin pair sets) decodes through :func:`decode_rgb`; every
-model input (training, evaluation, benchmarks) is normalised by :func:`normalize_pixels`.
+writer encodes through :func:`png_bytes` or :func:`jpeg_bytes`; every resize to the network's
+input goes through :func:`resize_square`; every model input (training, evaluation, benchmarks) is
+normalised by :func:`normalize_pixels`.
+
+torchvision is imported by these functions on first use, not with this module: importing it
+imports torch._dynamo too (through torchvision.ops), 1.4 s of CPU on the 2-core development
+machine, which every trial process and Ray Train rank would pay at start-up though most never
+decode, encode or resize an image (the built-in faces are made at the input size).
 """
 from __future__ import annotations
 
@@ -9,7 +17,6 @@ import io
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from virface.errors import CorruptImageError
 
@@ -19,6 +26,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) in [0, 255] -> float32 in [-1, 1], the reference's (x - 0.5) / 0.5."""
     return images.float().div_(127.5).sub_(1.0)
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) resized to ``size`` x ``size``, antialiased (torchvision's
+    v2 resize)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(images, [size, size], antialias=True)
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A uint8 (3, H, W) image as PNG bytes."""
+    from torchvision.io import encode_png
+
+    return encode_png(image).numpy().tobytes()
+
+
+def jpeg_bytes(image: torch.Tensor, quality: int) -> bytes:
+    """A uint8 (3, H, W) image as JPEG bytes of this quality (1-100)."""
+    from torchvision.io import encode_jpeg
+
+    return encode_jpeg(image, quality=quality).numpy().tobytes()
 
 
 def decode_rgb(data: bytes | bytearray | memoryview | np.ndarray, what: str) -> torch.Tensor:
@@ -31,6 +60,8 @@ def decode_rgb(data: bytes | bytearray | memoryview | np.ndarray, what: str) -> 
     if buf.size == 0:
         raise CorruptImageError(f"{what}: empty image data")
     try:
+        from torchvision.io import ImageReadMode, decode_image
+
         # frombuffer shares memory with a possibly read-only buffer; the copy keeps torch quiet.
         image = decode_image(torch.from_numpy(buf.copy()), mode=ImageReadMode.RGB)
     except RuntimeError as torch_error:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from virface.config import TrainConfig
+from virface.data.images import resize_square
 from virface.data.sampler import LabeledUnlabeledBatchSampler
 from virface.data.files import FileListSource
 from virface.data.recordio import RecordIOSource
@@ -86,7 +86,7 @@ def build_stage_data(config: TrainConfig) -> StageData:
     for sets in (pair_sets, test_pair_sets):
         for name, ps in sets.items():
             if ps.images.shape[-1] != input_size:
-                sets[name] = PairSet(name, TF.resize(ps.images, [input_size, input_size], antialias=True),
+                sets[name] = PairSet(name, resize_square(ps.images, input_size),
                                      ps.issame)
     if not config.uses_unlabeled:
         unlabeled = None
@@ -128,7 +128,7 @@ def read_images(source: ImageSource, indices, input_size: int) -> torch.Tensor:
     for i in np.asarray(indices, dtype=np.int64).tolist():
         image = source.read(i)
         if image.shape[-1] != input_size or image.shape[-2] != input_size:
-            image = TF.resize(image, [input_size, input_size], antialias=True)
+            image = resize_square(image, input_size)
         images.append(image)
     return torch.stack(images) if images else torch.empty((0, 3, input_size, input_size), dtype=torch.uint8)
 
@@ -186,7 +186,7 @@ class LabeledUnlabeledDataset(Dataset):
                 skipped += 1
                 continue
             if image.shape[-1] != self.input_size or image.shape[-2] != self.input_size:
-                image = TF.resize(image, [self.input_size, self.input_size], antialias=True)
+                image = resize_square(image, self.input_size)
             return image, j, skipped
         raise DataError(f"{source.name}: no image could be decoded")
 

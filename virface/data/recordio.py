@@ -23,9 +23,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import encode_jpeg, encode_png
 
-from virface.data.images import decode_rgb
+from virface.data.images import decode_rgb, jpeg_bytes, png_bytes
 from virface.data.sources import ImageSource, raw_class_ids, remap_labels
 from virface.errors import DataError, RecordIOError
 from virface.fileio import atomic_open, write_text_atomic
@@ -437,9 +436,9 @@ class RecordIOSource:
 def _encoder(encode: str, quality: int):
     encode = encode.lower()
     if encode == "png":
-        return lambda img: encode_png(img).numpy().tobytes()
+        return png_bytes
     if encode in ("jpg", "jpeg"):
-        return lambda img: encode_jpeg(img, quality=quality).numpy().tobytes()
+        return lambda img: jpeg_bytes(img, quality)
     raise DataError(f"unknown image encoding {encode!r}; use 'png' or 'jpeg'")
 
 

@@ -16,11 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.io import encode_png
 
 from virface.fileio import atomic_open, read_two_field_lines
-from virface.data.images import decode_rgb, normalize_pixels, read_image_file
+from virface.data.images import decode_rgb, normalize_pixels, png_bytes, read_image_file, resize_square
 from virface.errors import CorruptImageError, PairSetError
 from virface.evaluation.pairs import PairSet
 from virface.stats import accuracy_se
@@ -38,7 +36,7 @@ def _decode_all(items: Sequence, decode: Callable[[int, object], torch.Tensor],
     for i, item in enumerate(items):
         image = decode(i, item)
         if image_size is not None and tuple(image.shape[1:]) != (image_size, image_size):
-            image = TF.resize(image, [image_size, image_size], antialias=True)
+            image = resize_square(image, image_size)
         if out is None:
             # Preallocated: stacking a list would hold every image twice.
             out = torch.empty((len(items), *image.shape), dtype=torch.uint8)
@@ -92,7 +90,7 @@ def load_bin(path: str, image_size: int | None = None, name: str | None = None) 
 
 def write_bin(pair_set: PairSet, path: str) -> str:
     """Write ``pair_set`` as an insightface ``.bin`` (PNG images), atomically. Returns path."""
-    bins = [encode_png(image).numpy().tobytes() for image in pair_set.images]
+    bins = [png_bytes(image) for image in pair_set.images]
     issame = [bool(v) for v in pair_set.issame]
     with atomic_open(path) as f:
         pickle.dump((bins, issame), f, protocol=4)
