@@ -21,11 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) tune/run_search.py --stage virface
 
-# Two test processes (pytest-xdist), each test file on one of them (its module-scoped Ray session
-# too), the files with the end-to-end Ray runs first; TEST_WORKERS=0 runs them in this process.
+# Two test processes (pytest-xdist), each test to whichever is free (one at a time:
+# --maxschedchunk 1; by default xdist hands out the first quarter in two contiguous blocks, all
+# the end-to-end runs to one process), the end-to-end Ray runs first (tests/conftest.py); each
+# process keeps one Ray head that the search tests join.
+# TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= 2
 # --durations: the 25 slowest tests at the end of every run (where the suite's time goes).
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 --durations=25
 
 test: $(STAMP)
 	$(PYTEST)

@@ -1,4 +1,3 @@
-import collections
 import contextlib
 import dataclasses
 import os
@@ -141,6 +140,13 @@ def private_ray_head() -> Iterator[RayHead]:
         yield head
 
 
+# `ray start` turns Ray's token authentication on (2.60); a client joins with the token that it
+# wrote (~/.ray/auth_token) only when RAY_AUTH_MODE=token. A client whose mode differs from the
+# cluster's connects, but the actors of its job never start ("cancelled before it started
+# running"): every process that joins the shared head says token.
+JOIN_WITH_TOKEN = "token"
+
+
 @pytest.fixture(scope="session")
 def _shared_ray_head(_ray_temp_root_and_metrics_ports_of_its_own) -> Iterator[RayHead]:
     # Started by the first test that asks for it, stopped at the end of the session: one per
@@ -149,10 +155,7 @@ def _shared_ray_head(_ray_temp_root_and_metrics_ports_of_its_own) -> Iterator[Ra
     # this head's dashboard (Ray Train's placement-group clean-up asks it).
     dashboard_port = free_port()
     env = {**os.environ, **RAY_PORT_ENVIRONMENT, **S3_ENVIRONMENT,
-           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
-           # Token authentication off: the drivers and in-process clients of the tests join
-           # without the token file (test_job_submit's own head keeps it on).
-           "RAY_AUTH_MODE": "disabled"}
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
     with ray_head(["--node-ip-address=127.0.0.1", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
                    *free_port_options(dashboard_port)], env) as head:
@@ -168,6 +171,7 @@ def shared_ray(_shared_ray_head, monkeypatch) -> str:
     starting Ray, or that needs a Ray with its own environment, does not use it."""
     address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
     monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setenv("RAY_AUTH_MODE", JOIN_WITH_TOKEN)
     return address
 
 
@@ -180,10 +184,18 @@ def connected_ray(_shared_ray_head) -> Iterator[str]:
     import ray
 
     address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
-    ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level=logging.WARNING)
-    yield address
-    ray.shutdown()
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", JOIN_WITH_TOKEN)
+        # Ray reads the mode once per process, whatever the environment says later: this test
+        # process may have used Ray before (an in-process local Ray, another mode). Ray's own
+        # tests reset it so.
+        reset_auth_token_state()
+        ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level=logging.WARNING)
+        yield address
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -200,13 +212,13 @@ def _ray_temp_root_and_metrics_ports_of_its_own() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist with --dist loadfile (`make test`), each file goes whole to the next free
-    # worker in the order collected: the files with the most end-to-end runs (marked slow) go
-    # first, so that no long file starts last while the other worker sits idle.
+    # Under pytest-xdist with --dist load --maxschedchunk 1 (`make test`), the tests go out one
+    # by one in the order collected to whichever worker is free: the end-to-end runs (marked
+    # slow, 20-200 s each) go first, so that they are shared out evenly and no long one starts
+    # last while the other worker sits idle.
     if not hasattr(config, "workerinput"):           # xdist's workers collect; this is not one
         return
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])             # stable: else collection order
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)   # stable: else collection order
 
 
 # --- An S3-compatible server on loopback (moto's server mode) -----------------------------------

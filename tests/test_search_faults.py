@@ -141,10 +141,10 @@ def test_a_stop_as_the_stages_last_trial_starts_is_an_interrupt_and_resume_train
 
 
 def test_one_driver_per_experiment_and_a_dead_drivers_lock_is_taken_over(search, tmp_path):
-    # Long trials: the first driver must still be running while the others try.
-    (tmp_path / "space.yaml").write_text(SPACE.replace("max_epoch: 2", "max_epoch: 8"))
     first = start(search())
     wait_for(first, r"started:")
+    # Frozen, not ended, while the others try: still the lock's live holder, however long they take.
+    os.killpg(first.pid, signal.SIGSTOP)
     for extra in ((), ("--resume",)):
         second = subprocess.run(search(*extra), capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
