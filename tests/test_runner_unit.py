@@ -1,13 +1,14 @@
 """The search runner's decisions, without Ray."""
 import os
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
 
 from virface.errors import ConfigError
 
-from virface.search.runner import SMOKE_FIXED, SearchOptions, base_train_config, stage_space
+from virface.search.runner import SMOKE_FIXED, SearchOptions, base_train_config, sigterm_as_sigint, stage_space
 from virface.search.trial import ReportedCheckpoints, best_checkpoint_of, checkpoint_retention
 
 
@@ -237,6 +238,54 @@ def test_a_stop_signal_is_recorded_once_and_a_second_one_stops_at_once():
     with sigterm_as_sigint() as interrupted:
         os.kill(os.getpid(), signal.SIGINT)                          # Ctrl-C is recorded the same way
         assert interrupted.is_set()
+
+
+class TrialSaving:
+    """A Tune trial as the stop sees it: whether a checkpoint it reported is being registered."""
+
+    def __init__(self, is_saving):
+        self.is_saving = is_saving
+
+
+def test_a_stop_lets_tune_register_a_reported_checkpoint_before_stopping_it():
+    # Tune registers a trial's reported checkpoint a step after the report: stopped in between,
+    # its snapshot names none, and --resume trained the trial from the start.
+    import signal
+
+    from virface.search.callbacks import StopWhenSaved
+
+    stops = []
+    after_each_step = StopWhenSaved()
+    with sigterm_as_sigint() as interrupted:
+        signal.signal(signal.SIGUSR1, lambda *_: stops.append("stop"))    # Tune's, while it runs
+        after_each_step.on_step_end(iteration=0, trials=[TrialSaving(False)])
+        assert stops == []                                    # no stop asked: Tune goes on
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted.is_set() and stops == []           # asked, but not yet passed on
+        after_each_step.on_step_end(iteration=1, trials=[TrialSaving(False), TrialSaving(True)])
+        assert stops == []                                    # a checkpoint is being registered
+        after_each_step.on_step_end(iteration=2, trials=[TrialSaving(False), TrialSaving(False)])
+        assert stops == ["stop"]
+    after_each_step.on_step_end(iteration=3, trials=[])       # outside a search: nothing to stop
+    assert stops == ["stop"]
+
+
+def test_a_loop_that_never_gets_there_is_stopped_after_the_wait_and_never_after_the_search(monkeypatch):
+    import signal
+
+    from virface.search import runner
+
+    monkeypatch.setattr(runner, "STOP_WAIT_S", 0.2)
+    stops = []
+    with sigterm_as_sigint():
+        signal.signal(signal.SIGUSR1, lambda *_: stops.append("stop"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+        assert stops == ["stop"]                              # no step came: stopped anyway
+    with sigterm_as_sigint():
+        os.kill(os.getpid(), signal.SIGTERM)
+    # The search ended before the wait did: no SIGUSR1 later (its own action ends the process).
+    time.sleep(0.5)
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])

@@ -327,3 +327,18 @@ def last_error_line(error_file: str | None) -> str:
     # The last line of a traceback holds the exception and its message.
     return lines[-1] if lines else "(empty error file)"
 
+
+
+class StopWhenSaved(Callback):
+    """After each step of Tune's loop, hands the trials to the search's stop handler
+    (``virface.search.runner.sigterm_as_sigint``): after a Ctrl-C or SIGTERM it stops Tune once
+    no trial is saving a reported checkpoint, so that Tune's last snapshot names every
+    checkpoint its trials reported. Holds nothing: Tune pickles its callbacks with the run,
+    and a resumed run unpickles them."""
+
+    def on_step_end(self, iteration, trials, **info):
+        import signal
+
+        stop = getattr(signal.getsignal(signal.SIGTERM), "stop_tune_when_saved", None)
+        if stop is not None:
+            stop(trials)

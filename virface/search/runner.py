@@ -65,13 +65,27 @@ class SearchInterrupted(VirFaceError):
     """The search was stopped (Ctrl-C, SIGTERM) before its stage finished; --resume continues."""
 
 
+# How long a stop waits for the running trials' reported checkpoints to be registered before Tune
+# is stopped anyway (a loop that never gets to it: stuck, or not started yet).
+STOP_WAIT_S = 10.0
+
+
 class _StopHandler:
     """SIGINT and SIGTERM during a search: the first records the interrupt and asks Tune to stop
-    (SIGUSR1: Tune saves its state and returns, as on Ctrl-C); a second stops at once."""
+    (SIGUSR1: Tune saves its state and returns, as on Ctrl-C); a second stops at once.
+
+    Tune registers a reported checkpoint in a later step of its loop than the one that handled
+    the report (and printed its line): stopped in between, its last snapshot names no checkpoint
+    for that trial, and ``--resume`` trains it from the start. So Tune is stopped once no trial
+    is saving (:class:`virface.search.callbacks.StopWhenSaved`, after each step of its loop), or
+    ``STOP_WAIT_S`` after the signal, whichever comes first."""
 
     def __init__(self, message: str | None = None):
         self.interrupted = threading.Event()
         self.message = message
+        self._lock = threading.Lock()
+        self._closed = False
+        self._timer: threading.Timer | None = None
 
     def __call__(self, signum, frame):
         if self.interrupted.is_set():
@@ -81,7 +95,27 @@ class _StopHandler:
             # At once: `ray job stop` kills the driver a few seconds after its SIGTERM, maybe
             # before Tune has returned.
             print(self.message, file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGUSR1)
+        self._timer = threading.Timer(STOP_WAIT_S, self.stop_tune)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop_tune_when_saved(self, trials) -> None:
+        """After a step of Tune's loop: stop Tune if a stop was asked and no trial is saving."""
+        if self.interrupted.is_set() and not any(getattr(t, "is_saving", False) for t in trials):
+            self.stop_tune()
+
+    def stop_tune(self) -> None:
+        # Under the lock, which close() takes before the handlers are put back: SIGUSR1's own
+        # action is to end the process.
+        with self._lock:
+            if not self._closed:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 @contextlib.contextmanager
@@ -112,6 +146,7 @@ def sigterm_as_sigint(message: str | None = None) -> Iterator[threading.Event]:
     try:
         yield handler.interrupted
     finally:
+        handler.close()
         for s, h in previous.items():
             signal.signal(s, h)
         if tune_handler is None:
@@ -529,7 +564,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from virface.search.callbacks import TrialProgress
+    from virface.search.callbacks import StopWhenSaved, TrialProgress
     from virface.search.searcher import StageOptunaSearch
     from virface.search.state import (KEPT_STATE_DIR, MirrorKeeper, MirroredJournalBackend, TuneStateKeeper,
                                       is_disk_error, repair_journal, repair_tune_state)
@@ -632,7 +667,7 @@ def search_stage(options: SearchOptions, stage: str, space: SearchSpace, say,
                 name=f"search_{stage}", storage_path=location, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=checkpoint_retention(),
-                callbacks=[progress, CSVLoggerCallback(), JsonLoggerCallback(),
+                callbacks=[progress, StopWhenSaved(), CSVLoggerCallback(), JsonLoggerCallback(),
                            # A trial's HParams entry (written by progress) copied at its end.
                            *([MirrorKeeper(mirror)] if remote else [TuneStateKeeper(search_dir, kept_state)])]),
         )
