@@ -162,6 +162,12 @@ def _shared_ray_head(_ray_temp_root_and_metrics_ports_of_its_own) -> Iterator[Ra
         yield head
 
 
+def loopback_gcs_address(head: RayHead) -> str:
+    """The head's GCS on 127.0.0.1 (it listens on every address; its address file names the
+    machine's network address): the tests talk to loopback only."""
+    return "127.0.0.1:" + head.gcs_address.rsplit(":", 1)[1]
+
+
 @pytest.fixture
 def shared_ray(_shared_ray_head, monkeypatch) -> str:
     """The address of this test process's shared 2-CPU Ray head on loopback, also set as
@@ -169,7 +175,7 @@ def shared_ray(_shared_ray_head, monkeypatch) -> str:
     process or a child) joins that Ray instead of starting one of its own, which saves each
     driver Ray's start-up and shutdown (several seconds of two busy cores). A test that is about
     starting Ray, or that needs a Ray with its own environment, does not use it."""
-    address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
+    address = loopback_gcs_address(_shared_ray_head)
     monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setenv("RAY_AUTH_MODE", JOIN_WITH_TOKEN)
     return address
@@ -182,10 +188,9 @@ def connected_ray(_shared_ray_head) -> Iterator[str]:
     import logging
 
     import ray
-
-    address = "127.0.0.1:" + _shared_ray_head.gcs_address.rsplit(":", 1)[1]
     from ray._private.authentication_test_utils import reset_auth_token_state
 
+    address = loopback_gcs_address(_shared_ray_head)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", JOIN_WITH_TOKEN)
         # Ray reads the mode once per process, whatever the environment says later: this test
