@@ -15,6 +15,7 @@ at most once a second. "stage <= ..." is an upper bound: ASHA may stop trials ea
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -328,7 +329,6 @@ def last_error_line(error_file: str | None) -> str:
     return lines[-1] if lines else "(empty error file)"
 
 
-
 class StopWhenSaved(Callback):
     """After each step of Tune's loop, hands the trials to the search's stop handler
     (``virface.search.runner.sigterm_as_sigint``): after a Ctrl-C or SIGTERM it stops Tune once
@@ -337,8 +337,6 @@ class StopWhenSaved(Callback):
     and a resumed run unpickles them."""
 
     def on_step_end(self, iteration, trials, **info):
-        import signal
-
         stop = getattr(signal.getsignal(signal.SIGTERM), "stop_tune_when_saved", None)
         if stop is not None:
             stop(trials)
