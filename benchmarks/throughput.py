@@ -16,6 +16,9 @@ outside its training steps (start-up, checkpoints, reports, shutdown).
     python benchmarks/throughput.py            # about 6 minutes on 2 idle cores
     python benchmarks/throughput.py --quick    # about 3 minutes: fewer steps and trials
     python benchmarks/throughput.py --smoke    # every figure once, 2 steps: what the tests run
+
+The Tune trials run on a Ray of the script's own (this machine's CPUs), or on the cluster at
+$RAY_ADDRESS, whose other jobs then share the figures' machine.
 """
 from __future__ import annotations
 
@@ -238,9 +241,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)        # one CPU per worker, as Ray gives each trial and rank
     figures: dict[str, float] = {"load_average_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as work:
-        import ray
-
-        from virface.ray_train import init_local_ray
+        from virface.ray_train import ray_cluster
         from virface.stages import run_stage
 
         os.environ.setdefault("VIRFACE_CACHE_DIR", os.path.join(work, "cache"))
@@ -255,8 +256,8 @@ def main(argv=None) -> int:
         for stage, config in configs.items():
             figures[f"core_{stage}"], figures[f"core_{stage}_outside_training_s"] = core_loop(config, work)
         figures["overhead_one_process_s"] = one_process_overhead(work, n_trials)
-        init_local_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
-        try:
+        # A Ray of its own (this machine's CPUs), or the cluster at $RAY_ADDRESS.
+        with ray_cluster(None, log_to_driver=False):
             storage = os.path.join(work, "ray")
             for stage, config in configs.items():
                 for workers in (1, 2):
@@ -266,8 +267,6 @@ def main(argv=None) -> int:
             figures["overhead_noop_tune_s"] = noop_trial_overhead(storage, n_trials)
             figures["overhead_trial_w1_s"] = trial_overhead(storage, 1, n_trials, "overhead_w1")
             figures["overhead_trial_w2_s"] = trial_overhead(storage, 2, 1 if args.smoke else max(2, n_trials // 2), "overhead_w2")
-        finally:
-            ray.shutdown()
     figures["load_average_end"] = os.getloadavg()[0]
 
     print(f"\nthroughput (samples/s, 1 CPU thread per process; {os.cpu_count()} cores; load average "

@@ -49,7 +49,8 @@ def test_data_eval_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_throughput_smoke(tmp_path):
+def test_throughput_smoke(tmp_path, shared_ray):
+    # Its trials on the test process's shared Ray ($RAY_ADDRESS), as on a user's cluster.
     out = tmp_path / "throughput.json"
     stdout = run_script("throughput.py", "--smoke", "--out", str(out), timeout=900)
     figures = json.loads(out.read_text())

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 SPACE = """\
 scheduler: {type: none}
-budget: {num_samples: 3, max_concurrent_trials: 1}
+budget: {num_samples: 2, max_concurrent_trials: 1}
 fixed: {arch: mobilefacenet_s, max_epoch: 2, label_batch_size: 8}
 parameters:
   lr: {type: float, low: 0.01, high: 0.1, log: true, default: 0.05}
@@ -97,7 +97,7 @@ def finished_search_agrees_with_the_study(storage):
     study = optuna.load_study(study_name="default-pretrain", storage=JournalStorage(
         JournalFileBackend(str(storage / "default" / "pretrain" / "optuna.journal"))))
     states = [t.state.name for t in study.trials]
-    assert len(trials) == 3 and states.count("COMPLETE") == 3 and "RUNNING" not in states, states
+    assert len(trials) == 2 and states.count("COMPLETE") == 2 and "RUNNING" not in states, states
     assert max(t["metric"] for t in trials) == manifest.metric_value
     assert sorted(round(t.value, 6) for t in study.trials if t.state.name == "COMPLETE") == \
         sorted(round(t["metric"], 6) for t in trials)
@@ -125,7 +125,7 @@ def test_an_interrupted_search_exits_non_zero_writes_no_manifest_and_resumes(sea
 def test_a_stop_as_the_stages_last_trial_starts_is_an_interrupt_and_resume_trains_that_trial(search, tmp_path, stop):
     # One trial: the stage's last trial is its only one. Tune marks a trial it stops TERMINATED,
     # with no epoch: that was taken for a finished stage ("stopped early", or "every trial failed").
-    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 3", "num_samples: 1"))
+    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 2", "num_samples: 1"))
     driver = start(search())
     wait_for(driver, r"trial 1/1 \w+ started")
     os.kill(driver.pid, stop)
@@ -258,7 +258,7 @@ def test_a_space_edited_before_resuming_is_an_error_not_a_silent_mix(search, tmp
     wait_for(driver, r"\| epoch 1/2:")
     os.kill(driver.pid, signal.SIGINT)
     finish(driver)
-    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 3", "num_samples: 5"))
+    (tmp_path / "space.yaml").write_text(SPACE.replace("num_samples: 2", "num_samples: 5"))
     resumed = subprocess.run(search("--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 2
     assert "the search space of stage pretrain changed since the search started (budget differ" in resumed.stderr

@@ -163,3 +163,33 @@ def test_ray_trains_v1_api_is_an_error_naming_the_variable(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
     with pytest.raises(ConfigError, match="RAY_TRAIN_V2_ENABLED='0' turns Ray Train's V2 API off"):
         check_train_v2()
+
+
+def test_a_user_architecture_module_is_shipped_to_the_ray_workers_and_installed_ones_are_not(tmp_path, monkeypatch):
+    from virface.ray_train import user_code_runtime_env
+    from virface.search.runner import user_archs
+    from virface.search.space import load_search_space
+
+    (tmp_path / "my_nets").mkdir()
+    (tmp_path / "my_nets" / "__init__.py").write_text("")
+    (tmp_path / "my_nets" / "small.py").write_text("def build(feat_len):\n    return None\n")
+    (tmp_path / "flat_net.py").write_text("def build(feat_len):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = user_code_runtime_env(["my_nets.small:build", "flat_net:build", "my_nets.small:build",
+                                 "mobilefacenet_s", "torchvision.models:resnet18", "virface.backbones:build_backbone",
+                                 None])
+    # One entry per top-level module (the package, not its submodule; once), none for a built-in
+    # name, a module installed in site-packages or virface itself.
+    shipped = [getattr(m, "__file__", None) for m in env["py_modules"]]
+    assert shipped == [str(tmp_path / "my_nets" / "__init__.py"), str(tmp_path / "flat_net.py")]
+    assert user_code_runtime_env(["iresnet50", "torchvision.models:resnet18"]) is None
+
+    # A search ships what its stages may build: a fixed arch and every searched choice.
+    space = tmp_path / "pretrain.yaml"
+    space.write_text("fixed: {arch: flat_net:build}\n")
+    archs = user_archs({"pretrain": load_search_space(str(space), "pretrain")}, None)
+    assert archs == ["flat_net:build"]
+    space.write_text("parameters:\n  arch: {type: categorical, choices: ['my_nets.small:build', mobilefacenet_s], "
+                     "default: mobilefacenet_s}\n")
+    archs = user_archs({"pretrain": load_search_space(str(space), "pretrain")}, None)
+    assert archs == ["my_nets.small:build", "mobilefacenet_s"]

@@ -80,10 +80,11 @@ def net_module(tmp_path, monkeypatch):
 
 
 def ray_train_cli(tmp_path, modules, *args, env=None):
-    """``virface-train --workers 2`` in its own process (it starts and stops its own Ray)."""
+    """``virface-train --workers 2`` in its own process: on the Ray at $RAY_ADDRESS (the test's
+    shared head, whose workers were started without ``modules`` on their path) or, without it,
+    on a Ray of its own that it starts and stops (whose workers inherit this environment)."""
     env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(modules), REPO])}
-    env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "virface.train", *RUN, "--workers", "2", *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
 
@@ -99,7 +100,10 @@ def assert_same_weights(path_a, path_b):
             assert torch.allclose(value, b[part][key], rtol=1e-4, atol=1e-6), (part, key)
 
 
-def test_two_ray_train_workers_train_exactly_as_one_process_over_the_same_global_batch(tmp_path, net_module):
+def test_two_ray_train_workers_train_exactly_as_one_process_over_the_same_global_batch(tmp_path, net_module,
+                                                                                      shared_ray):
+    # On a running cluster: the user's --arch module reaches the workers with the job (Ray's
+    # py_modules), not through their PYTHONPATH.
     one = tmp_path / "one"
     assert main([*RUN, "--max_epoch", "3", "--snapshot_prefix", str(one)]) == 0
     two = tmp_path / "two"
@@ -120,7 +124,10 @@ def test_two_ray_train_workers_train_exactly_as_one_process_over_the_same_global
     assert_same_weights(two / "checkpoints" / "epoch_003.pt", one / "checkpoints" / "epoch_003.pt")
 
 
-def test_a_rank_killed_mid_run_restarts_the_group_from_the_last_checkpoint_and_loses_nothing(tmp_path, net_module):
+def test_a_rank_killed_mid_run_restarts_the_group_from_the_last_checkpoint_and_loses_nothing(tmp_path, net_module,
+                                                                                             monkeypatch):
+    # A Ray of its own: the workers' rank-killing hook (sitecustomize) comes with its environment.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (net_module / "sitecustomize.py").write_text(KILL_RANK_1)
     marker = tmp_path / "killed"
     one = tmp_path / "one"

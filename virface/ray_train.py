@@ -325,7 +325,38 @@ def check_workers_fit(workers: int, cpus_per_worker: float, gpus_per_worker: flo
         raise ConfigError(why)
 
 
-def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True) -> None:
+def user_code_runtime_env(archs) -> dict | None:
+    """Ray's job-level ``runtime_env`` that ships the user's architecture modules (``--arch
+    module.path:callable``) to every worker of the job, or None when there is nothing to ship.
+
+    A worker imports the module itself (it builds the model); on another node, or on a cluster
+    started before the module's folder was on its PYTHONPATH, it would not find it. Ray uploads
+    the module's top-level package (or its one file) with the job. A module installed in
+    site-packages is the cluster's environment's to provide, as virface itself is."""
+    import importlib
+    import site
+    import sysconfig
+
+    installed = [os.path.realpath(p) for p in {*site.getsitepackages(), site.getusersitepackages(),
+                                               sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}]
+    modules, seen = [], set()
+    for arch in archs:
+        if not isinstance(arch, str) or ":" not in arch:
+            continue
+        top = arch.partition(":")[0].split(".")[0]
+        if top in seen or top == __name__.partition(".")[0]:     # this package: installed with the cluster
+            continue
+        seen.add(top)
+        module = importlib.import_module(top)          # checked importable before (check_arch)
+        where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), None)
+        if where is None or any(os.path.realpath(where).startswith(p + os.sep) for p in installed):
+            continue
+        modules.append(module)
+    return {"py_modules": modules} if modules else None
+
+
+def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True,
+                   runtime_env: dict | None = None) -> None:
     """``ray.init`` of a Ray of this process's own, with explicit resources, listening on
     loopback only, with the dashboard: Ray Train's clean-up of a run's placement groups asks the
     dashboard's state API. Every process of this Ray (whichever job it serves) is told the
@@ -345,7 +376,7 @@ def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True)
     try:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
-                 log_to_driver=log_to_driver, logging_level=logging.WARNING)
+                 log_to_driver=log_to_driver, logging_level=logging.WARNING, runtime_env=runtime_env)
     finally:
         if saved is None:
             os.environ.pop(API_SERVER_ADDRESS, None)
@@ -354,10 +385,10 @@ def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True)
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None, log_to_driver: bool = True):
+def ray_cluster(address: str | None, log_to_driver: bool = True, runtime_env: dict | None = None):
     """Connect to ``address`` (or ``$RAY_ADDRESS``); else start a local Ray with this machine's
     CPUs and GPUs (:func:`init_local_ray`). Either way disconnect (and stop the local Ray)
-    on the way out."""
+    on the way out. ``runtime_env``: the job's (:func:`user_code_runtime_env`)."""
     import ray
 
     if ray.is_initialized():
@@ -369,11 +400,11 @@ def ray_cluster(address: str | None, log_to_driver: bool = True):
         # machine's network address, which Ray would otherwise assume for this driver.
         local = address.split("://")[-1].startswith(("127.", "localhost"))
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING,
-                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
+                 runtime_env=runtime_env, **({"_node_ip_address": "127.0.0.1"} if local else {}))
     else:
         import torch
 
-        init_local_ray(os.cpu_count() or 1, torch.cuda.device_count(), log_to_driver)
+        init_local_ray(os.cpu_count() or 1, torch.cuda.device_count(), log_to_driver, runtime_env)
     try:
         yield
     finally:
@@ -391,7 +422,9 @@ def train_data_parallel(config, *, workers: int, cpus_per_worker: float = 1.0, g
     import ray
 
     run_dir = os.path.abspath(config.snapshot_prefix)
-    with ray_cluster(address):
+    start = config.resume_file or config.pretrained_file     # whose model a later stage inherits
+    archs = [config.arch, *([(load_checkpoint(start).get("model") or {}).get("arch")] if start else [])]
+    with ray_cluster(address, runtime_env=user_code_runtime_env(archs)):
         check_workers_fit(workers, cpus_per_worker, gpus_per_worker, ray.cluster_resources())
         storage = os.path.join(run_dir, "ray_train")
         trainer = stage_trainer(config.to_dict(), workers=workers, cpus_per_worker=cpus_per_worker,

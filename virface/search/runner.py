@@ -502,15 +502,34 @@ def search_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def init_ray(options: SearchOptions, say) -> bool:
+def user_archs(spaces: dict[str, SearchSpace], upstream: str | None) -> list[str]:
+    """Every backbone name the plan's trials may build: each stage's fixed arch and searched
+    choices, and the model of the checkpoint the first stage starts from (later stages inherit
+    it)."""
+    archs = []
+    for space in spaces.values():
+        archs.append(space.fixed.get("arch"))
+        archs += [choice for p in space.parameters if p.name == "arch"
+                  for choice in getattr(p.distribution, "choices", ())]
+    if upstream:
+        from virface.checkpoint import load_checkpoint
+
+        archs.append((load_checkpoint(upstream).get("model") or {}).get("arch"))
+    return [a for a in archs if isinstance(a, str)]
+
+
+def init_ray(options: SearchOptions, say, archs: list[str] = ()) -> bool:
     """Connect to ``--address`` (or the cluster of a ``ray job submit``); else start a local Ray.
     Returns whether this process started Ray (and so must stop it). Ray failing to start or to
     connect (a loaded machine: "The current node timed out during startup") is a SearchError
     saying so: nothing of the experiment was written yet, and the same command continues it."""
     import ray
 
+    from virface.ray_train import user_code_runtime_env
+
     if ray.is_initialized():
         return False
+    runtime_env = user_code_runtime_env(archs)
     if options.address or os.environ.get("RAY_ADDRESS"):
         address = options.address or os.environ["RAY_ADDRESS"]
         say(f"connecting to the Ray cluster at {address} ...")
@@ -519,7 +538,7 @@ def init_ray(options: SearchOptions, say) -> bool:
         local = address.split("://")[-1].startswith(("127.", "localhost"))
         with ray_start_errors(options, f"could not connect to the Ray cluster at {address}"):
             ray.init(address=options.address or None, log_to_driver=False, logging_level=logging.WARNING,
-                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
+                     runtime_env=runtime_env, **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return False
     import torch
 
@@ -533,7 +552,7 @@ def init_ray(options: SearchOptions, say) -> bool:
     from virface.ray_train import init_local_ray
 
     with ray_start_errors(options, "the local Ray failed to start"):
-        init_local_ray(cpus, gpus, log_to_driver=False)
+        init_local_ray(cpus, gpus, log_to_driver=False, runtime_env=runtime_env)
     return True
 
 
@@ -946,7 +965,7 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
         with ExperimentLock(options.experiment_location), search_environment():
             # Held now: what another driver may have written before is fetched again.
             mirror.pull()
-            started = init_ray(options, say)
+            started = init_ray(options, say, user_archs(spaces, first_upstream))
             try:
                 if options.resume_command:
                     # What --list shows to continue this experiment if it stops (written once
