@@ -71,3 +71,19 @@ def test_partial_fc_cpu_smoke(tmp_path):
     assert rates["0.1"]["saved_for_backward_mb"] < rates["1.0"]["saved_for_backward_mb"]
     assert all(0 < r["head_share"] < 1 for r in rates.values())
     assert "r = 0.1 / r = 1.0: head time" in stdout
+
+
+def test_suite_time_lists_the_costliest_tests_with_their_cpu(tmp_path):
+    (tmp_path / "test_two.py").write_text("def test_idle():\n    pass\n\n\n"
+                                          "def test_busy():\n    sum(i * i for i in range(3_000_000))\n")
+    out = tmp_path / "suite.json"
+    stdout = run_script("suite_time.py", "--top", "1", "--out", str(out), "--rootdir", str(tmp_path),
+                        str(tmp_path / "test_two.py"))
+    figures = json.loads(out.read_text())
+    assert {t["test"].split("::")[1] for t in figures["tests"]} == {"test_idle", "test_busy"}
+    busy = next(t for t in figures["tests"] if t["test"].endswith("test_busy"))
+    assert busy["cpu_s"] > 0 and figures["cpu_s"] >= busy["cpu_s"] > 0
+    # Only the costliest is listed: the busy one.
+    listed = stdout.split("test (the 1 costliest)")[1].strip().splitlines()
+    assert len(listed) == 1 and listed[0].endswith("test_two.py::test_busy")
+    assert "2 tests in" in stdout and "with every core busy all the time" in stdout
