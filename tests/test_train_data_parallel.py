@@ -32,35 +32,23 @@ NET = textwrap.dedent('''
     def build(feat_len, input_size=16):
         return FlipInvariantLinear(feat_len, input_size)
 ''')
-# Rank 1 kills itself (SIGKILL, no clean-up) at the start of epoch 2, once: patched into the
-# stage loop when virface.stages is imported in a Ray worker.
-KILL_RANK_1 = textwrap.dedent('''
-    import importlib.abc, importlib.util, os, signal, sys
+# The same net, whose rank 1 kills itself (SIGKILL, no clean-up) at the start of epoch 2, once
+# (MARKER records it): the module is imported where the model is built, in each Ray worker.
+KILLING_RANK_1 = NET + textwrap.dedent('''
+    import os, signal
 
-    MARKER = os.environ.get("KILL_RANK_MARKER")
+    import virface.stages
 
-    def patch(stages):
-        original = stages.StageRun.run_epoch
+    MARKER = {marker!r}
+    original = virface.stages.StageRun.run_epoch
 
-        def run_epoch(self):
-            if self.ctx.rank == 1 and self.epoch == 1 and not os.path.exists(MARKER):
-                open(MARKER, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self)
-        stages.StageRun.run_epoch = run_epoch
+    def run_epoch(self):
+        if self.ctx.rank == 1 and self.epoch == 1 and not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self)
 
-    class PatchStages(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "virface.stages":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            run = spec.loader.exec_module
-            spec.loader.exec_module = lambda module: (run(module), patch(module))
-            return spec
-
-    if MARKER:
-        sys.meta_path.insert(0, PatchStages())
+    virface.stages.StageRun.run_epoch = run_epoch
 ''')
 SYNTHETIC = ["--synthetic", "n_labeled_ids=8", "--synthetic", "images_per_labeled_id=4",
              "--synthetic", "n_unlabeled_ids=12", "--synthetic", "n_val_ids=8",
@@ -79,11 +67,11 @@ def net_module(tmp_path, monkeypatch):
     return tmp_path / "modules"
 
 
-def ray_train_cli(tmp_path, modules, *args, env=None):
+def ray_train_cli(tmp_path, modules, *args):
     """``virface-train --workers 2`` in its own process: on the Ray at $RAY_ADDRESS (the test's
     shared head, whose workers were started without ``modules`` on their path) or, without it,
     on a Ray of its own that it starts and stops (whose workers inherit this environment)."""
-    env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(modules), REPO])}
     return subprocess.run([sys.executable, "-m", "virface.train", *RUN, "--workers", "2", *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -125,16 +113,14 @@ def test_two_ray_train_workers_train_exactly_as_one_process_over_the_same_global
 
 
 def test_a_rank_killed_mid_run_restarts_the_group_from_the_last_checkpoint_and_loses_nothing(tmp_path, net_module,
-                                                                                             monkeypatch):
-    # A Ray of its own: the workers' rank-killing hook (sitecustomize) comes with its environment.
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    (net_module / "sitecustomize.py").write_text(KILL_RANK_1)
+                                                                                             shared_ray):
     marker = tmp_path / "killed"
+    (net_module / "killing_net.py").write_text(KILLING_RANK_1.format(marker=str(marker)))
     one = tmp_path / "one"
     assert main([*RUN, "--max_epoch", "3", "--snapshot_prefix", str(one)]) == 0
     two = tmp_path / "two"
     run = ray_train_cli(tmp_path, net_module, "--max_epoch", "3", "--snapshot_prefix", str(two),
-                        env={"KILL_RANK_MARKER": str(marker)})
+                        "--arch", "killing_net:build")
     assert marker.exists(), "rank 1 was never killed"
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "continuing from" in run.stdout + run.stderr
