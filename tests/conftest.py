@@ -130,16 +130,6 @@ def stop_ray_head(process: subprocess.Popen, timeout_s: float = 60) -> None:
     process.wait()
 
 
-@pytest.fixture
-def private_ray_head() -> Iterator[RayHead]:
-    """A 2-CPU Ray head on loopback with every port free and its own temp root."""
-    with ray_head(["--node-ip-address=127.0.0.1", "--include-dashboard=true",
-                   "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-                   *free_port_options(free_port())],
-                  {**os.environ, **RAY_PORT_ENVIRONMENT}) as head:
-        yield head
-
-
 # `ray start` turns Ray's token authentication on (2.60); a client joins with the token that it
 # wrote (~/.ray/auth_token) only when RAY_AUTH_MODE=token. A client whose mode differs from the
 # cluster's connects, but the actors of its job never start ("cancelled before it started
@@ -166,6 +156,12 @@ def loopback_gcs_address(head: RayHead) -> str:
     """The head's GCS on 127.0.0.1 (it listens on every address; its address file names the
     machine's network address): the tests talk to loopback only."""
     return "127.0.0.1:" + head.gcs_address.rsplit(":", 1)[1]
+
+
+@pytest.fixture
+def shared_ray_head(_shared_ray_head) -> RayHead:
+    """This test process's shared Ray head itself (its dashboard: where a test submits a job)."""
+    return _shared_ray_head
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Cluster submission: `ray job submit` of the smoke chain to a head this test starts on loopback,
-beside another Ray on the default ports (a shared host), which it leaves running."""
+"""Cluster submission: `ray job submit` of the smoke chain to the test process's Ray head on
+loopback (every port free), beside another Ray on the default ports (a shared host), which it
+leaves running."""
 import os
 import re
 import socket
@@ -45,13 +46,13 @@ def default_or_free(port: int) -> int:
 
 
 def test_ray_job_submit_runs_the_smoke_chain_on_a_cluster(another_ray_on_the_default_ports,
-                                                          private_ray_head: RayHead, tmp_path):
+                                                          shared_ray_head: RayHead, tmp_path):
     # Ray 2.60 turns token authentication on by default: the client must send the token that
     # `ray start` wrote, which RAY_AUTH_MODE=token makes it do.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # The other Ray holds the dashboard agent's default port: ours must not need it.
-    address = private_ray_head.dashboard_url
+    address = shared_ray_head.dashboard_url
     storage = tmp_path / "shared-storage"
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", address,
