@@ -58,7 +58,8 @@ def test_each_seed_seeds_the_sampler_and_the_training_of_every_stage_and_keeps_t
 
 
 @pytest.mark.slow
-def test_smoke_run_has_both_arms_per_seed_chosen_on_validation(tmp_path):
+def test_smoke_run_has_both_arms_per_seed_chosen_on_validation(tmp_path, connected_ray):
+    # Its searches on the Ray this process is connected to (the shared head), as run_search does.
     bench = load_benchmark()
     out = tmp_path / "out"
     bench.main(["--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")])
