@@ -163,15 +163,19 @@ def test_missing_data_is_an_error_before_any_trial(ray_cluster, tmp_path):
 
 
 def test_multi_worker_trials_run_on_ray_train_and_asha_stops_them_cleanly(ray_cluster, tmp_path):
-    # 3 trials of 2 DDP ranks each on Ray Train, one after another on 2 CPUs; ASHA stops the
-    # ones below the rung's median after their first epoch: their worker groups are taken down,
-    # not left holding the CPUs the next trial's group needs.
+    # 3 trials of 2 DDP ranks each on Ray Train, one after another on 2 CPUs (the second waits
+    # for the first's CPUs). Selected on the training loss, which a larger ArcFace margin m
+    # raises from the first step on: the first trial takes the smallest m, every later one a
+    # larger, so ASHA stops the second after its first epoch (its loss above the rung's
+    # median), whatever the sampler draws. (On 100 validation pairs after 2 steps, every trial
+    # scored 0.5: ties, which ASHA never stops.) The stopped trial's worker group is taken
+    # down, not left holding the CPUs the third trial's group needs.
     space = write_space(tmp_path, "pretrain", scheduler={"type": "asha", "grace_period": 1},
+                        metric={"name": "loss", "mode": "min"},
                         budget={"num_samples": 3, "max_concurrent_trials": 2},
                         resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0},
-                        fixed={"arch": "mobilefacenet_s", "max_epoch": 2, "steps_per_epoch": 2},
-                        parameters={"lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True,
-                                           "default": 0.1}})
+                        fixed={"arch": "mobilefacenet_s", "max_epoch": 2, "steps_per_epoch": 2, "lr": 0.1},
+                        parameters={"m": {"type": "float", "low": 0.1, "high": 0.9, "default": 0.1}})
     storage = tmp_path / "exp"
     outcomes = run_search(SearchOptions(stage="pretrain", storage=str(storage), space=space,
                                         quiet=True, data={"synthetic": dict(n_labeled_ids=16, images_per_labeled_id=6,
@@ -179,6 +183,11 @@ def test_multi_worker_trials_run_on_ray_train_and_asha_stops_them_cleanly(ray_cl
                                                                             val_pairs=100)}))
     rows = outcomes[0].rows
     assert len(rows) == 3 and all(r.outcome in ("completed", "stopped early") for r in rows), rows
+    first, second, third = rows
+    assert first.params["m"] == 0.1 and first.outcome == "completed"
+    assert second.params["m"] > 0.1 and second.outcome == "stopped early", rows
+    # After the stop, the third trial's group got the CPUs and trained.
+    assert third.outcome in ("completed", "stopped early") and third.epochs >= 1, rows
     manifest = outcomes[0].manifest
     assert manifest is not None
     # Each trial's checkpoints are its Ray Train run's; the manifest names the best one's.
