@@ -193,3 +193,42 @@ def test_a_user_architecture_module_is_shipped_to_the_ray_workers_and_installed_
                      "default: mobilefacenet_s}\n")
     archs = user_archs({"pretrain": load_search_space(str(space), "pretrain")}, None)
     assert archs == ["my_nets.small:build", "mobilefacenet_s"]
+
+
+def test_a_search_from_a_checkpoint_of_a_user_architecture_ships_its_module(tmp_path, monkeypatch):
+    # The stage inherits the upstream checkpoint's backbone: its module goes with the job, though
+    # no search space names it.
+    import virface.search.runner as runner
+    from virface.config import TrainConfig
+    from virface.ray_train import run_archs, user_code_runtime_env
+    from virface.search.runner import SearchOptions, run_search
+    from virface.stages import run_stage
+
+    (tmp_path / "upstream_net.py").write_text(
+        "import torch.nn as nn\n\n\ndef build(feat_len, input_size):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * input_size * input_size, feat_len))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    synthetic = dict(image_size=16, n_labeled_ids=6, images_per_labeled_id=3, n_unlabeled_ids=8,
+                     n_val_ids=20, val_pairs=40)
+    upstream = run_stage(TrainConfig(method="pretrain", arch="upstream_net:build", feat_len=16, input_size=16,
+                                     label_batch_size=6, steps_per_epoch=1, max_epoch=1, tensorboard=False,
+                                     device="cpu", synthetic=synthetic),
+                         str(tmp_path / "pre")).best_checkpoint
+    asked = []
+
+    class RayNotStarted(Exception):
+        pass
+
+    def init_ray(options, say, archs=()):
+        asked.append(list(archs))
+        raise RayNotStarted
+    monkeypatch.setattr(runner, "init_ray", init_ray)
+    with pytest.raises(RayNotStarted):
+        run_search(SearchOptions(stage="virclass", storage=str(tmp_path / "exp"), from_checkpoint=upstream,
+                                 data={"synthetic": synthetic}, quiet=True))
+    [archs] = asked
+    assert "upstream_net:build" in archs
+    assert [m.__name__ for m in user_code_runtime_env(archs)["py_modules"]] == ["upstream_net"]
+    # So does `virface-train --workers N --pretrained_file` of a later stage.
+    later = TrainConfig(method="virclass", pretrained_file=upstream, synthetic=synthetic)
+    assert "upstream_net:build" in run_archs(later)

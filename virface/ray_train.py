@@ -355,6 +355,13 @@ def user_code_runtime_env(archs) -> dict | None:
     return {"py_modules": modules} if modules else None
 
 
+def run_archs(config) -> list[str | None]:
+    """The backbones a run of ``config`` may build: its arch, and the one of the checkpoint it
+    starts from (a later stage, or a resume, inherits that)."""
+    start = config.resume_file or config.pretrained_file
+    return [config.arch, *([(load_checkpoint(start).get("model") or {}).get("arch")] if start else [])]
+
+
 def init_local_ray(num_cpus: float, num_gpus: float, log_to_driver: bool = True,
                    runtime_env: dict | None = None) -> None:
     """``ray.init`` of a Ray of this process's own, with explicit resources, listening on
@@ -422,9 +429,7 @@ def train_data_parallel(config, *, workers: int, cpus_per_worker: float = 1.0, g
     import ray
 
     run_dir = os.path.abspath(config.snapshot_prefix)
-    start = config.resume_file or config.pretrained_file     # whose model a later stage inherits
-    archs = [config.arch, *([(load_checkpoint(start).get("model") or {}).get("arch")] if start else [])]
-    with ray_cluster(address, runtime_env=user_code_runtime_env(archs)):
+    with ray_cluster(address, runtime_env=user_code_runtime_env(run_archs(config))):
         check_workers_fit(workers, cpus_per_worker, gpus_per_worker, ray.cluster_resources())
         storage = os.path.join(run_dir, "ray_train")
         trainer = stage_trainer(config.to_dict(), workers=workers, cpus_per_worker=cpus_per_worker,

@@ -432,23 +432,25 @@ def check_data_paths(base: dict[str, Any], stage: str) -> None:
             raise SearchError(f"{key}: {path} does not exist")
 
 
-def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], space: SearchSpace) -> None:
+def check_upstream(stage: str, checkpoint: str | None, base: dict[str, Any], space: SearchSpace) -> str | None:
     """Named errors before any trial starts: a checkpoint the stage cannot start from, or whose
-    model does not fit what the stage would build."""
+    model does not fit what the stage would build. Returns the backbone the stage inherits from
+    ``checkpoint`` (None without one)."""
     from virface.checkpoint import check_start_checkpoint, inherit_model_fields, read_start_checkpoint
     from virface.data.loading import count_labeled_identities
 
     config = TrainConfig.from_dict({**base, **space.fixed, "method": stage, "pretrained_file": checkpoint})
     check_start_checkpoint(config)
     if checkpoint is None:
-        return
+        return None
     state, path = read_start_checkpoint(config)
-    expected = inherit_model_fields(config, state, path).num_ids
-    found = count_labeled_identities(inherit_model_fields(config, state, path))
-    if found != expected:
-        raise SearchError(f"stage {stage} starts from {path}, trained on {expected} labeled "
+    inherited = inherit_model_fields(config, state, path)
+    found = count_labeled_identities(inherited)
+    if found != inherited.num_ids:
+        raise SearchError(f"stage {stage} starts from {path}, trained on {inherited.num_ids} labeled "
                           f"identities, but the labeled data given has {found}; give the data the "
                           f"upstream stage was trained on")
+    return inherited.arch
 
 
 def check_trial_fits(space: SearchSpace) -> None:
@@ -502,19 +504,15 @@ def search_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def user_archs(spaces: dict[str, SearchSpace], upstream: str | None) -> list[str]:
+def user_archs(spaces: dict[str, SearchSpace], upstream_arch: str | None) -> list[str]:
     """Every backbone name the plan's trials may build: each stage's fixed arch and searched
-    choices, and the model of the checkpoint the first stage starts from (later stages inherit
-    it)."""
-    archs = []
+    choices, and the backbone of the checkpoint the first stage starts from (``check_upstream``'s;
+    later stages inherit it)."""
+    archs = [upstream_arch]
     for space in spaces.values():
         archs.append(space.fixed.get("arch"))
         archs += [choice for p in space.parameters if p.name == "arch"
                   for choice in getattr(p.distribution, "choices", ())]
-    if upstream:
-        from virface.checkpoint import load_checkpoint
-
-        archs.append((load_checkpoint(upstream).get("model") or {}).get("arch"))
     return [a for a in archs if isinstance(a, str)]
 
 
@@ -961,11 +959,11 @@ def run_search(options: SearchOptions, say=print) -> list[StageOutcome]:
         first_upstream, _ = upstream_checkpoint(
             plan[0], options.storage, options.name,
             options.from_checkpoint if plan[0] == options.stage else None)
-        check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
+        upstream_arch = check_upstream(plan[0], first_upstream, base_train_config(options), spaces[plan[0]])
         with ExperimentLock(options.experiment_location), search_environment():
             # Held now: what another driver may have written before is fetched again.
             mirror.pull()
-            started = init_ray(options, say, user_archs(spaces, first_upstream))
+            started = init_ray(options, say, user_archs(spaces, upstream_arch))
             try:
                 if options.resume_command:
                     # What --list shows to continue this experiment if it stops (written once
